@@ -1,0 +1,108 @@
+"""Executor overhead per node: trivial nodes (Int, Math) in chain, tree and star shapes.
+
+For each shape and N in 100, 1,000, 10,000 it measures, on one Engine:
+  cold     - empty cache: validate, plan, key and run every node;
+  cached   - the identical document again: nothing runs;
+  changed  - one leaf literal changed: only that leaf's descendants run.
+It prints microseconds per graph node and the 1,000 -> 10,000 scaling ratio of per-node cost
+(1.0 = perfectly linear). Targets at N = 1,000: cold <= 20 us/node, cached <= 5 us/node.
+
+    python benchmarks/executor_overhead.py [--repeat 5] [--sizes 100 1000 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from graphflow import Engine, default_registry
+
+
+def chain(n: int) -> tuple[dict[str, Any], str]:
+    """n0 -> n1 -> ... -> n(N-1); the leaf is n0."""
+    nodes: dict[str, Any] = {"n0": {"type": "Int", "inputs": {"value": 1}}}
+    for i in range(1, n):
+        source = f"n{i - 1}.value" if i == 1 else f"n{i - 1}.result"
+        nodes[f"n{i}"] = {"type": "Math", "inputs": {"a": {"from": source}, "b": 1.0, "op": "add"}}
+    return _document(nodes, {"result": f"n{n - 1}.result" if n > 1 else "n0.value"}), "n0"
+
+
+def tree(n: int) -> tuple[dict[str, Any], str]:
+    """A binary reduction tree: node i adds nodes 2i+1 and 2i+2; leaves are Int nodes."""
+    nodes: dict[str, Any] = {}
+    for i in reversed(range(n)):
+        left, right = 2 * i + 1, 2 * i + 2
+        if left >= n:
+            nodes[f"n{i}"] = {"type": "Int", "inputs": {"value": i}}
+            continue
+        a = {"from": f"n{left}.{'value' if 2 * left + 1 >= n else 'result'}"}
+        b = {"from": f"n{right}.{'value' if 2 * right + 1 >= n else 'result'}"} if right < n else 0.0
+        nodes[f"n{i}"] = {"type": "Math", "inputs": {"a": a, "b": b, "op": "add"}}
+    return _document(nodes, {"result": "n0.result"}), f"n{n - 1}"
+
+
+def star(n: int) -> tuple[dict[str, Any], str]:
+    """One hub feeding N-1 spokes, every spoke a named output; the leaf changed is one spoke."""
+    nodes: dict[str, Any] = {"hub": {"type": "Int", "inputs": {"value": 1}}}
+    for i in range(1, n):
+        nodes[f"s{i}"] = {"type": "Math", "inputs": {"a": {"from": "hub.value"}, "b": float(i), "op": "mul"}}
+    return _document(nodes, {f"r{i}": f"s{i}.result" for i in range(1, n)}), f"s{n - 1}"
+
+
+def _document(nodes: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
+    return {"graphflow": 1, "name": "bench", "nodes": nodes, "outputs": outputs}
+
+
+def _change_leaf(document: dict[str, Any], leaf: str) -> dict[str, Any]:
+    changed = copy.deepcopy(document)
+    inputs = changed["nodes"][leaf]["inputs"]
+    if "value" in inputs:
+        inputs["value"] += 1000
+    else:
+        inputs["b"] += 1000.0
+    return changed
+
+
+def measure(build: Callable[[int], tuple[dict[str, Any], str]], n: int, repeat: int) -> dict[str, float]:
+    """Median microseconds per node for the cold, cached and one-leaf-changed runs."""
+    registry = default_registry()
+    document, leaf = build(n)
+    changed = _change_leaf(document, leaf)
+    samples: dict[str, list[float]] = {"cold": [], "cached": [], "changed": []}
+    for _ in range(repeat):
+        engine = Engine(registry)
+        for label, doc in (("cold", document), ("cached", document), ("changed", changed)):
+            started = time.perf_counter()
+            engine.run(doc)
+            samples[label].append((time.perf_counter() - started) / n * 1e6)
+    return {label: statistics.median(values) for label, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    args = parser.parse_args(argv)
+    print(f"python {sys.version.split()[0]}; median of {args.repeat}; microseconds per graph node")
+    print(f"{'shape':<6} {'N':>6} {'cold':>8} {'cached':>8} {'changed':>8}")
+    per_shape: dict[str, dict[int, dict[str, float]]] = {}
+    for name, build in (("chain", chain), ("tree", tree), ("star", star)):
+        for n in args.sizes:
+            result = measure(build, n, args.repeat)
+            per_shape.setdefault(name, {})[n] = result
+            print(f"{name:<6} {n:>6} {result['cold']:>8.2f} {result['cached']:>8.2f} {result['changed']:>8.2f}")
+    if 1000 in args.sizes and 10000 in args.sizes:
+        print("\nscaling 1,000 -> 10,000 (per-node cost ratio; 1.0 = linear)")
+        for name, results in per_shape.items():
+            ratios = "  ".join(f"{label} {results[10000][label] / results[1000][label]:.2f}"
+                               for label in ("cold", "cached", "changed"))
+            print(f"{name:<6} {ratios}")
+
+
+if __name__ == "__main__":
+    main()

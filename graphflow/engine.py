@@ -1,0 +1,263 @@
+"""The executor: validate, plan, look up cached results, run the rest, report what happened.
+
+One Engine serves many runs and keeps its cache between them. Results already cached are
+reused without touching their upstream nodes; a failing node leaves everything before it
+cached, so the next run resumes there.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphflow.cache import MemoryCache, cache_key, file_digest, key_parts
+from graphflow.compiled import CompiledGraph, CompiledNode, Link
+from graphflow.context import RunContext
+from graphflow.document import parse_document, read_document_text
+from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
+from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted
+from graphflow.paths import PathError, PathPolicy
+from graphflow.planning import Plan, plan_execution
+from graphflow.registry import NodeRegistry, default_registry
+from graphflow.validation import compile_document
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass
+class RunResult:
+    """What a run produced: named outputs, which nodes ran or came from cache, timings, files."""
+
+    outputs: dict[str, Any]
+    ran: list[str]
+    cached: list[str]
+    timings: dict[str, float]
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+_COMPILED_GRAPHS_KEPT = 32
+
+
+@dataclass
+class _PlanMemo:
+    plan: Plan
+    file_inputs: list[tuple[str, str]]
+    digests: dict[tuple[str, str], str] = field(default_factory=dict)
+    keys: dict[str, str] | None = None
+
+
+class Engine:
+    """Runs graphs; holds the node registry, the result cache and the path policy."""
+
+    def __init__(self, registry: NodeRegistry | None = None, *, plugins: tuple[str, ...] = (),
+                 cache_bytes: int = 2 << 30, input_dirs: list[str | Path] | None = None,
+                 output_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> None:
+        self.registry = registry if registry is not None else default_registry(plugins)
+        self.cache = MemoryCache(cache_bytes)
+        self.paths = PathPolicy.create(input_dirs, output_dir)
+        self.options = dict(options or {})
+        self._instances: dict[type, Any] = {}
+        self._compiled: OrderedDict[tuple[str, str | None, Path | None], CompiledGraph] = OrderedDict()
+
+    def compile(self, graph: Any, params: Mapping[str, Any] | None = None) -> CompiledGraph:
+        """Validate a graph (path, document dict, builder Graph) with param values; raise on problems.
+
+        Compiled graphs are remembered by document text, params and template contents, so running
+        the same document again skips validation.
+        """
+        if isinstance(graph, CompiledGraph):
+            return graph
+        base_dir = None
+        if isinstance(graph, (str, Path)):
+            base_dir = Path(graph).resolve().parent
+            text = read_document_text(graph)
+        else:
+            graph_document = graph if isinstance(graph, dict) else graph.to_document()
+            try:
+                text = json.dumps(graph_document, ensure_ascii=False)
+            except (TypeError, ValueError):
+                return compile_document(graph_document, self.registry, params, base_dir=base_dir,
+                                        roots=self.paths.input_roots)
+        try:
+            params_text = json.dumps(dict(params or {}), sort_keys=True)
+        except (TypeError, ValueError):
+            params_text = None
+        memo_key = (text, params_text, base_dir)
+        compiled = self._compiled.get(memo_key) if params_text is not None else None
+        if compiled is not None and all(path.is_file() and file_digest(path.read_bytes()) == digest
+                                        for path, digest in compiled.template_files.items()):
+            self._compiled.move_to_end(memo_key)
+            return compiled
+        document = parse_document(text, str(graph)) if base_dir else graph_document
+        with _gc_paused():
+            compiled = compile_document(document, self.registry, params, base_dir=base_dir,
+                                        roots=self.paths.input_roots)
+        if params_text is not None:
+            self._compiled[memo_key] = compiled
+            if len(self._compiled) > _COMPILED_GRAPHS_KEPT:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def run(self, graph: Any, params: Mapping[str, Any] | None = None, *, outputs: list[str] | None = None,
+            on_event: EventHandler | None = None, cancel: CancelToken | None = None) -> RunResult:
+        """Run what the requested named `outputs` (default: all, plus every output node) need."""
+        started = time.perf_counter()
+        compiled = self.compile(graph, params)
+        with _gc_paused():
+            plan, keys = self._plan(compiled, outputs)
+        cancel = cancel or CancelToken()
+        live, to_run, cached = self._reuse(compiled, plan.order, plan.targets, keys)
+        for node_id in cached:
+            if on_event is not None:
+                on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
+        remaining = {node_id: 0 for node_id in live}
+        for node_id in to_run:
+            for source in compiled.nodes[node_id].sources:
+                remaining[source] = remaining.get(source, 0) + 1
+        timings: dict[str, float] = {}
+        files: list[Path] = []
+        for node_id in to_run:
+            cancel.check()
+            node = compiled.nodes[node_id]
+            ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, compiled.document,
+                             compiled.params, self.options, on_event)
+            live[node_id], timings[node_id] = self._execute(node, ctx, live, on_event)
+            files.extend(ctx.written)
+            self.cache.put(keys[node_id], live[node_id])
+            for source in node.sources:
+                remaining[source] -= 1
+                if remaining[source] == 0 and source not in plan.targets:
+                    del live[source]  # freed after its last consumer; the cache may still hold it
+        results = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
+                   if outputs is None or name in outputs}
+        return RunResult(results, to_run, cached, timings, files, time.perf_counter() - started)
+
+    def _targets(self, graph: CompiledGraph, outputs: list[str] | None) -> list[str]:
+        if outputs is None:
+            return list(dict.fromkeys([*(link.node for link in graph.outputs.values()), *graph.output_nodes()]))
+        unknown = [name for name in outputs if name not in graph.outputs]
+        if unknown:
+            raise ValidationError([GraphError(Code.UNKNOWN_OUTPUT, f"the graph has no output '{name}'", input=name,
+                                              expected=f"one of {', '.join(graph.outputs) or '(none)'}",
+                                              found=repr(name)) for name in unknown])
+        return list(dict.fromkeys(graph.outputs[name].node for name in outputs))
+
+    def _plan(self, graph: CompiledGraph, outputs: list[str] | None) -> tuple[Plan, dict[str, str]]:
+        """The plan and cache keys for these outputs, remembered until an input file's bytes change."""
+        memo_key = ("plan", tuple(outputs) if outputs is not None else None)
+        memo: _PlanMemo | None = graph.memo.get(memo_key)
+        if memo is None:
+            plan = plan_execution(graph, self._targets(graph, outputs))
+            file_inputs = [(node_id, spec.name) for node_id in plan.order
+                           for spec in graph.nodes[node_id].node_type.inputs
+                           if spec.file and isinstance(graph.nodes[node_id].inputs.get(spec.name), str)]
+            memo = graph.memo[memo_key] = _PlanMemo(plan, file_inputs)
+        digests = self._file_digests(graph, memo.file_inputs)
+        if memo.keys is None or digests != memo.digests:
+            memo.digests, memo.keys = digests, self._keys(graph, memo.plan.order, digests)
+        return memo.plan, memo.keys
+
+    def _file_digests(self, graph: CompiledGraph, file_inputs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """Content digests of every file input; every unreadable file is reported at once, before any node runs."""
+        digests: dict[tuple[str, str], str] = {}
+        errors: list[GraphError] = []
+        for node_id, name in file_inputs:
+            try:
+                path = self.paths.input_path(graph.nodes[node_id].inputs[name], node=node_id, input=name)
+                digests[node_id, name] = file_digest(path.read_bytes())
+            except PathError as error:
+                errors.append(error.error)
+        if errors:
+            raise ValidationError(errors)
+        return digests
+
+    @staticmethod
+    def _keys(graph: CompiledGraph, order: tuple[str, ...], digests: dict[tuple[str, str], str]) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for node_id in order:
+            files = {name: digest for (owner, name), digest in digests.items() if owner == node_id} if digests else {}
+            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files))
+        return keys
+
+    def _reuse(self, graph: CompiledGraph, order: tuple[str, ...], targets: frozenset[str],
+               keys: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+        """Walk back from the targets: a cached node's upstream is not needed at all."""
+        needed = set(targets)
+        live: dict[str, dict[str, Any]] = {}
+        to_run: list[str] = []
+        cached: list[str] = []
+        for node_id in reversed(order):
+            if node_id not in needed:
+                continue
+            node = graph.nodes[node_id]
+            hit = self.cache.get(keys[node_id])
+            if hit is not None and self._instance(node.node_type).outputs_still_valid(hit):
+                live[node_id] = hit  # held here, so later evictions cannot take it from this run
+                cached.append(node_id)
+            else:
+                to_run.append(node_id)
+                needed.update(node.sources)
+        to_run.reverse()
+        cached.reverse()
+        return live, to_run, cached
+
+    def _execute(self, node: CompiledNode, ctx: RunContext, live: dict[str, dict[str, Any]],
+                 on_event: EventHandler | None) -> tuple[dict[str, Any], float]:
+        type_name = node.node_type.type_name
+        values = {name: _resolve(value, live) for name, value in node.inputs.items()}
+        if on_event is not None:
+            on_event(NodeStarted(node.id, type_name))
+        started = time.perf_counter()
+        try:
+            result = self._instance(node.node_type).run(ctx, **values)
+            missing = [name for name in node.node_type.output_map if name not in (result or {})]
+            if missing:
+                raise TypeError(f"{type_name}.run returned no value for outputs {missing}")
+        except Cancelled:
+            raise
+        except Exception as error:
+            if on_event is not None:
+                on_event(NodeFailed(node.id, type_name, error))
+            raise NodeExecutionError(node.id, type_name, error) from error
+        seconds = time.perf_counter() - started
+        if on_event is not None:
+            on_event(NodeFinished(node.id, type_name, seconds))
+        return result, seconds
+
+    def _instance(self, node_type: type) -> Any:
+        instance = self._instances.get(node_type)
+        if instance is None:
+            instance = self._instances[node_type] = node_type()
+        return instance
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause cyclic garbage collection during bookkeeping that allocates many short-lived, acyclic objects.
+
+    Collections triggered there scan the whole heap and cost more than the bookkeeping itself.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _resolve(value: Any, live: dict[str, dict[str, Any]]) -> Any:
+    if isinstance(value, Link):
+        return live[value.node][value.output]
+    if isinstance(value, list):
+        return [_resolve(item, live) for item in value]
+    return value

@@ -1,0 +1,65 @@
+"""What a run reports while it goes, and how a caller stops it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from graphflow.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class NodeStarted:
+    node: str
+    type: str
+
+
+@dataclass(frozen=True)
+class NodeCached:
+    node: str
+    type: str
+
+
+@dataclass(frozen=True)
+class NodeProgress:
+    node: str
+    type: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class NodeFinished:
+    node: str
+    type: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class NodeFailed:
+    node: str
+    type: str
+    error: BaseException
+
+
+Event = NodeStarted | NodeCached | NodeProgress | NodeFinished | NodeFailed
+EventHandler = Callable[[Event], None]
+
+
+class CancelToken:
+    """Set from any thread to stop a run at the next node boundary or sampler step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("the run was cancelled")

@@ -1,0 +1,198 @@
+"""How a node type is declared: typed inputs and outputs, a version, and a pure `run`.
+
+One declaration drives validation, the JSON Schema, `graphflow nodes`, the Python builder and
+the cache key. A node class is also the builder's call: `Canny(image=photo.image, low=50)`
+checks its arguments at once and returns one use of the node, ready for `Graph.add`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from graphflow import types
+from graphflow.errors import Code, GraphError, ValidationError
+
+if TYPE_CHECKING:
+    from graphflow.context import RunContext
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a node type.
+
+    `optional` inputs may stay unconnected (the node receives None); `list` inputs take a list
+    of values or links that fan in; `file` marks a STRING path read from the input root, whose
+    bytes (not name) go into the cache key.
+    """
+
+    name: str
+    type: str
+    description: str = ""
+    default: Any = REQUIRED
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    optional: bool = False
+    list: bool = False
+    file: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED and not self.optional
+
+    @property
+    def accepts_literal(self) -> bool:
+        return self.type in types.SCALAR_TYPES
+
+    def check_literal(self, value: Any, node: str | None) -> list[GraphError]:
+        """Errors for a literal given to this input (empty when the value is acceptable)."""
+        if self.list and isinstance(value, list):
+            return [error for item in value for error in self._check_scalar(item, node)]
+        return self._check_scalar(value, node)
+
+    def _check_scalar(self, value: Any, node: str | None) -> list[GraphError]:
+        expected = f"a {self.type}" + (" or a list of them" if self.list else "")
+        if not self.accepts_literal:
+            return [GraphError(Code.INVALID_VALUE, f"{self.type} values cannot be written literally; "
+                               f"link this input to a node output with {{\"from\": \"node.output\"}}",
+                               node, self.name, f"a link to a {self.type} output", types.describe_literal(value))]
+        if not types.literal_matches(self.type, value):
+            return [GraphError(Code.INVALID_VALUE, f"this input takes {expected}",
+                               node, self.name, expected, types.describe_literal(value))]
+        if self.choices is not None and value not in self.choices:
+            options = ", ".join(repr(choice) for choice in self.choices)
+            return [GraphError(Code.VALUE_NOT_IN_CHOICES, f"choose one of {options}",
+                               node, self.name, f"one of {options}", repr(value))]
+        too_low = self.min is not None and value < self.min
+        too_high = self.max is not None and value > self.max
+        if too_low or too_high:
+            return [GraphError(Code.VALUE_OUT_OF_RANGE, "the value is outside the allowed range",
+                               node, self.name, self.range_text(), repr(value))]
+        return []
+
+    def range_text(self) -> str:
+        low = "-inf" if self.min is None else repr(self.min)
+        high = "inf" if self.max is None else repr(self.max)
+        return f"a value in [{low}, {high}]"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One named output of a node type."""
+
+    name: str
+    type: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """A typed handle to one output of a node in a graph being built in Python."""
+
+    node: Node
+    name: str
+    type: str
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A template parameter used as an input value: `{"param": name}` in documents."""
+
+    name: str
+    type: str = field(default="", compare=False)
+
+
+class Node:
+    """Base class of every node type. Subclasses declare, they do not register themselves."""
+
+    type_name: ClassVar[str] = "Node"
+    version: ClassVar[str] = "1.0.0"
+    category: ClassVar[str] = "utility"
+    inputs: ClassVar[tuple[Input, ...]] = ()
+    outputs: ClassVar[tuple[Output, ...]] = ()
+    is_output: ClassVar[bool] = False
+    input_map: ClassVar[dict[str, Input]] = {}
+    output_map: ClassVar[dict[str, Output]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "type_name" not in cls.__dict__:
+            cls.type_name = cls.__name__
+        cls.input_map = {spec.name: spec for spec in cls.inputs}
+        cls.output_map = {spec.name: spec for spec in cls.outputs}
+        if len(cls.input_map) != len(cls.inputs) or len(cls.output_map) != len(cls.outputs):
+            raise TypeError(f"{cls.type_name}: input and output names must be unique")
+        shadowed = [name for name in cls.output_map if hasattr(cls, name)]
+        if shadowed:
+            raise TypeError(f"{cls.type_name}: output names {shadowed} clash with Node attributes")
+        unknown = [spec.type for spec in (*cls.inputs, *cls.outputs) if spec.type not in types.ALL_TYPES]
+        if unknown:
+            raise TypeError(f"{cls.type_name}: unknown types {unknown}")
+
+    def __init__(self, **values: Any) -> None:
+        errors: list[GraphError] = []
+        for name, value in values.items():
+            spec = self.input_map.get(name)
+            if spec is None:
+                errors.append(unknown_input_error(type(self), name, self.type_name))
+            else:
+                errors.extend(check_builder_value(spec, value, self.type_name))
+        if errors:
+            raise ValidationError(errors)
+        order = {spec.name: index for index, spec in enumerate(self.inputs)}
+        self.values: dict[str, Any] = dict(sorted(values.items(), key=lambda item: order[item[0]]))
+
+    def __getattr__(self, name: str) -> OutputRef:
+        spec = type(self).output_map.get(name)
+        if spec is None or name.startswith("_"):
+            raise AttributeError(f"{self.type_name} has no output {name!r}; outputs: {list(self.output_map)}")
+        return OutputRef(self, name, spec.type)
+
+    def __getitem__(self, name: str) -> OutputRef:
+        return self.__getattr__(name)
+
+    def run(self, ctx: RunContext, **inputs: Any) -> dict[str, Any]:
+        """Map input values to a dict of output values. Must not change its inputs."""
+        raise NotImplementedError
+
+    def outputs_still_valid(self, outputs: dict[str, Any]) -> bool:
+        """Whether a cached result may be reused (output nodes check their files still exist)."""
+        return True
+
+
+def unknown_input_error(node_type: type[Node], name: str, node: str | None) -> GraphError:
+    """The error for an input name the node type does not declare, with the closest names."""
+    from difflib import get_close_matches
+
+    known = list(node_type.input_map)
+    close = get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return GraphError(Code.UNKNOWN_INPUT, f"{node_type.type_name} has no input '{name}'{hint}",
+                      node, name, f"one of {', '.join(known) or '(no inputs)'}", repr(name))
+
+
+def check_builder_value(spec: Input, value: Any, node: str | None) -> list[GraphError]:
+    """Check one builder argument: a handle's type, a parameter, or a literal."""
+    if spec.list and isinstance(value, (list, tuple)):
+        return [error for item in value for error in check_builder_value(
+            Input(spec.name, spec.type, min=spec.min, max=spec.max, choices=spec.choices), item, node)]
+    if isinstance(value, OutputRef):
+        if types.is_compatible(value.type, spec.type):
+            return []
+        return [GraphError(Code.TYPE_MISMATCH, f"cannot connect a {value.type} output to a {spec.type} input",
+                           node, spec.name, spec.type, f"{value.type} from {value.node.type_name}.{value.name}")]
+    if isinstance(value, ParamRef):
+        if not value.type or types.is_compatible(value.type, spec.type):
+            return []
+        return [GraphError(Code.TYPE_MISMATCH, f"param '{value.name}' is a {value.type} but this input takes a "
+                           f"{spec.type}", node, spec.name, spec.type, f"{value.type} param '{value.name}'")]
+    return spec.check_literal(value, node)

@@ -1,0 +1,88 @@
+"""Where nodes may read and write: paths stay inside the roots the user allowed.
+
+Relative paths resolve against the first input root (or the output root for writes). A path
+that leaves its roots — through `..`, an absolute path or a symlink — is refused unless the
+user widened the roots explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graphflow.errors import Code, GraphError, GraphflowError
+
+
+class PathError(GraphflowError):
+    """A path is missing or outside the allowed roots."""
+
+    def __init__(self, error: GraphError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    """The directories a run may read from (`input_roots`) and write under (`output_root`)."""
+
+    input_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
+    output_root: Path = field(default_factory=lambda: Path.cwd() / "output")
+
+    @classmethod
+    def create(cls, input_dirs: list[str | Path] | None = None, output_dir: str | Path | None = None) -> PathPolicy:
+        roots = tuple(Path(d).resolve() for d in (input_dirs or [Path.cwd()]))
+        out = Path(output_dir).resolve() if output_dir is not None else Path.cwd().resolve() / "output"
+        return cls(roots, out)
+
+    def input_path(self, path: str, *, node: str | None = None, input: str | None = None) -> Path:
+        """The resolved path of an existing file inside an input root."""
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self.input_roots[0] / candidate
+        resolved = candidate.resolve()
+        if not any(resolved.is_relative_to(root.resolve()) for root in self.input_roots):
+            roots = ", ".join(str(root) for root in self.input_roots)
+            raise PathError(GraphError(
+                Code.PATH_OUTSIDE_ROOT, "the file is outside the input directories; "
+                "add its directory with --input-dir to allow it", node, input, f"a path inside {roots}", path))
+        if not resolved.is_file():
+            raise PathError(GraphError(
+                Code.FILE_NOT_FOUND, f"no such file: {resolved}", node, input, "an existing file", path))
+        return resolved
+
+    def output_path(self, relative: str, *, node: str | None = None, input: str | None = None) -> Path:
+        """The resolved path for a new file under the output root."""
+        root = self.output_root.resolve()
+        resolved = (root / relative).resolve()
+        if Path(relative).is_absolute() or not resolved.is_relative_to(root):
+            raise PathError(GraphError(
+                Code.PATH_OUTSIDE_ROOT, "outputs are written under the output directory; "
+                "choose it with --out", node, input, f"a relative path inside {root}", relative))
+        return resolved
+
+
+def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part.
+
+    With `exclusive`, an existing file is never replaced: returns False instead.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if not exclusive:
+            os.replace(temp_name, path)
+            return True
+        try:
+            os.link(temp_name, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)

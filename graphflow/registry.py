@@ -1,0 +1,78 @@
+"""The node registry: every node type a document may name, found through plugins.
+
+Built-in nodes are a plugin like any other: a module listed under the `graphflow.nodes` entry
+point (or passed with `--plugin module`) whose `NODES` sequence names its node classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator
+from importlib.metadata import entry_points
+
+from graphflow.errors import GraphflowError
+from graphflow.node import Node
+
+ENTRY_POINT_GROUP = "graphflow.nodes"
+
+
+class RegistryError(GraphflowError):
+    """A plugin could not be loaded or declares a clashing node type."""
+
+
+class NodeRegistry:
+    """Node types by name."""
+
+    def __init__(self, nodes: Iterable[type[Node]] = ()) -> None:
+        self._nodes: dict[str, type[Node]] = {}
+        for node in nodes:
+            self.register(node)
+
+    def register(self, node: type[Node]) -> type[Node]:
+        existing = self._nodes.get(node.type_name)
+        if existing is not None and existing is not node:
+            raise RegistryError(f"node type {node.type_name!r} is declared twice: "
+                                f"{existing.__module__} and {node.__module__}")
+        self._nodes[node.type_name] = node
+        return node
+
+    def load_module(self, module_name: str) -> None:
+        """Register the node classes of a plugin module (its `NODES`, else every Node subclass in it)."""
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise RegistryError(f"cannot import plugin module {module_name!r}: {error}") from error
+        declared = getattr(module, "NODES", None)
+        if declared is None:
+            declared = [value for value in vars(module).values()
+                        if isinstance(value, type) and issubclass(value, Node) and value.__module__ == module.__name__]
+        for node in declared:
+            self.register(node)
+
+    def load_entry_points(self) -> None:
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            self.load_module(entry.value)
+
+    def get(self, name: str) -> type[Node] | None:
+        return self._nodes.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    def __iter__(self) -> Iterator[type[Node]]:
+        return iter(self._nodes[name] for name in self.names())
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+
+def default_registry(plugins: Iterable[str] = ()) -> NodeRegistry:
+    """A registry with every installed plugin plus the named extra plugin modules."""
+    registry = NodeRegistry()
+    registry.load_entry_points()
+    for module_name in plugins:
+        registry.load_module(module_name)
+    return registry

@@ -1,0 +1,101 @@
+"""The JSON Schema (draft 2020-12) of graph documents, generated from the node registry.
+
+Documents may name it in "$schema" so that editors complete node types and inputs and check
+values; `jsonschema` validates against it. It checks shape and literal values; links, types
+across edges and cycles are `graphflow validate`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphflow import types
+from graphflow.document import FORMAT_VERSION
+from graphflow.node import REQUIRED, Input, Node
+from graphflow.registry import NodeRegistry
+from graphflow.validation import NODE_ID
+
+_LITERAL_SCHEMAS = {types.INT: "integer", types.FLOAT: "number", types.BOOL: "boolean", types.STRING: "string"}
+
+
+def document_schema(registry: NodeRegistry) -> dict[str, Any]:
+    """A schema accepting exactly the documents whose nodes and literals fit `registry`."""
+    definitions: dict[str, Any] = {
+        "link": {"type": "object", "description": "Output of another node.", "required": ["from"],
+                 "properties": {"from": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_\-]*\.[^.]+$"}},
+                 "additionalProperties": False},
+        "paramRef": {"type": "object", "description": "Value of a template parameter.", "required": ["param"],
+                     "properties": {"param": {"type": "string"}}, "additionalProperties": False},
+        "param": _param_schema(),
+        "templateNode": {"type": "object", "description": "Another graph document used as one node.",
+                         "required": ["template"], "additionalProperties": False,
+                         "properties": {"template": {"type": "string"}, "version": {"type": "string"},
+                                        "inputs": {"type": "object"}}},
+    }
+    for node in registry:
+        definitions[f"node.{node.type_name}"] = _node_schema(node)
+    definitions["node"] = {"oneOf": [{"$ref": f"#/$defs/node.{node.type_name}"} for node in registry]
+                           + [{"$ref": "#/$defs/templateNode"}]}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://graphflow.dev/schema/graph-{FORMAT_VERSION}.json",
+        "title": "graphflow graph document",
+        "type": "object",
+        "required": ["graphflow", "nodes"],
+        "additionalProperties": False,
+        "properties": {
+            "$schema": {"type": "string"},
+            "graphflow": {"const": FORMAT_VERSION, "description": "Document format version."},
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "params": {"type": "object", "additionalProperties": {"$ref": "#/$defs/param"}},
+            "nodes": {"type": "object", "propertyNames": {"pattern": NODE_ID.pattern},
+                      "additionalProperties": {"$ref": "#/$defs/node"}},
+            "outputs": {"type": "object", "additionalProperties": {"type": "string", "pattern": r"^[^.]+\.[^.]+$"}},
+        },
+        "$defs": definitions,
+    }
+
+
+def _node_schema(node: type[Node]) -> dict[str, Any]:
+    required = [spec.name for spec in node.inputs if spec.required]
+    inputs: dict[str, Any] = {"type": "object", "properties": {spec.name: input_schema(spec) for spec in node.inputs},
+                              "additionalProperties": False}
+    if required:
+        inputs["required"] = required
+    return {"type": "object", "description": (node.__doc__ or "").strip().split("\n")[0],
+            "required": ["type", "inputs"] if required else ["type"], "additionalProperties": False,
+            "properties": {"type": {"const": node.type_name}, "version": {"type": "string"}, "inputs": inputs}}
+
+
+def input_schema(spec: Input) -> dict[str, Any]:
+    """What one input accepts: a literal of its type (scalars only), a link or a param reference."""
+    single: list[dict[str, Any]] = [{"$ref": "#/$defs/link"}, {"$ref": "#/$defs/paramRef"}]
+    literal = _literal_schema(spec)
+    if literal is not None:
+        single.insert(0, literal)
+    options = single + ([{"type": "array", "items": {"anyOf": single}}] if spec.list else [])
+    schema: dict[str, Any] = {"anyOf": options, "description": spec.description}
+    if spec.default is not REQUIRED:
+        schema["default"] = spec.default
+    return schema
+
+
+def _literal_schema(spec: Input) -> dict[str, Any] | None:
+    json_type = _LITERAL_SCHEMAS.get(spec.type)
+    if json_type is None:
+        return None
+    schema: dict[str, Any] = {"type": json_type}
+    if spec.choices is not None:
+        schema["enum"] = list(spec.choices)
+    if spec.min is not None:
+        schema["minimum"] = spec.min
+    if spec.max is not None:
+        schema["maximum"] = spec.max
+    return schema
+
+
+def _param_schema() -> dict[str, Any]:
+    return {"type": "object", "required": ["type"], "additionalProperties": False,
+            "properties": {"type": {"enum": sorted(types.ALL_TYPES)}, "default": {}, "description": {"type": "string"},
+                           "min": {"type": "number"}, "max": {"type": "number"}, "choices": {"type": "array"}}}

@@ -1,0 +1,146 @@
+"""Templates: documents with named, typed params, run with values or used as one node.
+
+A template used inside another graph becomes a node type whose inputs are its params and whose
+outputs are its named `outputs`. Parameter values are data only; nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from graphflow import types
+from graphflow.cache import file_digest
+from graphflow.compiled import Link
+from graphflow.document import load_document
+from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.node import REQUIRED, Input, Node, Output
+from graphflow.registry import NodeRegistry
+
+_PARAM_KEYS = {"type", "default", "description", "min", "max", "choices"}
+
+
+def parse_params(document: dict[str, Any]) -> tuple[dict[str, Input], list[GraphError]]:
+    """The document's params as typed input specs, plus every problem in their declarations."""
+    raw = document.get("params", {})
+    if not isinstance(raw, dict):
+        return {}, [GraphError(Code.INVALID_DOCUMENT, '"params" maps names to declarations',
+                               input="params", expected="an object", found=types.describe_literal(raw))]
+    specs: dict[str, Input] = {}
+    errors: list[GraphError] = []
+    for name, declaration in raw.items():
+        spec, problems = _param_spec(name, declaration)
+        errors.extend(problems)
+        if spec is not None:
+            specs[name] = spec
+    return specs, errors
+
+
+def _param_spec(name: str, declaration: Any) -> tuple[Input | None, list[GraphError]]:
+    def problem(message: str, expected: str, found: str) -> tuple[None, list[GraphError]]:
+        return None, [GraphError(Code.INVALID_PARAM, message, input=name, expected=expected, found=found)]
+
+    if not isinstance(declaration, dict):
+        return problem(f"param '{name}' must be declared as an object", '{"type": ...}',
+                       types.describe_literal(declaration))
+    type_name = declaration.get("type")
+    if type_name not in types.ALL_TYPES:
+        return problem(f"param '{name}' has an unknown type", f"one of {', '.join(sorted(types.ALL_TYPES))}",
+                       repr(type_name))
+    extra = sorted(set(declaration) - _PARAM_KEYS)
+    if extra:
+        return problem(f"param '{name}' has unknown keys {extra}", f"keys among {sorted(_PARAM_KEYS)}", str(extra))
+    choices = declaration.get("choices")
+    spec = Input(name, type_name, declaration.get("description", ""), declaration.get("default", REQUIRED),
+                 declaration.get("min"), declaration.get("max"), tuple(choices) if choices is not None else None)
+    if spec.default is not REQUIRED:
+        errors = spec.check_literal(spec.default, None)
+        if errors:
+            return None, [GraphError(Code.INVALID_PARAM, f"the default of param '{name}' is not valid: "
+                                     f"{errors[0].message}", input=name, expected=errors[0].expected,
+                                     found=errors[0].found)]
+    return spec, []
+
+
+class TemplateNode(Node):
+    """Base of the node types made from template documents."""
+
+    type_name = "Template"
+    category = "template"
+    template_path: Path
+    template_document: dict[str, Any]
+
+    def run(self, ctx: Any, **inputs: Any) -> dict[str, Any]:
+        raise TypeError("template nodes are expanded into their nodes before a run")
+
+
+@dataclass
+class TemplateLoader:
+    """Loads template documents once per run and turns each into a node type.
+
+    Templates resolve relative to the document that uses them and must stay inside `roots`.
+    """
+
+    registry: NodeRegistry
+    roots: tuple[Path, ...]
+
+    def __post_init__(self) -> None:
+        self._classes: dict[Path, type[TemplateNode]] = {}
+
+    def files(self) -> dict[Path, str]:
+        """The template files loaded so far with their content digests."""
+        return {path: file_digest(path.read_bytes()) for path in self._classes}
+
+    def resolve(self, reference: str, base_dir: Path, node: str) -> Path:
+        path = (base_dir / reference).resolve()
+        if not any(path.is_relative_to(root) for root in self.roots):
+            raise ValidationError([GraphError(
+                Code.PATH_OUTSIDE_ROOT, "templates must lie inside the input directories or beside the graph",
+                node, "template", "a path inside " + ", ".join(map(str, self.roots)), reference)])
+        if not path.is_file():
+            raise ValidationError([GraphError(Code.TEMPLATE_NOT_FOUND, f"no template file at {path}",
+                                              node, "template", "an existing graph document", reference)])
+        return path
+
+    def node_class(self, path: Path, stack: tuple[Path, ...], node: str) -> type[TemplateNode]:
+        """The node type of the template at `path`; `stack` lists the templates being expanded."""
+        if path in stack:
+            chain = " -> ".join(p.name for p in (*stack, path))
+            raise ValidationError([GraphError(Code.RECURSIVE_TEMPLATE, f"templates include each other: {chain}",
+                                              node, "template", "a template that does not use itself", chain)])
+        cached = self._classes.get(path)
+        if cached is not None:
+            return cached
+        document = load_document(path)
+        params, errors = parse_params(document)
+        if errors:
+            raise ValidationError([_inside(path, error) for error in errors])
+        outputs = [Output(name, self._output_type(document, str(target), path, (*stack, path), node))
+                   for name, target in document.get("outputs", {}).items()]
+        cls = type(f"Template_{path.stem}", (TemplateNode,), {
+            "type_name": f"template:{path.name}", "inputs": tuple(params.values()), "outputs": tuple(outputs),
+            "template_path": path, "template_document": document, "__doc__": document.get("description", ""),
+            "version": str(document.get("version", "1.0.0"))})
+        self._classes[path] = cls
+        return cls
+
+    def _output_type(self, document: dict[str, Any], target: str, path: Path, stack: tuple[Path, ...],
+                     node: str) -> str:
+        link = Link.parse(target)
+        entry = document.get("nodes", {}).get(link.node) if link else None
+        source = None
+        if isinstance(entry, dict) and "template" in entry:
+            source = self.node_class(self.resolve(str(entry["template"]), path.parent, node), stack, node)
+        elif isinstance(entry, dict):
+            source = self.registry.get(str(entry.get("type")))
+        spec = source.output_map.get(link.output) if source and link else None
+        if spec is None:
+            raise ValidationError([GraphError(Code.BAD_LINK, f"template {path.name} names an output that does not "
+                                              "exist", node, "template", "node.output of the template", target)])
+        return spec.type
+
+
+def _inside(path: Path, error: GraphError) -> GraphError:
+    return GraphError(error.code, f"in template {path.name}: {error.message}", error.node, error.input,
+                      error.expected, error.found)

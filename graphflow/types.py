@@ -1,0 +1,78 @@
+"""The value types that flow along edges, and which edges are legal.
+
+Types are plain strings so that documents, schemas and error messages show them as users
+write them. INT widens to FLOAT; nothing else converts implicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IMAGE = "IMAGE"  # float32 tensor [B, H, W, 3], 0..1
+MASK = "MASK"  # float32 tensor [B, H, W], 1 = repaint / selected
+LATENT = "LATENT"
+CONDITIONING = "CONDITIONING"
+CONTROL = "CONTROL"
+MODEL = "MODEL"
+CLIP = "CLIP"
+VAE = "VAE"
+CONTROLNET = "CONTROLNET"
+PATHS = "PATHS"  # list of files an output node wrote
+INT = "INT"
+FLOAT = "FLOAT"
+BOOL = "BOOL"
+STRING = "STRING"
+
+SCALAR_TYPES = frozenset({INT, FLOAT, BOOL, STRING})
+ALL_TYPES = frozenset(
+    {IMAGE, MASK, LATENT, CONDITIONING, CONTROL, MODEL, CLIP, VAE, CONTROLNET, PATHS} | SCALAR_TYPES
+)
+
+_JSON_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "object"}
+
+
+def is_compatible(source: str, target: str) -> bool:
+    """Whether a value of type `source` may feed an input of type `target`."""
+    return source == target or (source == INT and target == FLOAT)
+
+
+def literal_matches(type_name: str, value: Any) -> bool:
+    """Whether a JSON literal is a value of the scalar type (bool is not an INT)."""
+    if type_name == INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_name == FLOAT:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_name == BOOL:
+        return isinstance(value, bool)
+    if type_name == STRING:
+        return isinstance(value, str)
+    return False
+
+
+def describe_literal(value: Any) -> str:
+    """A short description of a literal for error messages: its JSON type and value."""
+    kind = _JSON_NAMES.get(type(value), type(value).__name__)
+    if value is None:
+        kind = "null"
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{kind} {shown}"
+
+
+def parse_text(type_name: str, text: str) -> Any:
+    """Parse a command-line string into a scalar of `type_name`; ValueError if it is not one."""
+    if type_name == INT:
+        return int(text)
+    if type_name == FLOAT:
+        return float(text)
+    if type_name == BOOL:
+        lowered = text.strip().lower()
+        if lowered in {"true", "1", "yes", "on"}:
+            return True
+        if lowered in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError(f"{text!r} is not a boolean (use true or false)")
+    if type_name == STRING:
+        return text
+    raise ValueError(f"{type_name} values cannot be given on the command line")

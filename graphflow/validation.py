@@ -1,0 +1,301 @@
+"""Validation: turn a document into a CompiledGraph, collecting every problem before raising.
+
+One pass checks structure, node types, inputs, links, types, values, params and cycles, and
+builds the executable graph at the same time, so what validates is exactly what runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from graphflow import types
+from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
+from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.node import REQUIRED, Input, Node, unknown_input_error
+from graphflow.registry import NodeRegistry
+from graphflow.templates import TemplateLoader, TemplateNode, parse_params
+
+NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+_NODE_KEYS = {"type", "template", "version", "inputs"}
+
+
+def compile_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
+                     *, base_dir: Path | None = None, roots: tuple[Path, ...] = ()) -> CompiledGraph:
+    """Validate `document` with the given param values and return the graph to run.
+
+    Raises ValidationError listing every problem. Templates resolve against `base_dir` (the
+    document's folder) and must lie inside it or inside one of `roots`.
+    """
+    base = (base_dir or Path.cwd()).resolve()
+    loader = TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
+    compiler = _Compiler(registry, loader)
+    graph = compiler.compile(document, dict(params or {}), base, prefix="", stack=())
+    if not compiler.errors and not graph.outputs and not graph.output_nodes():
+        compiler.errors.append(GraphError(
+            Code.NO_OUTPUTS, "nothing would run: add an output node such as SaveImage, or name results "
+            'under "outputs"', expected='an output node or an "outputs" entry', found="neither"))
+    if not compiler.errors:
+        graph.order = _topological_order(graph, compiler.errors)
+    if compiler.errors:
+        raise ValidationError(compiler.errors)
+    graph.document = document
+    graph.template_files = loader.files()
+    return graph
+
+
+def _topological_order(graph: CompiledGraph, errors: list[GraphError]) -> tuple[str, ...]:
+    """All nodes, sources first; ties keep document order. Reports every cycle as an error."""
+    import networkx as nx
+
+    dependencies = nx.DiGraph()
+    dependencies.add_nodes_from(graph.nodes)
+    dependencies.add_edges_from((source, node.id) for node in graph.nodes.values() for source in node.sources)
+    try:
+        return tuple(nx.topological_sort(dependencies))
+    except nx.NetworkXUnfeasible:
+        pass
+    for component in nx.strongly_connected_components(dependencies):
+        if len(component) > 1 or any(dependencies.has_edge(node, node) for node in component):
+            cycle = [edge[0] for edge in nx.find_cycle(dependencies.subgraph(component))]
+            path = " -> ".join([*cycle, cycle[0]])
+            errors.append(GraphError(Code.CYCLE, f"these nodes depend on each other in a loop: {path}", cycle[0],
+                                     expected="a graph without cycles", found=path))
+    return ()
+
+
+def validate_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
+                      *, base_dir: Path | None = None, roots: tuple[Path, ...] = ()) -> list[GraphError]:
+    """Every problem in the document (empty when it would run)."""
+    try:
+        compile_document(document, registry, params, base_dir=base_dir, roots=roots)
+    except ValidationError as error:
+        return error.errors
+    return []
+
+
+class _Compiler:
+    def __init__(self, registry: NodeRegistry, loader: TemplateLoader) -> None:
+        self.registry = registry
+        self.loader = loader
+        self.errors: list[GraphError] = []
+
+    def error(self, code: Code, message: str, node: str | None = None, input: str | None = None,
+              expected: str | None = None, found: str | None = None) -> None:
+        self.errors.append(GraphError(code, message, node, input, expected, found))
+
+    def compile(self, document: dict[str, Any], values: dict[str, Any], base: Path, prefix: str,
+                stack: tuple[Path, ...]) -> CompiledGraph:
+        param_values = self._param_values(document, values)
+        entries = document.get("nodes")
+        if not isinstance(entries, dict):
+            self.error(Code.INVALID_DOCUMENT, '"nodes" maps node ids to nodes', input="nodes",
+                       expected="an object", found=types.describe_literal(entries))
+            entries = {}
+        classes = {node_id: self._node_class(node_id, entry, base, stack) for node_id, entry in entries.items()}
+        compiled: dict[str, CompiledNode] = {}
+        aliases: dict[Link, Link] = {}
+        for node_id, node_type in classes.items():
+            if node_type is None:
+                continue
+            inputs = self._inputs(node_id, entries[node_id], node_type, classes, param_values, prefix)
+            if issubclass(node_type, TemplateNode):
+                self._expand(node_id, node_type, inputs, compiled, aliases, prefix, stack)
+            else:
+                compiled[prefix + node_id] = CompiledNode(prefix + node_id, node_type, inputs)
+        outputs = self._outputs(document, classes, prefix)
+        if aliases:
+            self._redirect(compiled, outputs, aliases)
+        for node in compiled.values():
+            node.sources = tuple(dict.fromkeys(link.node for value in node.inputs.values() for link in links_in(value)))
+        return CompiledGraph(compiled, outputs, param_values)
+
+    def _param_values(self, document: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        specs, errors = parse_params(document)
+        self.errors.extend(errors)
+        for name in values:
+            if name not in specs and not any(error.input == name for error in errors):
+                close = get_close_matches(name, list(specs), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.error(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'{hint}", input=name,
+                           expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name))
+        resolved: dict[str, Any] = {}
+        for name, spec in specs.items():
+            if name in values:
+                value = values[name]
+                problems = [] if isinstance(value, (Link, list)) and not spec.accepts_literal \
+                    else spec.check_literal(value, None)
+                self.errors.extend(problems)
+                resolved[name] = value
+            elif spec.default is not REQUIRED:
+                resolved[name] = spec.default
+            else:
+                how = "--set NAME=VALUE" if spec.accepts_literal else "a link (use the template as a node)"
+                self.error(Code.MISSING_PARAM_VALUE, f"param '{name}' has no default; give it a value with {how}",
+                           input=name, expected=f"a {spec.type} value", found="nothing")
+        return resolved
+
+    def _node_class(self, node_id: str, entry: Any, base: Path, stack: tuple[Path, ...]) -> type[Node] | None:
+        if not NODE_ID.match(node_id):
+            self.error(Code.INVALID_NODE_ID, "node ids use letters, digits, '_' and '-' only", node_id,
+                       expected=NODE_ID.pattern, found=repr(node_id))
+            return None
+        if not isinstance(entry, dict) or ("type" in entry) == ("template" in entry):
+            self.error(Code.INVALID_DOCUMENT, 'a node is an object with either "type" or "template"', node_id,
+                       expected='{"type": ..., "inputs": {...}}', found=types.describe_literal(entry))
+            return None
+        extra = sorted(set(entry) - _NODE_KEYS)
+        if extra:
+            self.error(Code.INVALID_DOCUMENT, f"unknown node keys {extra}", node_id,
+                       expected=f"keys among {sorted(_NODE_KEYS)}", found=str(extra))
+        if "template" in entry:
+            try:
+                path = self.loader.resolve(str(entry["template"]), base, node_id)
+                return self.loader.node_class(path, stack, node_id)
+            except ValidationError as error:
+                self.errors.extend(error.errors)
+                return None
+        type_name = entry["type"]
+        node_type = self.registry.get(type_name) if isinstance(type_name, str) else None
+        if node_type is None:
+            close = get_close_matches(str(type_name), self.registry.names(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; is the plugin that provides it installed?"
+            self.error(Code.UNKNOWN_NODE_TYPE, f"no node type named {type_name!r}{hint}", node_id,
+                       expected="a registered node type (see `graphflow nodes`)", found=repr(type_name))
+            return None
+        pinned = entry.get("version")
+        if pinned is not None and str(pinned).split(".")[0] != node_type.version.split(".")[0]:
+            self.error(Code.UNSUPPORTED_VERSION, f"the document was written for {type_name} {pinned}; the installed "
+                       f"{type_name} is {node_type.version}, which is not compatible", node_id, "version",
+                       f"{node_type.version.split('.')[0]}.x", str(pinned))
+        return node_type
+
+    def _inputs(self, node_id: str, entry: dict[str, Any], node_type: type[Node],
+                classes: dict[str, type[Node] | None], params: dict[str, Any], prefix: str) -> dict[str, Any]:
+        given = entry.get("inputs", {})
+        if not isinstance(given, dict):
+            self.error(Code.INVALID_DOCUMENT, '"inputs" maps input names to values', node_id, expected="an object",
+                       found=types.describe_literal(given))
+            given = {}
+        for name in given:
+            if name not in node_type.input_map:
+                self.errors.append(unknown_input_error(node_type, name, node_id))
+        inputs: dict[str, Any] = {}
+        for spec in node_type.inputs:
+            if spec.name in given:
+                inputs[spec.name] = self._value(node_id, spec, given[spec.name], classes, params, prefix)
+            elif spec.required:
+                self.error(Code.MISSING_REQUIRED_INPUT, f"{node_type.type_name} needs input '{spec.name}'"
+                           + (f" ({spec.description.rstrip('.')})" if spec.description else ""),
+                           node_id, spec.name, f"a {spec.type}", "nothing")
+            else:
+                inputs[spec.name] = None if spec.default is REQUIRED else spec.default
+        return inputs
+
+    def _value(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
+               params: dict[str, Any], prefix: str) -> Any:
+        if isinstance(value, list):
+            if not spec.list:
+                self.error(Code.INVALID_VALUE, "this input takes one value, not a list", node_id, spec.name,
+                           f"a {spec.type}", types.describe_literal(value))
+                return None
+            return [self._item(node_id, spec, item, classes, params, prefix) for item in value]
+        item = self._item(node_id, spec, value, classes, params, prefix)
+        return [item] if spec.list else item
+
+    def _item(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
+              params: dict[str, Any], prefix: str) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"from"} and isinstance(value["from"], str):
+                return self._link(node_id, spec.name, spec.type, value["from"], classes, prefix)
+            if set(value) == {"param"} and isinstance(value["param"], str):
+                return self._param(node_id, spec, value["param"], params)
+            self.error(Code.INVALID_VALUE, 'an object value must be a link {"from": "node.output"} or a param '
+                       '{"param": "name"}', node_id, spec.name, f"a {spec.type}", types.describe_literal(value))
+            return None
+        self.errors.extend(spec.check_literal(value, node_id))
+        return value
+
+    def _link(self, node_id: str | None, input: str, expected: str | None, text: str,
+              classes: dict[str, type[Node] | None], prefix: str) -> Link | None:
+        """Check a "node.output" reference; `expected` is the input's type (None accepts any)."""
+        link = Link.parse(text)
+        if link is None:
+            self.error(Code.BAD_LINK, 'links name a node and one of its outputs as "node.output"', node_id,
+                       input, '"node.output"', repr(text))
+            return None
+        if link.node not in classes:
+            close = get_close_matches(link.node, list(classes), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            self.error(Code.BAD_LINK, f"the link names node '{link.node}', which is not in the graph{hint}",
+                       node_id, input, "an existing node id", repr(text))
+            return None
+        source = classes[link.node]
+        if source is None:
+            return None  # the source node's own error is already reported
+        output = source.output_map.get(link.output)
+        if output is None:
+            self.error(Code.BAD_LINK, f"{source.type_name} '{link.node}' has no output '{link.output}'", node_id,
+                       input, f"one of {', '.join(source.output_map) or '(no outputs)'}", repr(text))
+            return None
+        if expected is not None and not types.is_compatible(output.type, expected):
+            self.error(Code.TYPE_MISMATCH, f"{link} is a {output.type} but '{input}' takes a {expected}",
+                       node_id, input, expected, f"{output.type} from {link}")
+            return None
+        return Link(prefix + link.node, link.output)
+
+    def _param(self, node_id: str, spec: Input, name: str, params: dict[str, Any]) -> Any:
+        if name not in params:
+            self.error(Code.UNKNOWN_PARAM, f"the input uses param '{name}', which the document does not declare "
+                       "or which has no value", node_id, spec.name, 'a name declared under "params"', repr(name))
+            return None
+        value = params[name]
+        if isinstance(value, Link) or (isinstance(value, list) and not spec.accepts_literal):
+            return value
+        self.errors.extend(spec.check_literal(value, node_id))
+        return value
+
+    def _expand(self, node_id: str, node_type: type[TemplateNode], inputs: dict[str, Any],
+                compiled: dict[str, CompiledNode], aliases: dict[Link, Link], prefix: str,
+                stack: tuple[Path, ...]) -> None:
+        path = node_type.template_path
+        values = {name: value for name, value in inputs.items() if value is not None}
+        inner = self.compile(node_type.template_document, values, path.parent, f"{prefix}{node_id}/", (*stack, path))
+        compiled.update(inner.nodes)
+        for name, target in inner.outputs.items():
+            aliases[Link(prefix + node_id, name)] = target
+
+    def _outputs(self, document: dict[str, Any], classes: dict[str, type[Node] | None],
+                 prefix: str) -> dict[str, Link]:
+        raw = document.get("outputs", {})
+        if not isinstance(raw, dict):
+            self.error(Code.INVALID_DOCUMENT, '"outputs" maps result names to "node.output"', input="outputs",
+                       expected="an object", found=types.describe_literal(raw))
+            return {}
+        outputs: dict[str, Link] = {}
+        for name, target in raw.items():
+            if not isinstance(target, str):
+                self.error(Code.BAD_LINK, "a graph output names a node output", input=name,
+                           expected='"node.output"', found=types.describe_literal(target))
+                continue
+            link = self._link(None, name, None, target, classes, prefix)
+            if link is not None:
+                outputs[name] = link
+        return outputs
+
+    @staticmethod
+    def _redirect(compiled: dict[str, CompiledNode], outputs: dict[str, Link], aliases: dict[Link, Link]) -> None:
+        def follow(value: Any) -> Any:
+            if isinstance(value, Link):
+                return aliases.get(value, value)
+            if isinstance(value, list):
+                return [follow(item) for item in value]
+            return value
+
+        for node in compiled.values():
+            node.inputs = {name: follow(value) for name, value in node.inputs.items()}
+        for name, link in outputs.items():
+            outputs[name] = follow(link)

@@ -1,0 +1,13 @@
+"""graphflow's built-in node library, registered through the `graphflow.nodes` entry point.
+
+Modules here import heavy libraries (torch, cv2) inside `run` only, so that listing and
+validating nodes stays fast.
+"""
+
+from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
+from nodes.mask import FeatherMask, GrowMask, InvertMask, MaskBlend
+from nodes.preprocess import Canny
+from nodes.primitives import Bool, Float, Int, Math, String
+
+NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizePad,
+         MaskBlend, FeatherMask, GrowMask, InvertMask, Canny)

@@ -1,0 +1,81 @@
+"""Constants and arithmetic for templates: Int, Float, String, Bool and Math."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphflow.context import RunContext
+from graphflow.errors import NodeInputError
+from graphflow.node import Input, Node, Output
+from graphflow.types import BOOL, FLOAT, INT, STRING
+
+
+class Int(Node):
+    """An integer constant, to share one value among several inputs."""
+
+    category = "primitive"
+    inputs = (Input("value", INT, "The integer.", default=0),)
+    outputs = (Output("value", INT),)
+
+    def run(self, ctx: RunContext, value: int) -> dict[str, Any]:
+        return {"value": value}
+
+
+class Float(Node):
+    """A floating-point constant."""
+
+    category = "primitive"
+    inputs = (Input("value", FLOAT, "The number.", default=0.0),)
+    outputs = (Output("value", FLOAT),)
+
+    def run(self, ctx: RunContext, value: float) -> dict[str, Any]:
+        return {"value": float(value)}
+
+
+class String(Node):
+    """A text constant."""
+
+    category = "primitive"
+    inputs = (Input("value", STRING, "The text.", default=""),)
+    outputs = (Output("value", STRING),)
+
+    def run(self, ctx: RunContext, value: str) -> dict[str, Any]:
+        return {"value": value}
+
+
+class Bool(Node):
+    """A true/false constant."""
+
+    category = "primitive"
+    inputs = (Input("value", BOOL, "The truth value.", default=False),)
+    outputs = (Output("value", BOOL),)
+
+    def run(self, ctx: RunContext, value: bool) -> dict[str, Any]:
+        return {"value": value}
+
+
+_OPERATIONS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+    "min": min,
+    "max": max,
+}
+
+
+class Math(Node):
+    """Arithmetic on two numbers: add, sub, mul, div, min or max."""
+
+    category = "primitive"
+    inputs = (
+        Input("a", FLOAT, "Left operand."),
+        Input("b", FLOAT, "Right operand.", default=0.0),
+        Input("op", STRING, "Operation.", default="add", choices=tuple(_OPERATIONS)),
+    )
+    outputs = (Output("result", FLOAT),)
+
+    def run(self, ctx: RunContext, a: float, b: float, op: str) -> dict[str, Any]:
+        if op == "div" and b == 0:
+            raise NodeInputError("division by zero: input 'b' is 0")
+        return {"result": float(_OPERATIONS[op](a, b))}
