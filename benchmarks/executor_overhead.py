@@ -33,9 +33,13 @@ def chain(n: int) -> tuple[dict[str, Any], str]:
 
 
 def tree(n: int) -> tuple[dict[str, Any], str]:
-    """A binary reduction tree: node i adds nodes 2i+1 and 2i+2; leaves are Int nodes."""
+    """A binary reduction tree: node i adds nodes 2i+1 and 2i+2; leaves are Int nodes.
+
+    Written root first (consumers before sources), so this shape also measures the full
+    networkx topological sort that the other shapes, written sources first, skip.
+    """
     nodes: dict[str, Any] = {}
-    for i in reversed(range(n)):
+    for i in range(n):
         left, right = 2 * i + 1, 2 * i + 2
         if left >= n:
             nodes[f"n{i}"] = {"type": "Int", "inputs": {"value": i}}

@@ -47,7 +47,7 @@ class Graph:
                 if _identity(ref.node) not in self._ids:
                     self.add(ref.node)
         missing = [GraphError(Code.MISSING_REQUIRED_INPUT, f"{node.type_name} needs input '{spec.name}'",
-                              node_id, spec.name, f"a {spec.type}", "nothing")
+                              node_id, spec.name, f"{spec.type}", "nothing")
                    for spec in node.inputs if spec.required and spec.name not in node.values]
         if missing:
             raise ValidationError(missing)

@@ -81,7 +81,7 @@ def dumps(document: dict[str, Any]) -> str:
     return _format(canonical(document), 0, 0, expand=True, expand_members=frozenset({"nodes", "params"})) + "\n"
 
 
-LINE_WIDTH = 100
+LINE_WIDTH = 120
 
 
 def _format(value: Any, indent: int, used: int, *, expand: bool = False,

@@ -22,7 +22,7 @@ from graphflow.compiled import CompiledGraph, CompiledNode, Link
 from graphflow.context import RunContext
 from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
-from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted
+from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
 from graphflow.paths import PathError, PathPolicy
 from graphflow.planning import Plan, plan_execution
 from graphflow.registry import NodeRegistry, default_registry
@@ -116,8 +116,9 @@ class Engine:
             plan, keys = self._plan(compiled, outputs)
         cancel = cancel or CancelToken()
         live, to_run, cached = self._reuse(compiled, plan.order, plan.targets, keys)
-        for node_id in cached:
-            if on_event is not None:
+        if on_event is not None:
+            on_event(RunStarted(len(to_run), len(cached)))
+            for node_id in cached:
                 on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
         remaining = {node_id: 0 for node_id in live}
         for node_id in to_run:

@@ -10,6 +10,14 @@ from graphflow.errors import Cancelled
 
 
 @dataclass(frozen=True)
+class RunStarted:
+    """Sent once the plan is known: how many nodes will run and how many come from cache."""
+
+    to_run: int
+    cached: int
+
+
+@dataclass(frozen=True)
 class NodeStarted:
     node: str
     type: str
@@ -43,7 +51,7 @@ class NodeFailed:
     error: BaseException
 
 
-Event = NodeStarted | NodeCached | NodeProgress | NodeFinished | NodeFailed
+Event = RunStarted | NodeStarted | NodeCached | NodeProgress | NodeFinished | NodeFailed
 EventHandler = Callable[[Event], None]
 
 

@@ -60,11 +60,11 @@ class Input:
         return self._check_scalar(value, node)
 
     def _check_scalar(self, value: Any, node: str | None) -> list[GraphError]:
-        expected = f"a {self.type}" + (" or a list of them" if self.list else "")
+        expected = f"{self.type}" + (" or a list of them" if self.list else "")
         if not self.accepts_literal:
             return [GraphError(Code.INVALID_VALUE, f"{self.type} values cannot be written literally; "
                                f"link this input to a node output with {{\"from\": \"node.output\"}}",
-                               node, self.name, f"a link to a {self.type} output", types.describe_literal(value))]
+                               node, self.name, f"a link to {self.type} output", types.describe_literal(value))]
         if not types.literal_matches(self.type, value):
             return [GraphError(Code.INVALID_VALUE, f"this input takes {expected}",
                                node, self.name, expected, types.describe_literal(value))]
@@ -188,11 +188,11 @@ def check_builder_value(spec: Input, value: Any, node: str | None) -> list[Graph
     if isinstance(value, OutputRef):
         if types.is_compatible(value.type, spec.type):
             return []
-        return [GraphError(Code.TYPE_MISMATCH, f"cannot connect a {value.type} output to a {spec.type} input",
+        return [GraphError(Code.TYPE_MISMATCH, f"cannot connect {value.type} output to {spec.type} input",
                            node, spec.name, spec.type, f"{value.type} from {value.node.type_name}.{value.name}")]
     if isinstance(value, ParamRef):
         if not value.type or types.is_compatible(value.type, spec.type):
             return []
-        return [GraphError(Code.TYPE_MISMATCH, f"param '{value.name}' is a {value.type} but this input takes a "
+        return [GraphError(Code.TYPE_MISMATCH, f"param '{value.name}' is {value.type} but this input takes "
                            f"{spec.type}", node, spec.name, spec.type, f"{value.type} param '{value.name}'")]
     return spec.check_literal(value, node)

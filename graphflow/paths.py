@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from graphflow.errors import Code, GraphError, GraphflowError
@@ -71,6 +72,7 @@ def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -86,3 +88,10 @@ def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
     finally:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
+
+
+@cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

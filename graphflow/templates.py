@@ -144,3 +144,62 @@ class TemplateLoader:
 def _inside(path: Path, error: GraphError) -> GraphError:
     return GraphError(error.code, f"in template {path.name}: {error.message}", error.node, error.input,
                       error.expected, error.found)
+
+
+def parse_assignments(document: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Param values from command-line `NAME=VALUE` strings, parsed by each param's type.
+
+    Raises ValidationError listing every bad assignment.
+    """
+    specs, _ = parse_params(document)
+    values: dict[str, Any] = {}
+    errors: list[GraphError] = []
+    for assignment in assignments:
+        name, equals, text = assignment.partition("=")
+        spec = specs.get(name)
+        if not equals:
+            errors.append(GraphError(Code.INVALID_VALUE, "write --set NAME=VALUE", input=assignment,
+                                     expected="NAME=VALUE", found=repr(assignment)))
+        elif spec is None:
+            errors.append(GraphError(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'", input=name,
+                                     expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name)))
+        else:
+            try:
+                values[name] = types.parse_text(spec.type, text)
+            except ValueError as error:
+                errors.append(GraphError(Code.INVALID_VALUE, f"cannot read {text!r} as {spec.type}: {error}",
+                                         input=name, expected=f"{spec.type}", found=repr(text)))
+    if errors:
+        raise ValidationError(errors)
+    return values
+
+
+class Template:
+    """A template document in Python: its typed params, a run with values, or one node in another graph.
+
+        room = Template("graphs/demo.json")
+        room.run(seed=7)                       # like `graphflow run graphs/demo.json --set seed=7`
+        g.add(room(photo=photo.image), "room") # like {"template": "graphs/demo.json", ...}
+    """
+
+    def __init__(self, path: str | Path, registry: NodeRegistry | None = None) -> None:
+        from graphflow.registry import default_registry
+
+        self.path = Path(path).resolve()
+        self.registry = registry if registry is not None else default_registry()
+        self.node_type = TemplateLoader(self.registry, (self.path.parent,)).node_class(self.path, (), self.path.name)
+
+    @property
+    def params(self) -> dict[str, Input]:
+        return dict(self.node_type.input_map)
+
+    def run(self, engine: Any = None, **values: Any) -> Any:
+        """Run the template with these param values (defaults for the rest); returns the RunResult."""
+        from graphflow.engine import Engine
+
+        engine = engine if engine is not None else Engine(self.registry)
+        return engine.run(self.path, values)
+
+    def __call__(self, **inputs: Any) -> TemplateNode:
+        """One use of the template as a node; its params are the inputs, checked at the call."""
+        return self.node_type(**inputs)

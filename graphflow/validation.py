@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,32 @@ from graphflow.node import REQUIRED, Input, Node, unknown_input_error
 from graphflow.registry import NodeRegistry
 from graphflow.templates import TemplateLoader, TemplateNode, parse_params
 
+
+@dataclass(frozen=True)
+class Unbound:
+    """A param with no value: an error when running, a typed placeholder when checking a template."""
+
+    name: str
+    type: str
+
+
 NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 _NODE_KEYS = {"type", "template", "version", "inputs"}
 
 
 def compile_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
-                     *, base_dir: Path | None = None, roots: tuple[Path, ...] = ()) -> CompiledGraph:
+                     *, base_dir: Path | None = None, roots: tuple[Path, ...] = (),
+                     as_template: bool = False) -> CompiledGraph:
     """Validate `document` with the given param values and return the graph to run.
 
     Raises ValidationError listing every problem. Templates resolve against `base_dir` (the
-    document's folder) and must lie inside it or inside one of `roots`.
+    document's folder) and must lie inside it or inside one of `roots`. With `as_template`,
+    params of non-scalar types (IMAGE, MASK, ...) may stay unbound, as in a template meant to be
+    used as a node; the result is then for checking only, not for running.
     """
     base = (base_dir or Path.cwd()).resolve()
     loader = TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
-    compiler = _Compiler(registry, loader)
+    compiler = _Compiler(registry, loader, as_template)
     graph = compiler.compile(document, dict(params or {}), base, prefix="", stack=())
     if not compiler.errors and not graph.outputs and not graph.output_nodes():
         compiler.errors.append(GraphError(
@@ -49,13 +62,16 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
 
 def _topological_order(graph: CompiledGraph, errors: list[GraphError]) -> tuple[str, ...]:
     """All nodes, sources first; ties keep document order. Reports every cycle as an error."""
+    position = {node_id: index for index, node_id in enumerate(graph.nodes)}
+    if all(position[source] < position[node.id] for node in graph.nodes.values() for source in node.sources):
+        return tuple(graph.nodes)  # already sources-first: exactly what the sort below would return
     import networkx as nx
 
     dependencies = nx.DiGraph()
     dependencies.add_nodes_from(graph.nodes)
     dependencies.add_edges_from((source, node.id) for node in graph.nodes.values() for source in node.sources)
     try:
-        return tuple(nx.topological_sort(dependencies))
+        return tuple(nx.lexicographical_topological_sort(dependencies, key=position.__getitem__))
     except nx.NetworkXUnfeasible:
         pass
     for component in nx.strongly_connected_components(dependencies):
@@ -68,19 +84,21 @@ def _topological_order(graph: CompiledGraph, errors: list[GraphError]) -> tuple[
 
 
 def validate_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
-                      *, base_dir: Path | None = None, roots: tuple[Path, ...] = ()) -> list[GraphError]:
-    """Every problem in the document (empty when it would run)."""
+                      *, base_dir: Path | None = None, roots: tuple[Path, ...] = (),
+                      as_template: bool = False) -> list[GraphError]:
+    """Every problem in the document (empty when it is valid)."""
     try:
-        compile_document(document, registry, params, base_dir=base_dir, roots=roots)
+        compile_document(document, registry, params, base_dir=base_dir, roots=roots, as_template=as_template)
     except ValidationError as error:
         return error.errors
     return []
 
 
 class _Compiler:
-    def __init__(self, registry: NodeRegistry, loader: TemplateLoader) -> None:
+    def __init__(self, registry: NodeRegistry, loader: TemplateLoader, as_template: bool) -> None:
         self.registry = registry
         self.loader = loader
+        self.as_template = as_template
         self.errors: list[GraphError] = []
 
     def error(self, code: Code, message: str, node: str | None = None, input: str | None = None,
@@ -101,8 +119,11 @@ class _Compiler:
         for node_id, node_type in classes.items():
             if node_type is None:
                 continue
+            known_errors = len(self.errors)
             inputs = self._inputs(node_id, entries[node_id], node_type, classes, param_values, prefix)
             if issubclass(node_type, TemplateNode):
+                if len(self.errors) > known_errors:
+                    continue  # expanding a template with bad inputs would only repeat those errors
                 self._expand(node_id, node_type, inputs, compiled, aliases, prefix, stack)
             else:
                 compiled[prefix + node_id] = CompiledNode(prefix + node_id, node_type, inputs)
@@ -129,13 +150,15 @@ class _Compiler:
                 problems = [] if isinstance(value, (Link, list)) and not spec.accepts_literal \
                     else spec.check_literal(value, None)
                 self.errors.extend(problems)
-                resolved[name] = value
+                resolved[name] = Unbound(name, spec.type) if problems else value
             elif spec.default is not REQUIRED:
                 resolved[name] = spec.default
             else:
-                how = "--set NAME=VALUE" if spec.accepts_literal else "a link (use the template as a node)"
-                self.error(Code.MISSING_PARAM_VALUE, f"param '{name}' has no default; give it a value with {how}",
-                           input=name, expected=f"a {spec.type} value", found="nothing")
+                resolved[name] = Unbound(name, spec.type)
+                if not (self.as_template and not spec.accepts_literal):
+                    how = "--set NAME=VALUE" if spec.accepts_literal else "a link (use the template as a node)"
+                    self.error(Code.MISSING_PARAM_VALUE, f"param '{name}' has no default; give it a value with {how}",
+                               input=name, expected=f"{spec.type} value", found="nothing")
         return resolved
 
     def _node_class(self, node_id: str, entry: Any, base: Path, stack: tuple[Path, ...]) -> type[Node] | None:
@@ -190,7 +213,7 @@ class _Compiler:
             elif spec.required:
                 self.error(Code.MISSING_REQUIRED_INPUT, f"{node_type.type_name} needs input '{spec.name}'"
                            + (f" ({spec.description.rstrip('.')})" if spec.description else ""),
-                           node_id, spec.name, f"a {spec.type}", "nothing")
+                           node_id, spec.name, f"{spec.type}", "nothing")
             else:
                 inputs[spec.name] = None if spec.default is REQUIRED else spec.default
         return inputs
@@ -200,7 +223,7 @@ class _Compiler:
         if isinstance(value, list):
             if not spec.list:
                 self.error(Code.INVALID_VALUE, "this input takes one value, not a list", node_id, spec.name,
-                           f"a {spec.type}", types.describe_literal(value))
+                           f"{spec.type}", types.describe_literal(value))
                 return None
             return [self._item(node_id, spec, item, classes, params, prefix) for item in value]
         item = self._item(node_id, spec, value, classes, params, prefix)
@@ -214,7 +237,7 @@ class _Compiler:
             if set(value) == {"param"} and isinstance(value["param"], str):
                 return self._param(node_id, spec, value["param"], params)
             self.error(Code.INVALID_VALUE, 'an object value must be a link {"from": "node.output"} or a param '
-                       '{"param": "name"}', node_id, spec.name, f"a {spec.type}", types.describe_literal(value))
+                       '{"param": "name"}', node_id, spec.name, f"{spec.type}", types.describe_literal(value))
             return None
         self.errors.extend(spec.check_literal(value, node_id))
         return value
@@ -242,7 +265,7 @@ class _Compiler:
                        input, f"one of {', '.join(source.output_map) or '(no outputs)'}", repr(text))
             return None
         if expected is not None and not types.is_compatible(output.type, expected):
-            self.error(Code.TYPE_MISMATCH, f"{link} is a {output.type} but '{input}' takes a {expected}",
+            self.error(Code.TYPE_MISMATCH, f"{link} is {output.type} but '{input}' takes {expected}",
                        node_id, input, expected, f"{output.type} from {link}")
             return None
         return Link(prefix + link.node, link.output)
@@ -253,6 +276,11 @@ class _Compiler:
                        "or which has no value", node_id, spec.name, 'a name declared under "params"', repr(name))
             return None
         value = params[name]
+        if isinstance(value, Unbound):
+            if not types.is_compatible(value.type, spec.type):
+                self.error(Code.TYPE_MISMATCH, f"param '{name}' is {value.type} but '{spec.name}' takes {spec.type}",
+                           node_id, spec.name, spec.type, f"{value.type} param '{name}'")
+            return None  # no value to check; a missing one is reported once, on the param
         if isinstance(value, Link) or (isinstance(value, list) and not spec.accepts_literal):
             return value
         self.errors.extend(spec.check_literal(value, node_id))
