@@ -35,6 +35,7 @@ class Graph:
         self.params: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, OutputRef] = {}
         self.extra: dict[str, Any] = {}
+        self.pinned_versions: dict[str, str] = {}  # node id -> the node version the document was written for
         self._nodes: dict[str, Node] = {}
         self._ids: dict[int, str] = {}
 
@@ -46,12 +47,12 @@ class Graph:
             for ref in _refs(value):
                 if _identity(ref.node) not in self._ids:
                     self.add(ref.node)
+        node_id = node_id if node_id is not None else self._fresh_id(node.type_name)
         missing = [GraphError(Code.MISSING_REQUIRED_INPUT, f"{node.type_name} needs input '{spec.name}'",
                               node_id, spec.name, f"{spec.type}", "nothing")
                    for spec in node.inputs if spec.required and spec.name not in node.values]
         if missing:
             raise ValidationError(missing)
-        node_id = node_id if node_id is not None else self._fresh_id(node.type_name)
         if not NODE_ID.match(node_id) or node_id in self._nodes:
             problem = "is already used" if node_id in self._nodes else "may use letters, digits, '_' and '-' only"
             raise ValidationError([GraphError(Code.INVALID_NODE_ID, f"node id '{node_id}' {problem}", node_id,
@@ -102,7 +103,7 @@ class Graph:
             document["description"] = self.description
         if self.params:
             document["params"] = self.params
-        document["nodes"] = {node_id: self._entry(node, base) for node_id, node in self._nodes.items()}
+        document["nodes"] = {node_id: self._entry(node_id, node, base) for node_id, node in self._nodes.items()}
         document["outputs"] = {name: f"{self.id_of(ref.node)}.{ref.name}" for name, ref in self.outputs.items()}
         return document
 
@@ -134,6 +135,7 @@ class Graph:
         param_types = {name: spec.type for name, spec in parse_params(document)[0].items()}
         loader = TemplateLoader(registry, (base,))
         entries = document["nodes"]
+        # Links need their source built first; the document's own order is restored afterwards.
         for node_id in dict.fromkeys(compiled_id.split("/")[0] for compiled_id in compiled.order):
             entry = entries[node_id]
             node_type = registry.get(entry["type"]) if "type" in entry else \
@@ -141,16 +143,22 @@ class Graph:
             values = {name: _builder_value(value, graph, param_types)
                       for name, value in entry.get("inputs", {}).items()}
             graph.add(node_type(**values), node_id)
+            if "version" in entry:
+                graph.pinned_versions[node_id] = str(entry["version"])
+        graph._nodes = {node_id: graph._nodes[node_id] for node_id in entries}
         for name, target in document.get("outputs", {}).items():
             link = Link.parse(target)
             graph.outputs[name] = graph[link.node][link.output]
         return graph
 
-    def _entry(self, node: Node, base: Path) -> dict[str, Any]:
-        inputs = {name: self._document_value(value) for name, value in node.values.items()}
+    def _entry(self, node_id: str, node: Node, base: Path) -> dict[str, Any]:
         if isinstance(node, TemplateNode):
-            return {"template": Path(os.path.relpath(node.template_path, base)).as_posix(), "inputs": inputs}
-        return {"type": node.type_name, "inputs": inputs}
+            entry = {"template": Path(os.path.relpath(node.template_path, base)).as_posix()}
+        else:
+            entry = {"type": node.type_name}
+        if node_id in self.pinned_versions:
+            entry["version"] = self.pinned_versions[node_id]
+        return entry | {"inputs": {name: self._document_value(value) for name, value in node.values.items()}}
 
     def _document_value(self, value: Any) -> Any:
         if isinstance(value, OutputRef):

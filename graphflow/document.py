@@ -27,7 +27,11 @@ _PARAM_ORDER = ("type", "default", "description", "min", "max", "choices")
 def parse_document(text: str, source: str = "<document>") -> dict[str, Any]:
     """Parse document text and migrate it to the current format."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as duplicate:
+        raise ValidationError([GraphError(
+            Code.INVALID_JSON, f"{source} names {duplicate.key!r} twice in one object; JSON parsers would keep "
+            "only the last one", expected="unique keys", found=repr(duplicate.key))]) from None
     except json.JSONDecodeError as error:
         raise ValidationError([GraphError(
             Code.INVALID_JSON, f"{source} is not valid JSON: {error.msg} at line {error.lineno}, "
@@ -36,6 +40,21 @@ def parse_document(text: str, source: str = "<document>") -> dict[str, Any]:
         raise ValidationError([GraphError(Code.INVALID_DOCUMENT, f"{source} must hold a JSON object",
                                           expected="an object", found=type(data).__name__)])
     return migrate(data)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def load_document(path: str | Path) -> dict[str, Any]:

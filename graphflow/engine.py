@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,23 +124,37 @@ class Engine:
         for node_id in to_run:
             for source in compiled.nodes[node_id].sources:
                 remaining[source] = remaining.get(source, 0) + 1
+        # Identical nodes under different ids share a key: run the first, hand its result to the rest.
+        seen = Counter(keys[node_id] for node_id in to_run)
+        shared: dict[str, dict[str, Any]] = {}
+        ran: list[str] = []
         timings: dict[str, float] = {}
         files: list[Path] = []
         for node_id in to_run:
             cancel.check()
             node = compiled.nodes[node_id]
-            ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, compiled.document,
-                             compiled.params, self.options, on_event)
-            live[node_id], timings[node_id] = self._execute(node, ctx, live, on_event)
-            files.extend(ctx.written)
-            self.cache.put(keys[node_id], live[node_id])
+            key = keys[node_id]
+            if key in shared:
+                live[node_id] = shared[key]
+                cached.append(node_id)
+                if on_event is not None:
+                    on_event(NodeCached(node_id, node.node_type.type_name))
+            else:
+                ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, compiled.document,
+                                 compiled.params, self.options, on_event)
+                live[node_id], timings[node_id] = self._execute(node, ctx, live, on_event)
+                ran.append(node_id)
+                files.extend(ctx.written)
+                self.cache.put(key, live[node_id])
+                if seen[key] > 1:
+                    shared[key] = live[node_id]
             for source in node.sources:
                 remaining[source] -= 1
                 if remaining[source] == 0 and source not in plan.targets:
                     del live[source]  # freed after its last consumer; the cache may still hold it
         results = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
                    if outputs is None or name in outputs}
-        return RunResult(results, to_run, cached, timings, files, time.perf_counter() - started)
+        return RunResult(results, ran, cached, timings, files, time.perf_counter() - started)
 
     def _targets(self, graph: CompiledGraph, outputs: list[str] | None) -> list[str]:
         if outputs is None:

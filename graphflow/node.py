@@ -186,6 +186,10 @@ def check_builder_value(spec: Input, value: Any, node: str | None) -> list[Graph
         return [error for item in value for error in check_builder_value(
             Input(spec.name, spec.type, min=spec.min, max=spec.max, choices=spec.choices), item, node)]
     if isinstance(value, OutputRef):
+        if spec.file:
+            return [GraphError(Code.INVALID_VALUE, "file inputs take a literal path or a param, so that the file's "
+                               "bytes (not a node's output) go into the cache key", node, spec.name,
+                               "a path or a param", f"{value.type} from {value.node.type_name}.{value.name}")]
         if types.is_compatible(value.type, spec.type):
             return []
         return [GraphError(Code.TYPE_MISMATCH, f"cannot connect {value.type} output to {spec.type} input",

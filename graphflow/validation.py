@@ -29,6 +29,7 @@ class Unbound:
     type: str
 
 
+ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
 NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 _NODE_KEYS = {"type", "template", "version", "inputs"}
 
@@ -51,8 +52,7 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
         compiler.errors.append(GraphError(
             Code.NO_OUTPUTS, "nothing would run: add an output node such as SaveImage, or name results "
             'under "outputs"', expected='an output node or an "outputs" entry', found="neither"))
-    if not compiler.errors:
-        graph.order = _topological_order(graph, compiler.errors)
+    graph.order = _topological_order(graph, compiler.errors)
     if compiler.errors:
         raise ValidationError(compiler.errors)
     graph.document = document
@@ -132,9 +132,10 @@ class _Compiler:
             self._redirect(compiled, outputs, aliases)
         for node in compiled.values():
             node.sources = tuple(dict.fromkeys(link.node for value in node.inputs.values() for link in links_in(value)))
-        return CompiledGraph(compiled, outputs, param_values)
+        return CompiledGraph(compiled, outputs, {name: value for name, (value, _) in param_values.items()})
 
-    def _param_values(self, document: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    def _param_values(self, document: dict[str, Any], values: dict[str, Any]) -> ParamValues:
+        """Each param's value (given, default, or Unbound) with its declared type."""
         specs, errors = parse_params(document)
         self.errors.extend(errors)
         for name in values:
@@ -150,11 +151,11 @@ class _Compiler:
                 problems = [] if isinstance(value, (Link, list)) and not spec.accepts_literal \
                     else spec.check_literal(value, None)
                 self.errors.extend(problems)
-                resolved[name] = Unbound(name, spec.type) if problems else value
+                resolved[name] = (Unbound(name, spec.type) if problems else value, spec.type)
             elif spec.default is not REQUIRED:
-                resolved[name] = spec.default
+                resolved[name] = (spec.default, spec.type)
             else:
-                resolved[name] = Unbound(name, spec.type)
+                resolved[name] = (Unbound(name, spec.type), spec.type)
                 if not (self.as_template and not spec.accepts_literal):
                     how = "--set NAME=VALUE" if spec.accepts_literal else "a link (use the template as a node)"
                     self.error(Code.MISSING_PARAM_VALUE, f"param '{name}' has no default; give it a value with {how}",
@@ -197,7 +198,7 @@ class _Compiler:
         return node_type
 
     def _inputs(self, node_id: str, entry: dict[str, Any], node_type: type[Node],
-                classes: dict[str, type[Node] | None], params: dict[str, Any], prefix: str) -> dict[str, Any]:
+                classes: dict[str, type[Node] | None], params: ParamValues, prefix: str) -> dict[str, Any]:
         given = entry.get("inputs", {})
         if not isinstance(given, dict):
             self.error(Code.INVALID_DOCUMENT, '"inputs" maps input names to values', node_id, expected="an object",
@@ -219,7 +220,7 @@ class _Compiler:
         return inputs
 
     def _value(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
-               params: dict[str, Any], prefix: str) -> Any:
+               params: ParamValues, prefix: str) -> Any:
         if isinstance(value, list):
             if not spec.list:
                 self.error(Code.INVALID_VALUE, "this input takes one value, not a list", node_id, spec.name,
@@ -230,9 +231,14 @@ class _Compiler:
         return [item] if spec.list else item
 
     def _item(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
-              params: dict[str, Any], prefix: str) -> Any:
+              params: ParamValues, prefix: str) -> Any:
         if isinstance(value, dict):
             if set(value) == {"from"} and isinstance(value["from"], str):
+                if spec.file:
+                    self.error(Code.INVALID_VALUE, "file inputs take a literal path or a param, so that the file's "
+                               "bytes (not a node's output) go into the cache key", node_id, spec.name,
+                               "a path or {\"param\": ...}", repr(value))
+                    return None
                 return self._link(node_id, spec.name, spec.type, value["from"], classes, prefix)
             if set(value) == {"param"} and isinstance(value["param"], str):
                 return self._param(node_id, spec, value["param"], params)
@@ -270,16 +276,17 @@ class _Compiler:
             return None
         return Link(prefix + link.node, link.output)
 
-    def _param(self, node_id: str, spec: Input, name: str, params: dict[str, Any]) -> Any:
+    def _param(self, node_id: str, spec: Input, name: str, params: ParamValues) -> Any:
         if name not in params:
             self.error(Code.UNKNOWN_PARAM, f"the input uses param '{name}', which the document does not declare "
                        "or which has no value", node_id, spec.name, 'a name declared under "params"', repr(name))
             return None
-        value = params[name]
+        value, param_type = params[name]
+        if not types.is_compatible(param_type, spec.type):
+            self.error(Code.TYPE_MISMATCH, f"param '{name}' is {param_type} but '{spec.name}' takes {spec.type}",
+                       node_id, spec.name, spec.type, f"{param_type} param '{name}'")
+            return None
         if isinstance(value, Unbound):
-            if not types.is_compatible(value.type, spec.type):
-                self.error(Code.TYPE_MISMATCH, f"param '{name}' is {value.type} but '{spec.name}' takes {spec.type}",
-                           node_id, spec.name, spec.type, f"{value.type} param '{name}'")
             return None  # no value to check; a missing one is reported once, on the param
         if isinstance(value, Link) or (isinstance(value, list) and not spec.accepts_literal):
             return value
