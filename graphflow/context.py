@@ -10,7 +10,7 @@ from graphflow.events import CancelToken, EventHandler, NodeProgress
 from graphflow.paths import PathPolicy
 
 
-@dataclass
+@dataclass(slots=True)
 class RunContext:
     """Handed to `Node.run`; one per node execution."""
 

@@ -234,8 +234,8 @@ class Engine:
         started = time.perf_counter()
         try:
             result = self._instance(node.node_type).run(ctx, **values)
-            missing = [name for name in node.node_type.output_map if name not in (result or {})]
-            if missing:
+            if not isinstance(result, dict) or not result.keys() >= node.node_type.output_map.keys():
+                missing = [name for name in node.node_type.output_map if name not in (result or {})]
                 raise TypeError(f"{type_name}.run returned no value for outputs {missing}")
         except Cancelled:
             raise

@@ -60,12 +60,12 @@ class Input:
         return self._check_scalar(value, node)
 
     def _check_scalar(self, value: Any, node: str | None) -> list[GraphError]:
-        expected = f"{self.type}" + (" or a list of them" if self.list else "")
         if not self.accepts_literal:
             return [GraphError(Code.INVALID_VALUE, f"{self.type} values cannot be written literally; "
                                f"link this input to a node output with {{\"from\": \"node.output\"}}",
                                node, self.name, f"a link to {self.type} output", types.describe_literal(value))]
         if not types.literal_matches(self.type, value):
+            expected = self.type + (" or a list of them" if self.list else "")
             return [GraphError(Code.INVALID_VALUE, f"this input takes {expected}",
                                node, self.name, expected, types.describe_literal(value))]
         if self.choices is not None and value not in self.choices:

@@ -36,17 +36,12 @@ def is_compatible(source: str, target: str) -> bool:
     return source == target or (source == INT and target == FLOAT)
 
 
+_PYTHON_TYPES: dict[str, tuple[type, ...]] = {INT: (int,), FLOAT: (int, float), BOOL: (bool,), STRING: (str,)}
+
+
 def literal_matches(type_name: str, value: Any) -> bool:
-    """Whether a JSON literal is a value of the scalar type (bool is not an INT)."""
-    if type_name == INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if type_name == FLOAT:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if type_name == BOOL:
-        return isinstance(value, bool)
-    if type_name == STRING:
-        return isinstance(value, str)
-    return False
+    """Whether a JSON literal is a value of the scalar type (exact types, so a bool is not an INT)."""
+    return type(value) in _PYTHON_TYPES.get(type_name, ())
 
 
 def describe_literal(value: Any) -> str:
