@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: the current directory; repeatable)")
     run.add_argument("--output", action="append", default=None, metavar="NAME",
                      help="compute only this named output (repeatable; default: all outputs and output nodes)")
+    run.add_argument("--cache-dir", type=Path, default=os.environ.get("GRAPHFLOW_CACHE_DIR"), metavar="DIR",
+                     help="keep expensive results (edge maps, encodings, latents) here across runs "
+                          "(default: $GRAPHFLOW_CACHE_DIR; none when unset)")
     run.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -104,7 +108,7 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.engine import Engine
     from graphflow.progress import ProgressDisplay
 
-    engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out,
+    engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
                     options={"device": args.device, "dtype": args.dtype})
     display = ProgressDisplay(enabled=not args.quiet)
     try:

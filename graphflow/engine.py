@@ -15,11 +15,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from graphflow.cache import MemoryCache, cache_key, file_digest, key_parts
 from graphflow.compiled import CompiledGraph, CompiledNode, Link
 from graphflow.context import RunContext
+from graphflow.disk_cache import DiskCache
 from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
 from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
@@ -27,9 +28,6 @@ from graphflow.paths import PathError, PathPolicy
 from graphflow.planning import Plan, plan_execution
 from graphflow.registry import NodeRegistry, default_registry
 from graphflow.validation import compile_document
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass
@@ -56,13 +54,20 @@ class _PlanMemo:
 
 
 class Engine:
-    """Runs graphs; holds the node registry, the result cache and the path policy."""
+    """Runs graphs; holds the node registry, the result caches and the path policy.
+
+    `disk_cache` (a directory or a DiskCache) keeps the results of node types that opt in
+    (`disk_cache = True`) across processes.
+    """
 
     def __init__(self, registry: NodeRegistry | None = None, *, plugins: tuple[str, ...] = (),
                  cache_bytes: int = 2 << 30, input_dirs: list[str | Path] | None = None,
-                 output_dir: str | Path | None = None, options: Mapping[str, Any] | None = None) -> None:
+                 output_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
+                 disk_cache: DiskCache | str | Path | None = None) -> None:
         self.registry = registry if registry is not None else default_registry(plugins)
         self.cache = MemoryCache(cache_bytes)
+        self.disk_cache = disk_cache if disk_cache is None or isinstance(disk_cache, DiskCache) \
+            else DiskCache(disk_cache)
         self.paths = PathPolicy.create(input_dirs, output_dir)
         self.options = dict(options or {})
         self._instances: dict[type, Any] = {}
@@ -114,47 +119,49 @@ class Engine:
         compiled = self.compile(graph, params)
         with _gc_paused():
             plan, keys = self._plan(compiled, outputs)
-        cancel = cancel or CancelToken()
         live, to_run, cached = self._reuse(compiled, plan.order, plan.targets, keys)
         if on_event is not None:
             on_event(RunStarted(len(to_run), len(cached)))
             for node_id in cached:
                 on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
+        result = RunResult({}, [], cached, {})
+        self._run_nodes(compiled, plan, keys, live, to_run, result, on_event, cancel or CancelToken())
+        result.outputs = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
+                          if outputs is None or name in outputs}
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _run_nodes(self, graph: CompiledGraph, plan: Plan, keys: dict[str, str], live: dict[str, dict[str, Any]],
+                   to_run: list[str], result: RunResult, on_event: EventHandler | None, cancel: CancelToken) -> None:
+        """Execute `to_run` in order, caching each result and freeing inputs after their last consumer."""
         remaining = {node_id: 0 for node_id in live}
         for node_id in to_run:
-            for source in compiled.nodes[node_id].sources:
+            for source in graph.nodes[node_id].sources:
                 remaining[source] = remaining.get(source, 0) + 1
         # Identical nodes under different ids share a key: run the first, hand its result to the rest.
-        seen = Counter(keys[node_id] for node_id in to_run)
+        repeated = {key for key, count in Counter(keys[node_id] for node_id in to_run).items() if count > 1}
         shared: dict[str, dict[str, Any]] = {}
-        ran: list[str] = []
-        timings: dict[str, float] = {}
-        files: list[Path] = []
         for node_id in to_run:
             cancel.check()
-            node = compiled.nodes[node_id]
+            node = graph.nodes[node_id]
             key = keys[node_id]
             if key in shared:
                 live[node_id] = shared[key]
-                cached.append(node_id)
+                result.cached.append(node_id)
                 if on_event is not None:
                     on_event(NodeCached(node_id, node.node_type.type_name))
             else:
-                ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, compiled.document,
-                                 compiled.params, self.options, on_event)
-                live[node_id], timings[node_id] = self._execute(node, ctx, live, on_event)
-                ran.append(node_id)
-                files.extend(ctx.written)
-                self.cache.put(key, live[node_id])
-                if seen[key] > 1:
+                ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, graph.document,
+                                 graph.params, self.options, on_event, result.files)
+                live[node_id], result.timings[node_id] = self._execute(node, ctx, live, on_event)
+                result.ran.append(node_id)
+                self._store(node, key, live[node_id])
+                if key in repeated:
                     shared[key] = live[node_id]
             for source in node.sources:
                 remaining[source] -= 1
                 if remaining[source] == 0 and source not in plan.targets:
                     del live[source]  # freed after its last consumer; the cache may still hold it
-        results = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
-                   if outputs is None or name in outputs}
-        return RunResult(results, ran, cached, timings, files, time.perf_counter() - started)
 
     def _targets(self, graph: CompiledGraph, outputs: list[str] | None) -> list[str]:
         if outputs is None:
@@ -214,8 +221,8 @@ class Engine:
             if node_id not in needed:
                 continue
             node = graph.nodes[node_id]
-            hit = self.cache.get(keys[node_id])
-            if hit is not None and self._instance(node.node_type).outputs_still_valid(hit):
+            hit = self._lookup(node, keys[node_id])
+            if hit is not None:
                 live[node_id] = hit  # held here, so later evictions cannot take it from this run
                 cached.append(node_id)
             else:
@@ -224,6 +231,22 @@ class Engine:
         to_run.reverse()
         cached.reverse()
         return live, to_run, cached
+
+    def _lookup(self, node: CompiledNode, key: str) -> dict[str, Any] | None:
+        """A reusable cached result: from memory, else from disk for node types that keep one there."""
+        hit = self.cache.get(key)
+        if hit is None and node.node_type.disk_cache and self.disk_cache is not None:
+            hit = self.disk_cache.get(key)
+            if hit is not None:
+                self.cache.put(key, hit)
+        if hit is not None and self._instance(node.node_type).outputs_still_valid(hit):
+            return hit
+        return None
+
+    def _store(self, node: CompiledNode, key: str, outputs: dict[str, Any]) -> None:
+        self.cache.put(key, outputs)
+        if node.node_type.disk_cache and self.disk_cache is not None:
+            self.disk_cache.put(key, outputs)
 
     def _execute(self, node: CompiledNode, ctx: RunContext, live: dict[str, dict[str, Any]],
                  on_event: EventHandler | None) -> tuple[dict[str, Any], float]:

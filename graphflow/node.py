@@ -120,6 +120,7 @@ class Node:
     inputs: ClassVar[tuple[Input, ...]] = ()
     outputs: ClassVar[tuple[Output, ...]] = ()
     is_output: ClassVar[bool] = False
+    disk_cache: ClassVar[bool] = False  # keep results across processes when the engine has a disk cache
     input_map: ClassVar[dict[str, Input]] = {}
     output_map: ClassVar[dict[str, Output]] = {}
 

@@ -25,6 +25,7 @@ class Canny(Node):
     """Canny edge map of an image: white edges on black, the control image of ControlNet canny models."""
 
     category = "preprocess"
+    disk_cache = True
     inputs = (
         Input("image", IMAGE, "The image to find edges in."),
         Input("low", INT, "Lower threshold on the gradient: weaker gradients are never edges, gradients between "

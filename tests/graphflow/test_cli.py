@@ -136,3 +136,13 @@ def test_validate_imports_no_heavy_library() -> None:
             "print(rc, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("0 []")
+
+
+def test_cache_dir_carries_expensive_results_to_the_next_run(workspace: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", "graphs/canny_blend.json", "--cache-dir", "cache", "--quiet"]
+    assert main(args) == 0
+    assert "ran 5 nodes, 0 from cache" in capsys.readouterr().out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ran 4 nodes, 1 from cache" in out and "canny_blend_00001.png" in out
