@@ -32,6 +32,7 @@ class Unbound:
 ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
 NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 _NODE_KEYS = {"type", "template", "version", "inputs"}
+_DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "nodes", "outputs"}
 
 
 def compile_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
@@ -107,6 +108,12 @@ class _Compiler:
 
     def compile(self, document: dict[str, Any], values: dict[str, Any], base: Path, prefix: str,
                 stack: tuple[Path, ...]) -> CompiledGraph:
+        for key in document:
+            if key not in _DOCUMENT_KEYS:
+                close = get_close_matches(key, sorted(_DOCUMENT_KEYS), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.error(Code.INVALID_DOCUMENT, f"unknown top-level key '{key}'{hint}", input=key,
+                           expected=f"keys among {', '.join(sorted(_DOCUMENT_KEYS))}", found=repr(key))
         param_values = self._param_values(document, values)
         entries = document.get("nodes")
         if not isinstance(entries, dict):

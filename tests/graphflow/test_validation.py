@@ -472,3 +472,11 @@ def test_int_param_into_a_float_input_is_accepted(registry: NodeRegistry) -> Non
                    params={"a": {"type": "INT", "default": 3}})
 
     assert compile_document(doc, registry).nodes["sum"].inputs["a"] == 3
+
+
+def test_a_misspelt_top_level_key_is_reported() -> None:
+    document = {"graphflow": 1, "nodes": {"n": {"type": "Int", "inputs": {"value": 1}}}, "ouputs": {"x": "n.value"}}
+    errors = validate_document(document, default_registry())
+    # no_outputs would only repeat the cause, so it is reported only when nothing else is wrong
+    assert [(error.code, error.input) for error in errors] == [("invalid_document", "ouputs")]
+    assert "did you mean 'outputs'?" in errors[0].message
