@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from difflib import get_close_matches
 from enum import StrEnum
 from typing import Any
 
@@ -61,6 +63,12 @@ class GraphError:
 
     def to_json(self) -> dict[str, Any]:
         return {key: (str(value) if key == "code" else value) for key, value in asdict(self).items()}
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """A "; did you mean 'x'?" hint naming the closest known name, or "" when none is close."""
+    close = get_close_matches(name, list(known), n=1, cutoff=0.7)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 class GraphflowError(Exception):

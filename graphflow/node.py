@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from graphflow import types
-from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 
 if TYPE_CHECKING:
     from graphflow.context import RunContext
@@ -172,12 +172,8 @@ class Node:
 
 def unknown_input_error(node_type: type[Node], name: str, node: str | None) -> GraphError:
     """The error for an input name the node type does not declare, with the closest names."""
-    from difflib import get_close_matches
-
     known = list(node_type.input_map)
-    close = get_close_matches(name, known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return GraphError(Code.UNKNOWN_INPUT, f"{node_type.type_name} has no input '{name}'{hint}",
+    return GraphError(Code.UNKNOWN_INPUT, f"{node_type.type_name} has no input '{name}'{did_you_mean(name, known)}",
                       node, name, f"one of {', '.join(known) or '(no inputs)'}", repr(name))
 
 

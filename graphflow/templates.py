@@ -14,7 +14,7 @@ from graphflow import types
 from graphflow.cache import file_digest
 from graphflow.compiled import Link
 from graphflow.document import load_document
-from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 from graphflow.node import REQUIRED, Input, Node, Output
 from graphflow.registry import NodeRegistry
 
@@ -161,7 +161,8 @@ def parse_assignments(document: dict[str, Any], assignments: list[str]) -> dict[
             errors.append(GraphError(Code.INVALID_VALUE, "write --set NAME=VALUE", input=assignment,
                                      expected="NAME=VALUE", found=repr(assignment)))
         elif spec is None:
-            errors.append(GraphError(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'", input=name,
+            errors.append(GraphError(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'"
+                                     f"{did_you_mean(name, specs)}", input=name,
                                      expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name)))
         else:
             try:

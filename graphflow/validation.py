@@ -9,13 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 from graphflow import types
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
-from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 from graphflow.node import REQUIRED, Input, Node, unknown_input_error
 from graphflow.registry import NodeRegistry
 from graphflow.templates import TemplateLoader, TemplateNode, parse_params
@@ -110,9 +109,8 @@ class _Compiler:
                 stack: tuple[Path, ...]) -> CompiledGraph:
         for key in document:
             if key not in _DOCUMENT_KEYS:
-                close = get_close_matches(key, sorted(_DOCUMENT_KEYS), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                self.error(Code.INVALID_DOCUMENT, f"unknown top-level key '{key}'{hint}", input=key,
+                self.error(Code.INVALID_DOCUMENT, f"unknown top-level key '{key}'{did_you_mean(key, _DOCUMENT_KEYS)}",
+                           input=key,
                            expected=f"keys among {', '.join(sorted(_DOCUMENT_KEYS))}", found=repr(key))
         param_values = self._param_values(document, values)
         entries = document.get("nodes")
@@ -147,9 +145,8 @@ class _Compiler:
         self.errors.extend(errors)
         for name in values:
             if name not in specs and not any(error.input == name for error in errors):
-                close = get_close_matches(name, list(specs), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                self.error(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'{hint}", input=name,
+                self.error(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'{did_you_mean(name, specs)}",
+                           input=name,
                            expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name))
         resolved: dict[str, Any] = {}
         for name, spec in specs.items():
@@ -192,8 +189,7 @@ class _Compiler:
         type_name = entry["type"]
         node_type = self.registry.get(type_name) if isinstance(type_name, str) else None
         if node_type is None:
-            close = get_close_matches(str(type_name), self.registry.names(), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; is the plugin that provides it installed?"
+            hint = did_you_mean(str(type_name), self.registry.names()) or "; is the plugin that provides it installed?"
             self.error(Code.UNKNOWN_NODE_TYPE, f"no node type named {type_name!r}{hint}", node_id,
                        expected="a registered node type (see `graphflow nodes`)", found=repr(type_name))
             return None
@@ -264,9 +260,8 @@ class _Compiler:
                        input, '"node.output"', repr(text))
             return None
         if link.node not in classes:
-            close = get_close_matches(link.node, list(classes), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            self.error(Code.BAD_LINK, f"the link names node '{link.node}', which is not in the graph{hint}",
+            self.error(Code.BAD_LINK, f"the link names node '{link.node}', which is not in the graph"
+                       f"{did_you_mean(link.node, classes)}",
                        node_id, input, "an existing node id", repr(text))
             return None
         source = classes[link.node]

@@ -37,7 +37,7 @@ def test_run_writes_pngs_and_prints_a_summary(workspace: Path, capsys: pytest.Ca
 def test_run_reports_every_bad_assignment(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "graphs/canny_blend.json", "--set", "lo=3", "--set", "high=x"]) == 1
     err = capsys.readouterr().err
-    assert "[unknown_param] 'lo'" in err and "[invalid_value] 'high'" in err and "did you mean" not in err
+    assert "[unknown_param] 'lo'" in err and "did you mean 'low'?" in err and "[invalid_value] 'high'" in err
 
 
 def test_run_refuses_input_files_outside_the_input_dir_unless_widened(
