@@ -37,15 +37,15 @@ class Graph:
         self.extra: dict[str, Any] = {}
         self.pinned_versions: dict[str, str] = {}  # node id -> the node version the document was written for
         self._nodes: dict[str, Node] = {}
-        self._ids: dict[int, str] = {}
+        self._ids: dict[int, str] = {}  # id(node object) -> node id
 
     def add(self, node: Node, node_id: str | None = None) -> Node:
         """Add `node` (and any upstream node it links to that is not in the graph yet); returns it."""
-        if _identity(node) in self._ids:
+        if id(node) in self._ids:
             return node
         for value in node.values.values():
             for ref in _refs(value):
-                if _identity(ref.node) not in self._ids:
+                if id(ref.node) not in self._ids:
                     self.add(ref.node)
         node_id = node_id if node_id is not None else self._fresh_id(node.type_name)
         missing = [GraphError(Code.MISSING_REQUIRED_INPUT, f"{node.type_name} needs input '{spec.name}'",
@@ -58,7 +58,7 @@ class Graph:
             raise ValidationError([GraphError(Code.INVALID_NODE_ID, f"node id '{node_id}' {problem}", node_id,
                                               expected="a new id matching " + NODE_ID.pattern, found=repr(node_id))])
         self._nodes[node_id] = node
-        self._ids[_identity(node)] = node_id
+        self._ids[id(node)] = node_id
         return node
 
     def param(self, name: str, type: str, default: Any = REQUIRED, description: str = "", *,
@@ -80,7 +80,7 @@ class Graph:
 
     def output(self, name: str, ref: OutputRef) -> None:
         """Name a result of the graph."""
-        if _identity(ref.node) not in self._ids:
+        if id(ref.node) not in self._ids:
             self.add(ref.node)
         self.outputs[name] = ref
 
@@ -91,7 +91,7 @@ class Graph:
         return node_id in self._nodes
 
     def id_of(self, node: Node) -> str:
-        return self._ids[_identity(node)]
+        return self._ids[id(node)]
 
     def to_document(self, base_dir: Path | None = None) -> dict[str, Any]:
         """The graph as a document; template paths are written relative to `base_dir` (default: cwd)."""
@@ -177,10 +177,6 @@ class Graph:
             count += 1
             candidate = f"{stem}_{count}"
         return candidate
-
-
-def _identity(node: Node) -> int:
-    return id(node)
 
 
 def _refs(value: Any) -> list[OutputRef]:
