@@ -38,15 +38,34 @@ class Graph:
         self.pinned_versions: dict[str, str] = {}  # node id -> the node version the document was written for
         self._nodes: dict[str, Node] = {}
         self._ids: dict[int, str] = {}  # id(node object) -> node id
+        self._id_counts: dict[str, int] = {}  # automatic ids handed out per stem
 
     def add(self, node: Node, node_id: str | None = None) -> Node:
         """Add `node` (and any upstream node it links to that is not in the graph yet); returns it."""
         if id(node) in self._ids:
             return node
-        for value in node.values.values():
-            for ref in _refs(value):
-                if id(ref.node) not in self._ids:
-                    self.add(ref.node)
+        for upstream in self._missing_upstream(node):
+            self._add_one(upstream, None)
+        return self._add_one(node, node_id)
+
+    def _missing_upstream(self, node: Node) -> list[Node]:
+        """Nodes `node` links to, directly or not, that are not in the graph yet, sources first."""
+        ordered: list[Node] = []
+        seen: set[int] = set()
+        stack = [(ref.node, False) for value in node.values.values() for ref in _refs(value)]
+        while stack:
+            current, expanded = stack.pop()
+            if id(current) in self._ids or (id(current) in seen and not expanded):
+                continue
+            if expanded:
+                ordered.append(current)
+                continue
+            seen.add(id(current))
+            stack.append((current, True))
+            stack.extend((ref.node, False) for value in current.values.values() for ref in _refs(value))
+        return ordered
+
+    def _add_one(self, node: Node, node_id: str | None) -> Node:
         node_id = node_id if node_id is not None else self._fresh_id(node.type_name)
         missing = [GraphError(Code.MISSING_REQUIRED_INPUT, f"{node.type_name} needs input '{spec.name}'",
                               node_id, spec.name, f"{spec.type}", "nothing")
@@ -127,7 +146,7 @@ class Graph:
         """A builder Graph holding the document's nodes, params and outputs (validated first)."""
         registry = registry if registry is not None else default_registry()
         base = (base_dir or Path.cwd()).resolve()
-        compiled = compile_document(document, registry, base_dir=base)
+        compiled = compile_document(document, registry, base_dir=base, as_template=True)
         graph = cls(document.get("name", ""), document.get("description", ""))
         graph.extra = {key: value for key, value in document.items()
                        if key not in {"graphflow", "name", "description", "params", "nodes", "outputs"}}
@@ -172,10 +191,12 @@ class Graph:
     def _fresh_id(self, type_name: str) -> str:
         stem = re.sub(r"(?<!^)(?=[A-Z])", "_", type_name.split(":")[-1].split(".")[0]).lower()
         stem = re.sub(r"[^a-z0-9_\-]", "_", stem)
-        candidate, count = stem, 1
+        count = self._id_counts.get(stem, 0)
+        candidate = stem if count == 0 else f"{stem}_{count + 1}"
         while candidate in self._nodes:
             count += 1
-            candidate = f"{stem}_{count}"
+            candidate = f"{stem}_{count + 1}"
+        self._id_counts[stem] = count + 1
         return candidate
 
 

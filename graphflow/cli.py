@@ -85,22 +85,29 @@ def _params(path: Path, assignments: list[str]) -> dict[str, Any]:
 
 
 def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
+    from graphflow.templates import parse_params
     from graphflow.validation import compile_document
 
+    unbound: list[str] = []
     try:
-        compile_document(load_document(args.graph), registry, _params(args.graph, args.assignments),
-                         base_dir=args.graph.resolve().parent, as_template=True)
+        document = load_document(args.graph)
+        values = _params(args.graph, args.assignments)
+        compile_document(document, registry, values, base_dir=args.graph.resolve().parent, as_template=True)
         errors: list[GraphError] = []
+        unbound = [f"{name} ({spec.type})" for name, spec in parse_params(document)[0].items()
+                   if spec.required and name not in values]
     except ValidationError as error:
         errors = error.errors
     if args.json:
-        print(json.dumps({"valid": not errors, "errors": [error.to_json() for error in errors]}, indent=2))
+        print(json.dumps({"valid": not errors, "errors": [error.to_json() for error in errors],
+                          "params_without_value": unbound}, indent=2))
     elif errors:
         print(f"{args.graph}: {len(errors)} problem{'s' if len(errors) != 1 else ''}")
         for error in errors:
             print(f"  {error}")
     else:
-        print(f"{args.graph}: valid")
+        needs = f"; a run needs values for {', '.join(unbound)}" if unbound else ""
+        print(f"{args.graph}: valid{needs}")
     return 1 if errors else 0
 
 

@@ -8,6 +8,7 @@ neither arrays, tensors nor JSON data (model handles, for instance) are simply n
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -45,12 +46,13 @@ class DiskCache:
                 if manifest.get("format") != _FORMAT:
                     return None
                 outputs = _decode(manifest["outputs"], archive)
+            os.utime(path)  # recently used: evicted last
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-            path.unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
-        os.utime(path)  # recently used: evicted last
         return outputs
 
     def put(self, key: str, outputs: dict[str, Any]) -> bool:
@@ -65,12 +67,19 @@ class DiskCache:
         arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        atomic_write(self._path(key), buffer.getvalue())
-        self._evict()
+        try:
+            atomic_write(self._path(key), buffer.getvalue())
+            self._evict()
+        except OSError:  # a full disk or an unusable directory costs the cached copy, never the run
+            return False
         return True
 
     def _evict(self) -> None:
-        files = [(entry.stat().st_mtime_ns, entry.stat().st_size, entry) for entry in self.directory.glob("*/*.npz")]
+        files = []
+        for entry in self.directory.glob("*/*.npz"):
+            with contextlib.suppress(FileNotFoundError):  # another process may evict at the same time
+                status = entry.stat()
+                files.append((status.st_mtime_ns, status.st_size, entry))
         total = sum(size for _, size, _ in files)
         for _, size, entry in sorted(files, key=lambda item: item[0]):
             if total <= self.max_bytes:

@@ -36,6 +36,9 @@ def parse_document(text: str, source: str = "<document>") -> dict[str, Any]:
         raise ValidationError([GraphError(
             Code.INVALID_JSON, f"{source} is not valid JSON: {error.msg} at line {error.lineno}, "
             f"column {error.colno}", expected="a JSON object", found=f"text at line {error.lineno}")]) from None
+    except (ValueError, RecursionError) as error:  # integers past Python's digit limit, absurd nesting
+        raise ValidationError([GraphError(Code.INVALID_JSON, f"{source} cannot be read: {error}",
+                                          expected="a JSON object of ordinary size", found="oversized JSON")]) from None
     if not isinstance(data, dict):
         raise ValidationError([GraphError(Code.INVALID_DOCUMENT, f"{source} must hold a JSON object",
                                           expected="an object", found=type(data).__name__)])
@@ -65,8 +68,12 @@ def load_document(path: str | Path) -> dict[str, Any]:
 def read_document_text(path: str | Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ValidationError([GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: {error.strerror}",
+    except UnicodeDecodeError as error:
+        raise ValidationError([GraphError(Code.INVALID_JSON, f"{path} is not UTF-8 text: {error.reason} at byte "
+                                          f"{error.start}", expected="UTF-8 JSON", found=str(path))]) from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise ValidationError([GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: {reason}",
                                           expected="a readable graph document", found=str(path))]) from None
 
 

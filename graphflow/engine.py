@@ -71,7 +71,7 @@ class Engine:
         self.paths = PathPolicy.create(input_dirs, output_dir)
         self.options = dict(options or {})
         self._instances: dict[type, Any] = {}
-        self._compiled: OrderedDict[tuple[str, str | None, Path | None], CompiledGraph] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str, str | None, Path], CompiledGraph] = OrderedDict()
 
     def compile(self, graph: Any, params: Mapping[str, Any] | None = None) -> CompiledGraph:
         """Validate a graph (path, document dict, builder Graph) with param values; raise on problems.
@@ -81,11 +81,11 @@ class Engine:
         """
         if isinstance(graph, CompiledGraph):
             return graph
-        base_dir = None
         if isinstance(graph, (str, Path)):
             base_dir = Path(graph).resolve().parent
             text = read_document_text(graph)
         else:
+            base_dir = Path.cwd().resolve()  # where templates named by a dict document resolve
             graph_document = graph if isinstance(graph, dict) else graph.to_document()
             try:
                 text = json.dumps(graph_document, ensure_ascii=False)
@@ -102,7 +102,7 @@ class Engine:
                                         for path, digest in compiled.template_files.items()):
             self._compiled.move_to_end(memo_key)
             return compiled
-        document = parse_document(text, str(graph)) if base_dir else graph_document
+        document = parse_document(text, str(graph)) if isinstance(graph, (str, Path)) else graph_document
         with _gc_paused():
             compiled = compile_document(document, self.registry, params, base_dir=base_dir,
                                         roots=self.paths.input_roots)
@@ -179,6 +179,7 @@ class Engine:
         memo: _PlanMemo | None = graph.memo.get(memo_key)
         if memo is None:
             plan = plan_execution(graph, self._targets(graph, outputs))
+            self._check_output_paths(graph, plan)
             file_inputs = [(node_id, spec.name) for node_id in plan.order
                            for spec in graph.nodes[node_id].node_type.inputs
                            if spec.file and isinstance(graph.nodes[node_id].inputs.get(spec.name), str)]
@@ -187,6 +188,20 @@ class Engine:
         if memo.keys is None or digests != memo.digests:
             memo.digests, memo.keys = digests, self._keys(graph, memo.plan.order, digests)
         return memo.plan, memo.keys
+
+    def _check_output_paths(self, graph: CompiledGraph, plan: Plan) -> None:
+        """Refuse, before anything runs, output paths that would leave the output root."""
+        errors: list[GraphError] = []
+        for node_id in plan.order:
+            node = graph.nodes[node_id]
+            for spec in node.node_type.inputs:
+                if spec.output_path and isinstance(node.inputs.get(spec.name), str):
+                    try:
+                        self.paths.output_path(node.inputs[spec.name], node=node_id, input=spec.name)
+                    except PathError as error:
+                        errors.append(error.error)
+        if errors:
+            raise ValidationError(errors)
 
     def _file_digests(self, graph: CompiledGraph, file_inputs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """Content digests of every file input; every unreadable file is reported at once, before any node runs."""

@@ -31,7 +31,8 @@ class Input:
 
     `optional` inputs may stay unconnected (the node receives None); `list` inputs take a list
     of values or links that fan in; `file` marks a STRING path read from the input root, whose
-    bytes (not name) go into the cache key.
+    bytes (not name) go into the cache key; `output_path` marks a STRING path the node writes
+    under the output root, checked before anything runs.
     """
 
     name: str
@@ -44,6 +45,7 @@ class Input:
     optional: bool = False
     list: bool = False
     file: bool = False
+    output_path: bool = False
 
     @property
     def required(self) -> bool:
@@ -71,18 +73,20 @@ class Input:
         if self.choices is not None and value not in self.choices:
             options = ", ".join(repr(choice) for choice in self.choices)
             return [GraphError(Code.VALUE_NOT_IN_CHOICES, f"choose one of {options}",
-                               node, self.name, f"one of {options}", repr(value))]
+                               node, self.name, f"one of {options}", types.show_value(value))]
         too_low = self.min is not None and value < self.min
         too_high = self.max is not None and value > self.max
-        if too_low or too_high:
+        if too_low or too_high or not types.representable(value):
             return [GraphError(Code.VALUE_OUT_OF_RANGE, "the value is outside the allowed range",
-                               node, self.name, self.range_text(), repr(value))]
+                               node, self.name, self.range_text(), types.show_value(value))]
         return []
 
     def range_text(self) -> str:
         low = "-inf" if self.min is None else repr(self.min)
         high = "inf" if self.max is None else repr(self.max)
-        return f"a value in [{low}, {high}]"
+        if self.type == types.FLOAT:
+            return f"a finite value in [{low}, {high}]"
+        return f"a value in [{low}, {high}]" if self.min is not None or self.max is not None else "a 64-bit integer"
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,7 @@ class Node:
                 errors.extend(check_builder_value(spec, value, self.type_name))
         if errors:
             raise ValidationError(errors)
-        order = {spec.name: index for index, spec in enumerate(self.inputs)}
-        self.values: dict[str, Any] = dict(sorted(values.items(), key=lambda item: order[item[0]]))
+        self.values: dict[str, Any] = values  # in the caller's order, which documents keep
 
     def __getattr__(self, name: str) -> OutputRef:
         spec = type(self).output_map.get(name)
@@ -177,6 +180,12 @@ def unknown_input_error(node_type: type[Node], name: str, node: str | None) -> G
                       node, name, f"one of {', '.join(known) or '(no inputs)'}", repr(name))
 
 
+def file_link_error(node: str | None, input: str, found: str) -> GraphError:
+    """File inputs are keyed by the file's bytes, which a link from another node cannot give."""
+    return GraphError(Code.INVALID_VALUE, "file inputs take a literal path or a param, so that the file's bytes "
+                      "(not a node's output) go into the cache key", node, input, "a path or a param", found)
+
+
 def check_builder_value(spec: Input, value: Any, node: str | None) -> list[GraphError]:
     """Check one builder argument: a handle's type, a parameter, or a literal."""
     if spec.list and isinstance(value, (list, tuple)):
@@ -184,9 +193,7 @@ def check_builder_value(spec: Input, value: Any, node: str | None) -> list[Graph
             Input(spec.name, spec.type, min=spec.min, max=spec.max, choices=spec.choices), item, node)]
     if isinstance(value, OutputRef):
         if spec.file:
-            return [GraphError(Code.INVALID_VALUE, "file inputs take a literal path or a param, so that the file's "
-                               "bytes (not a node's output) go into the cache key", node, spec.name,
-                               "a path or a param", f"{value.type} from {value.node.type_name}.{value.name}")]
+            return [file_link_error(node, spec.name, f"{value.type} from {value.node.type_name}.{value.name}")]
         if types.is_compatible(value.type, spec.type):
             return []
         return [GraphError(Code.TYPE_MISMATCH, f"cannot connect {value.type} output to {spec.type} input",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from graphflow import types
 from graphflow.errors import Code, GraphError, GraphflowError
 
 
@@ -42,13 +43,18 @@ class PathPolicy:
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = self.input_roots[0] / candidate
-        resolved = candidate.resolve()
+        try:
+            resolved = candidate.resolve()
+            exists = resolved.is_file()
+        except (OSError, ValueError) as error:  # a NUL byte, an over-long name
+            raise PathError(GraphError(Code.FILE_NOT_FOUND, f"not a usable path: {error}", node, input,
+                                       "an existing file", types.show_value(path))) from None
         if not any(resolved.is_relative_to(root.resolve()) for root in self.input_roots):
             roots = ", ".join(str(root) for root in self.input_roots)
             raise PathError(GraphError(
                 Code.PATH_OUTSIDE_ROOT, "the file is outside the input directories; "
                 "add its directory with --input-dir to allow it", node, input, f"a path inside {roots}", path))
-        if not resolved.is_file():
+        if not exists:
             raise PathError(GraphError(
                 Code.FILE_NOT_FOUND, f"no such file: {resolved}", node, input, "an existing file", path))
         return resolved
@@ -56,7 +62,11 @@ class PathPolicy:
     def output_path(self, relative: str, *, node: str | None = None, input: str | None = None) -> Path:
         """The resolved path for a new file under the output root."""
         root = self.output_root.resolve()
-        resolved = (root / relative).resolve()
+        try:
+            resolved = (root / relative).resolve()
+        except (OSError, ValueError) as error:
+            raise PathError(GraphError(Code.PATH_OUTSIDE_ROOT, f"not a usable path: {error}", node, input,
+                                       f"a relative path inside {root}", types.show_value(relative))) from None
         if Path(relative).is_absolute() or not resolved.is_relative_to(root):
             raise PathError(GraphError(
                 Code.PATH_OUTSIDE_ROOT, "outputs are written under the output directory; "

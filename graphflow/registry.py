@@ -40,13 +40,16 @@ class NodeRegistry:
         """Register the node classes of a plugin module (its `NODES`, else every Node subclass in it)."""
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise RegistryError(f"cannot import plugin module {module_name!r}: {error}") from error
+        except Exception as error:  # a plugin's own bug must not look like graphflow's
+            raise RegistryError(f"cannot import plugin module {module_name!r}: "
+                                f"{type(error).__name__}: {error}") from error
         declared = getattr(module, "NODES", None)
         if declared is None:
             declared = [value for value in vars(module).values()
                         if isinstance(value, type) and issubclass(value, Node) and value.__module__ == module.__name__]
         for node in declared:
+            if not (isinstance(node, type) and issubclass(node, Node)):
+                raise RegistryError(f"plugin module {module_name!r} lists {node!r} in NODES, which is not a Node class")
             self.register(node)
 
     def load_entry_points(self) -> None:

@@ -29,8 +29,7 @@ def document_schema(registry: NodeRegistry) -> dict[str, Any]:
         "param": _param_schema(),
         "templateNode": {"type": "object", "description": "Another graph document used as one node.",
                          "required": ["template"], "additionalProperties": False,
-                         "properties": {"template": {"type": "string"}, "version": {"type": "string"},
-                                        "inputs": {"type": "object"}}},
+                         "properties": {"template": {"type": "string"}, "inputs": {"type": "object"}}},
     }
     for node in registry:
         definitions[f"node.{node.type_name}"] = _node_schema(node)
@@ -70,7 +69,9 @@ def _node_schema(node: type[Node]) -> dict[str, Any]:
 
 def input_schema(spec: Input) -> dict[str, Any]:
     """What one input accepts: a literal of its type (scalars only), a link or a param reference."""
-    single: list[dict[str, Any]] = [{"$ref": "#/$defs/link"}, {"$ref": "#/$defs/paramRef"}]
+    # file inputs take no links: the file's bytes, not another node's output, key the loader
+    single: list[dict[str, Any]] = [{"$ref": "#/$defs/paramRef"}] if spec.file else \
+        [{"$ref": "#/$defs/link"}, {"$ref": "#/$defs/paramRef"}]
     literal = _literal_schema(spec)
     if literal is not None:
         single.insert(0, literal)

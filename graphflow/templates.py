@@ -38,21 +38,13 @@ def parse_params(document: dict[str, Any]) -> tuple[dict[str, Input], list[Graph
 
 
 def _param_spec(name: str, declaration: Any) -> tuple[Input | None, list[GraphError]]:
-    def problem(message: str, expected: str, found: str) -> tuple[None, list[GraphError]]:
-        return None, [GraphError(Code.INVALID_PARAM, message, input=name, expected=expected, found=found)]
-
-    if not isinstance(declaration, dict):
-        return problem(f"param '{name}' must be declared as an object", '{"type": ...}',
-                       types.describe_literal(declaration))
-    type_name = declaration.get("type")
-    if type_name not in types.ALL_TYPES:
-        return problem(f"param '{name}' has an unknown type", f"one of {', '.join(sorted(types.ALL_TYPES))}",
-                       repr(type_name))
-    extra = sorted(set(declaration) - _PARAM_KEYS)
-    if extra:
-        return problem(f"param '{name}' has unknown keys {extra}", f"keys among {sorted(_PARAM_KEYS)}", str(extra))
+    problems = _declaration_problems(declaration)
+    if problems:
+        message, expected, found = problems
+        return None, [GraphError(Code.INVALID_PARAM, f"param '{name}' {message}", input=name, expected=expected,
+                                 found=found)]
     choices = declaration.get("choices")
-    spec = Input(name, type_name, declaration.get("description", ""), declaration.get("default", REQUIRED),
+    spec = Input(name, declaration["type"], declaration.get("description", ""), declaration.get("default", REQUIRED),
                  declaration.get("min"), declaration.get("max"), tuple(choices) if choices is not None else None)
     if spec.default is not REQUIRED:
         errors = spec.check_literal(spec.default, None)
@@ -61,6 +53,30 @@ def _param_spec(name: str, declaration: Any) -> tuple[Input | None, list[GraphEr
                                      f"{errors[0].message}", input=name, expected=errors[0].expected,
                                      found=errors[0].found)]
     return spec, []
+
+
+def _declaration_problems(declaration: Any) -> tuple[str, str, str] | None:
+    """(message, expected, found) for the first thing wrong with a param declaration, else None."""
+    if not isinstance(declaration, dict):
+        return "must be declared as an object", '{"type": ...}', types.describe_literal(declaration)
+    type_name = declaration.get("type")
+    if not isinstance(type_name, str) or type_name not in types.ALL_TYPES:
+        return "has an unknown type", f"one of {', '.join(sorted(types.ALL_TYPES))}", types.describe_literal(type_name)
+    extra = sorted(set(declaration) - _PARAM_KEYS)
+    if extra:
+        return f"has unknown keys {extra}", f"keys among {sorted(_PARAM_KEYS)}", str(extra)
+    if not isinstance(declaration.get("description", ""), str):
+        return "has a description that is not text", "a string", types.describe_literal(declaration["description"])
+    for bound in ("min", "max"):
+        if bound in declaration and (type_name not in (types.INT, types.FLOAT)
+                                     or not types.literal_matches(types.FLOAT, declaration[bound])):
+            return f"has a '{bound}' that does not apply", "a number, on an INT or FLOAT param", \
+                f"{types.describe_literal(declaration[bound])} on {type_name}"
+    if "choices" in declaration and (type_name not in types.SCALAR_TYPES or not isinstance(declaration["choices"], list)
+                                     or not all(types.literal_matches(type_name, c) for c in declaration["choices"])):
+        return "has choices that do not fit its type", f"a list of {type_name} values", \
+            types.describe_literal(declaration["choices"])
+    return None
 
 
 class TemplateNode(Node):
@@ -93,12 +109,16 @@ class TemplateLoader:
         return {path: file_digest(path.read_bytes()) for path in self._classes}
 
     def resolve(self, reference: str, base_dir: Path, node: str) -> Path:
-        path = (base_dir / reference).resolve()
-        if not any(path.is_relative_to(root) for root in self.roots):
+        try:
+            path = (base_dir / reference).resolve()
+            found = path.is_file()
+        except (OSError, ValueError):  # a NUL byte or an over-long name
+            path, found = base_dir / "?", False
+        if found and not any(path.is_relative_to(root) for root in self.roots):
             raise ValidationError([GraphError(
                 Code.PATH_OUTSIDE_ROOT, "templates must lie inside the input directories or beside the graph",
                 node, "template", "a path inside " + ", ".join(map(str, self.roots)), reference)])
-        if not path.is_file():
+        if not found:
             raise ValidationError([GraphError(Code.TEMPLATE_NOT_FOUND, f"no template file at {path}",
                                               node, "template", "an existing graph document", reference)])
         return path
@@ -114,14 +134,24 @@ class TemplateLoader:
             return cached
         document = load_document(path)
         params, errors = parse_params(document)
+        targets = document.get("outputs", {})
+        if not isinstance(document.get("nodes"), dict) or not isinstance(targets, dict):
+            errors.append(GraphError(Code.INVALID_DOCUMENT, '"nodes" and "outputs" must be objects',
+                                     expected="objects", found="something else"))
+        elif clashes := [name for name in targets if not isinstance(targets[name], str) or hasattr(TemplateNode, name)]:
+            errors.append(GraphError(Code.INVALID_DOCUMENT, f"outputs {clashes} cannot be template outputs: each must "
+                                     'be a "node.output" text, named other than a Node attribute such as run',
+                                     expected="other output names", found=str(clashes)))
         if errors:
-            raise ValidationError([_inside(path, error) for error in errors])
-        outputs = [Output(name, self._output_type(document, str(target), path, (*stack, path), node))
-                   for name, target in document.get("outputs", {}).items()]
+            raise ValidationError([inside_template(error, path, f"{node}/{error.node}" if error.node else node)
+                                   for error in errors])
+        outputs = [Output(name, self._output_type(document, target, path, (*stack, path), node))
+                   for name, target in targets.items()]
+        description = document.get("description", "")
         cls = type(f"Template_{path.stem}", (TemplateNode,), {
             "type_name": f"template:{path.name}", "inputs": tuple(params.values()), "outputs": tuple(outputs),
-            "template_path": path, "template_document": document, "__doc__": document.get("description", ""),
-            "version": str(document.get("version", "1.0.0"))})
+            "template_path": path, "template_document": document,
+            "__doc__": description if isinstance(description, str) else ""})
         self._classes[path] = cls
         return cls
 
@@ -141,8 +171,9 @@ class TemplateLoader:
         return spec.type
 
 
-def _inside(path: Path, error: GraphError) -> GraphError:
-    return GraphError(error.code, f"in template {path.name}: {error.message}", error.node, error.input,
+def inside_template(error: GraphError, path: Path, node: str) -> GraphError:
+    """An error found in the template at `path`, placed on `node` (e.g. "user_node/inner_node")."""
+    return GraphError(error.code, f"in template {path.name}: {error.message}", node, error.input,
                       error.expected, error.found)
 
 

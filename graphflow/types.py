@@ -6,6 +6,7 @@ write them. INT widens to FLOAT; nothing else converts implicitly.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 IMAGE = "IMAGE"  # float32 tensor [B, H, W, 3], 0..1
@@ -44,15 +45,28 @@ def literal_matches(type_name: str, value: Any) -> bool:
     return type(value) in _PYTHON_TYPES.get(type_name, ())
 
 
+def representable(value: Any) -> bool:
+    """Whether a number fits the engine: floats finite, integers within 64 bits (seeds go up to 2**64 - 1)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    if type(value) is int:
+        return -(2**63) <= value < 2**64
+    return True
+
+
 def describe_literal(value: Any) -> str:
     """A short description of a literal for error messages: its JSON type and value."""
-    kind = _JSON_NAMES.get(type(value), type(value).__name__)
-    if value is None:
-        kind = "null"
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{kind} {shown}"
+    kind = "null" if value is None else _JSON_NAMES.get(type(value), type(value).__name__)
+    return f"{kind} {show_value(value)}"
+
+
+def show_value(value: Any) -> str:
+    """A value's repr, shortened for error messages (safe for integers too long to print)."""
+    try:
+        shown = repr(value)
+    except ValueError:  # an integer beyond Python's digit limit for str()
+        shown = f"<{value.bit_length()}-bit number>"
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def parse_text(type_name: str, text: str) -> Any:

@@ -14,10 +14,11 @@ from typing import Any
 
 from graphflow import types
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
+from graphflow.document import migrate
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
-from graphflow.node import REQUIRED, Input, Node, unknown_input_error
+from graphflow.node import REQUIRED, Input, Node, file_link_error, unknown_input_error
 from graphflow.registry import NodeRegistry
-from graphflow.templates import TemplateLoader, TemplateNode, parse_params
+from graphflow.templates import TemplateLoader, TemplateNode, inside_template, parse_params
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Unbound:
 
 ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
 NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
-_NODE_KEYS = {"type", "template", "version", "inputs"}
+_NODE_KEYS = {"type", "template", "inputs"}
 _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "nodes", "outputs"}
 
 
@@ -41,9 +42,10 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
 
     Raises ValidationError listing every problem. Templates resolve against `base_dir` (the
     document's folder) and must lie inside it or inside one of `roots`. With `as_template`,
-    params of non-scalar types (IMAGE, MASK, ...) may stay unbound, as in a template meant to be
-    used as a node; the result is then for checking only, not for running.
+    params may stay unbound (checked by type where they are used), as when checking a template
+    before its values are known; the result is then for checking only, not for running.
     """
+    document = migrate(dict(document))  # documents built in Python skip load_document
     base = (base_dir or Path.cwd()).resolve()
     loader = TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
     compiler = _Compiler(registry, loader, as_template)
@@ -100,6 +102,7 @@ class _Compiler:
         self.loader = loader
         self.as_template = as_template
         self.errors: list[GraphError] = []
+        self._placed: set[int] = set()  # ids of errors already placed inside a template
 
     def error(self, code: Code, message: str, node: str | None = None, input: str | None = None,
               expected: str | None = None, found: str | None = None) -> None:
@@ -107,6 +110,25 @@ class _Compiler:
 
     def compile(self, document: dict[str, Any], values: dict[str, Any], base: Path, prefix: str,
                 stack: tuple[Path, ...]) -> CompiledGraph:
+        """Compile one document level; inside a template (`stack` not empty) ids get `prefix`."""
+        first_error = len(self.errors)
+        graph = self._compile_level(document, values, base, prefix, stack)
+        if stack:  # place this level's errors on "template_node/inner_node", naming the template file
+            self.errors[first_error:] = [error if id(error) in self._placed else self._place(error, stack[-1], prefix)
+                                         for error in self.errors[first_error:]]
+        return graph
+
+    def _place(self, error: GraphError, path: Path, prefix: str) -> GraphError:
+        placed = inside_template(error, path, prefix + error.node if error.node else prefix.rstrip("/"))
+        self._placed.add(id(placed))
+        return placed
+
+    def _compile_level(self, document: dict[str, Any], values: dict[str, Any], base: Path, prefix: str,
+                       stack: tuple[Path, ...]) -> CompiledGraph:
+        for key in ("name", "description"):
+            if not isinstance(document.get(key, ""), str):
+                self.error(Code.INVALID_DOCUMENT, f'"{key}" is text', input=key, expected="a string",
+                           found=types.describe_literal(document[key]))
         for key in document:
             if key not in _DOCUMENT_KEYS:
                 self.error(Code.INVALID_DOCUMENT, f"unknown top-level key '{key}'{did_you_mean(key, _DOCUMENT_KEYS)}",
@@ -152,15 +174,15 @@ class _Compiler:
         for name, spec in specs.items():
             if name in values:
                 value = values[name]
-                problems = [] if isinstance(value, (Link, list)) and not spec.accepts_literal \
-                    else spec.check_literal(value, None)
+                # a Link (or list of them) comes from the node using this template, already type-checked there
+                problems = [] if links_in(value) else spec.check_literal(value, None)
                 self.errors.extend(problems)
                 resolved[name] = (Unbound(name, spec.type) if problems else value, spec.type)
             elif spec.default is not REQUIRED:
                 resolved[name] = (spec.default, spec.type)
             else:
                 resolved[name] = (Unbound(name, spec.type), spec.type)
-                if not (self.as_template and not spec.accepts_literal):
+                if not self.as_template:
                     how = "--set NAME=VALUE" if spec.accepts_literal else "a link (use the template as a node)"
                     self.error(Code.MISSING_PARAM_VALUE, f"param '{name}' has no default; give it a value with {how}",
                                input=name, expected=f"{spec.type} value", found="nothing")
@@ -175,10 +197,13 @@ class _Compiler:
             self.error(Code.INVALID_DOCUMENT, 'a node is an object with either "type" or "template"', node_id,
                        expected='{"type": ..., "inputs": {...}}', found=types.describe_literal(entry))
             return None
-        extra = sorted(set(entry) - _NODE_KEYS)
+        extra = sorted(set(entry) - _NODE_KEYS - ({"version"} if "type" in entry else set()))
         if extra:
             self.error(Code.INVALID_DOCUMENT, f"unknown node keys {extra}", node_id,
-                       expected=f"keys among {sorted(_NODE_KEYS)}", found=str(extra))
+                       expected=f"keys among {sorted(_NODE_KEYS)} (template nodes pin no version)", found=str(extra))
+        if "version" in entry and not isinstance(entry["version"], str):
+            self.error(Code.INVALID_DOCUMENT, 'a pinned "version" is a text such as "1.0.0"', node_id, "version",
+                       "a string", types.describe_literal(entry["version"]))
         if "template" in entry:
             try:
                 path = self.loader.resolve(str(entry["template"]), base, node_id)
@@ -194,7 +219,7 @@ class _Compiler:
                        expected="a registered node type (see `graphflow nodes`)", found=repr(type_name))
             return None
         pinned = entry.get("version")
-        if pinned is not None and str(pinned).split(".")[0] != node_type.version.split(".")[0]:
+        if isinstance(pinned, str) and pinned.split(".")[0] != node_type.version.split(".")[0]:
             self.error(Code.UNSUPPORTED_VERSION, f"the document was written for {type_name} {pinned}; the installed "
                        f"{type_name} is {node_type.version}, which is not compatible", node_id, "version",
                        f"{node_type.version.split('.')[0]}.x", str(pinned))
@@ -238,9 +263,7 @@ class _Compiler:
         if isinstance(value, dict):
             if set(value) == {"from"} and isinstance(value["from"], str):
                 if spec.file:
-                    self.error(Code.INVALID_VALUE, "file inputs take a literal path or a param, so that the file's "
-                               "bytes (not a node's output) go into the cache key", node_id, spec.name,
-                               "a path or {\"param\": ...}", repr(value))
+                    self.errors.append(file_link_error(node_id, spec.name, repr(value)))
                     return None
                 return self._link(node_id, spec.name, spec.type, value["from"], classes, prefix)
             if set(value) == {"param"} and isinstance(value["param"], str):
@@ -290,7 +313,10 @@ class _Compiler:
             return None
         if isinstance(value, Unbound):
             return None  # no value to check; a missing one is reported once, on the param
-        if isinstance(value, Link) or (isinstance(value, list) and not spec.accepts_literal):
+        if links_in(value):
+            if spec.file:
+                self.errors.append(file_link_error(node_id, spec.name, f"param '{name}' linked to {value}"))
+                return None
             return value
         self.errors.extend(spec.check_literal(value, node_id))
         return value

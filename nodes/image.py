@@ -97,7 +97,8 @@ class SaveImage(Node):
         Input("image", IMAGE, "The images to save, one file each."),
         Input("prefix", STRING, "File name start, relative to the output directory; may name folders "
               "(\"renders/room\"). Files are PREFIX_00000.png, PREFIX_00001.png, ...: the number after the "
-              "highest one already there, so existing files are never overwritten.", default="graphflow"),
+              "highest one already there, so existing files are never overwritten.",
+              default="graphflow", output_path=True),
     )
     outputs = (Output("paths", PATHS, "Absolute paths of the written files."),)
 

@@ -78,7 +78,6 @@ class GrowMask(Node):
     """Grow a mask outwards (dilate) or shrink it (erode) by a number of pixels."""
 
     category = "mask"
-    disk_cache = True
     inputs = (
         Input("mask", MASK, "The mask to grow or shrink."),
         Input("pixels", INT, "Positive grows the selected area by this many pixels, negative shrinks it; "

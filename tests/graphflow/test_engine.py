@@ -808,3 +808,20 @@ def test_a_bounded_cache_keeps_the_most_recently_used_results(make_engine: Calla
     everything = engine.run(changed_second)
     assert (everything.ran, everything.cached, everything.outputs) == (["t0", "t1", "t2", "t3"], [], {"last": 5.0})
     assert EXECUTIONS == ["t0", "t1", "t2", "t3"] and engine.cache.bytes <= budget
+
+
+def test_an_output_path_leaving_the_output_root_is_refused_before_anything_runs(registry: NodeRegistry,
+                                                                               tmp_path: Path) -> None:
+    calls: list[str] = []
+    engine = Engine(registry, input_dirs=[tmp_path], output_dir=tmp_path / "out")
+    graph = {"graphflow": 1, "nodes": {
+        "solid": node("Solid", level=0.5),
+        "save": node("SaveImage", image=link("solid.image"), prefix="../escaped"),
+    }}
+
+    with pytest.raises(ValidationError) as caught:
+        engine.run(graph, on_event=lambda event: calls.append(type(event).__name__))
+
+    [error] = caught.value.errors
+    assert (error.code, error.node, error.input) == ("path_outside_root", "save", "prefix")
+    assert calls == [] and not (tmp_path / "escaped_00000.png").exists()

@@ -14,6 +14,7 @@ from graphflow.templates import Template, parse_assignments
 from nodes import LoadImage, LoadMask, SaveImage
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
+INT_NODE_FOR_TEMPLATES = {"n": {"type": "Int", "inputs": {"value": 1}}}
 
 
 @pytest.fixture
@@ -181,3 +182,59 @@ def test_editing_a_template_file_is_seen_by_the_next_run(workspace: Path) -> Non
     write(template_path, template)
     again = engine.run(pair)
     assert again.ran == ["fine/blend", "coarse/blend", "save_fine", "save_coarse"]
+
+
+def test_a_scalar_output_can_feed_a_template_param(workspace: Path) -> None:
+    graph = write(workspace / "graphs" / "linked_threshold.json", {
+        "graphflow": 1,
+        "nodes": {
+            "photo": {"type": "LoadImage", "inputs": {"path": "graphs/assets/room.png"}},
+            "region": {"type": "LoadMask", "inputs": {"path": "graphs/assets/room_mask.png"}},
+            "low": {"type": "Int", "inputs": {"value": 100}},
+            "overlay": {"template": "templates/edge_overlay.json", "inputs": {
+                "image": {"from": "photo.image"}, "mask": {"from": "region.mask"}, "low": {"from": "low.value"},
+                "high": 220}},
+        },
+        "outputs": {"image": "overlay.image"}})
+    engine = engine_for(workspace)
+    linked = engine.run(graph).outputs["image"]
+    assert torch.equal(linked, engine.run(workspace / "graphs" / "overlay_pair.json").outputs["coarse"])
+
+
+def test_problems_inside_a_template_name_the_using_node_and_the_file(workspace: Path) -> None:
+    write(workspace / "graphs" / "templates" / "bad_math.json", {
+        "graphflow": 1, "params": {"x": {"type": "FLOAT", "default": 1.0}},
+        "nodes": {"m": {"type": "Math", "inputs": {"a": {"param": "x"}, "op": "pow"}}}, "outputs": {"y": "m.result"}})
+    graph = write(workspace / "graphs" / "uses_bad.json", {
+        "graphflow": 1, "nodes": {"t": {"template": "templates/bad_math.json", "inputs": {}},
+                                  "u": {"template": "templates/bad_math.json", "inputs": {"x": 2.0}}},
+        "outputs": {"a": "t.y", "b": "u.y"}})
+    with pytest.raises(ValidationError) as caught:
+        engine_for(workspace).run(graph)
+    assert [(error.code, error.node, error.input) for error in caught.value.errors] == [
+        ("value_not_in_choices", "t/m", "op"), ("value_not_in_choices", "u/m", "op")]
+    assert all("in template bad_math.json" in error.message for error in caught.value.errors)
+
+
+def test_a_template_output_named_like_a_node_attribute_is_refused(workspace: Path) -> None:
+    write(workspace / "graphs" / "templates" / "clash.json", {
+        "graphflow": 1, "nodes": INT_NODE_FOR_TEMPLATES, "outputs": {"run": "n.value"}})
+    graph = write(workspace / "graphs" / "uses_clash.json", {
+        "graphflow": 1, "nodes": {"c": {"template": "templates/clash.json", "inputs": {}}}, "outputs": {}})
+    with pytest.raises(ValidationError) as caught:
+        engine_for(workspace).run(graph)
+    assert caught.value.codes == ["invalid_document"] and caught.value.errors[0].node == "c"
+
+
+def test_dict_documents_resolve_templates_against_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine()
+    for name, value in (("first", 1), ("second", 2)):
+        write(tmp_path / name / "t.json", {"graphflow": 1, "nodes": {"n": {"type": "Int", "inputs": {"value": value}}},
+                                           "outputs": {"o": "n.value"}})
+    graph = {"graphflow": 1, "nodes": {"t": {"template": "t.json", "inputs": {}}}, "outputs": {"o": "t.o"}}
+    monkeypatch.chdir(tmp_path / "first")
+    assert engine.run(graph).outputs == {"o": 1}
+    monkeypatch.chdir(tmp_path / "second")
+    assert engine.run(graph).outputs == {"o": 2}
+
