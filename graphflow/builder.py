@@ -20,7 +20,7 @@ from typing import Any
 from graphflow.compiled import Link
 from graphflow.document import dumps, load_document, save_document
 from graphflow.errors import Code, GraphError, ValidationError
-from graphflow.node import REQUIRED, Node, OutputRef, ParamRef
+from graphflow.node import REQUIRED, Node, OutputRef, ParamRef, missing_input_error
 from graphflow.registry import NodeRegistry, default_registry
 from graphflow.templates import TemplateLoader, TemplateNode, parse_params
 from graphflow.validation import NODE_ID, compile_document
@@ -67,8 +67,7 @@ class Graph:
 
     def _add_one(self, node: Node, node_id: str | None) -> Node:
         node_id = node_id if node_id is not None else self._fresh_id(node.type_name)
-        missing = [GraphError(Code.MISSING_REQUIRED_INPUT, f"{node.type_name} needs input '{spec.name}'",
-                              node_id, spec.name, f"{spec.type}", "nothing")
+        missing = [missing_input_error(type(node), spec, node_id)
                    for spec in node.inputs if spec.required and spec.name not in node.values]
         if missing:
             raise ValidationError(missing)

@@ -13,17 +13,21 @@ import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from graphflow.compiled import CompiledNode, Link
 
 
-def key_parts(node: CompiledNode, upstream: Mapping[str, str], files: Mapping[str, str]) -> list[str]:
+def key_parts(node: CompiledNode, upstream: Mapping[str, str], files: Mapping[str, str],
+              options: Mapping[str, Any] = MappingProxyType({})) -> list[str]:
     """The printable parts a node's cache key is made of, in a fixed order.
 
-    `upstream` maps node ids to their keys; `files` maps file input names to content digests.
+    `upstream` maps node ids to their keys; `files` maps file input names to content digests;
+    `options` are the engine's options, of which the node's `uses_options` count.
     """
     parts = [f"{node.node_type.type_name}@{node.node_type.version}"]
+    parts.extend(f"option {name}={options.get(name)!r}" for name in node.node_type.uses_options)
     for name, value in node.inputs.items():
         if name in files:
             parts.append(f"{name}=file:{files[name]}")

@@ -32,7 +32,11 @@ from graphflow.validation import compile_document
 
 @dataclass
 class RunResult:
-    """What a run produced: named outputs, which nodes ran or came from cache, timings, files."""
+    """What a run produced: named outputs, which nodes ran or came from cache, timings, files.
+
+    Output values are the cached objects themselves, not copies: treat them as read-only
+    (`tensor.clone()` before changing one in place), or later runs would see the change.
+    """
 
     outputs: dict[str, Any]
     ran: list[str]
@@ -175,7 +179,7 @@ class Engine:
 
     def _plan(self, graph: CompiledGraph, outputs: list[str] | None) -> tuple[Plan, dict[str, str]]:
         """The plan and cache keys for these outputs, remembered until an input file's bytes change."""
-        memo_key = ("plan", tuple(outputs) if outputs is not None else None)
+        memo_key = ("plan", tuple(outputs) if outputs is not None else None, repr(sorted(self.options.items())))
         memo: _PlanMemo | None = graph.memo.get(memo_key)
         if memo is None:
             plan = plan_execution(graph, self._targets(graph, outputs))
@@ -217,12 +221,12 @@ class Engine:
             raise ValidationError(errors)
         return digests
 
-    @staticmethod
-    def _keys(graph: CompiledGraph, order: tuple[str, ...], digests: dict[tuple[str, str], str]) -> dict[str, str]:
+    def _keys(self, graph: CompiledGraph, order: tuple[str, ...],
+              digests: dict[tuple[str, str], str]) -> dict[str, str]:
         keys: dict[str, str] = {}
         for node_id in order:
             files = {name: digest for (owner, name), digest in digests.items() if owner == node_id} if digests else {}
-            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files))
+            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files, self.options))
         return keys
 
     def _reuse(self, graph: CompiledGraph, order: tuple[str, ...], targets: frozenset[str],

@@ -125,6 +125,7 @@ class Node:
     outputs: ClassVar[tuple[Output, ...]] = ()
     is_output: ClassVar[bool] = False
     disk_cache: ClassVar[bool] = False  # keep results across processes when the engine has a disk cache
+    uses_options: ClassVar[tuple[str, ...]] = ()  # engine options (device, dtype) the result depends on: keyed
     input_map: ClassVar[dict[str, Input]] = {}
     output_map: ClassVar[dict[str, Output]] = {}
 
@@ -178,6 +179,13 @@ def unknown_input_error(node_type: type[Node], name: str, node: str | None) -> G
     known = list(node_type.input_map)
     return GraphError(Code.UNKNOWN_INPUT, f"{node_type.type_name} has no input '{name}'{did_you_mean(name, known)}",
                       node, name, f"one of {', '.join(known) or '(no inputs)'}", repr(name))
+
+
+def missing_input_error(node_type: type[Node], spec: Input, node: str | None) -> GraphError:
+    """The error for a required input that was not given."""
+    purpose = f" ({spec.description.rstrip('.')})" if spec.description else ""
+    return GraphError(Code.MISSING_REQUIRED_INPUT, f"{node_type.type_name} needs input '{spec.name}'{purpose}",
+                      node, spec.name, spec.type, "nothing")
 
 
 def file_link_error(node: str | None, input: str, found: str) -> GraphError:

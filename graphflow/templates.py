@@ -177,6 +177,12 @@ def inside_template(error: GraphError, path: Path, node: str) -> GraphError:
                       error.expected, error.found)
 
 
+def unknown_param_error(name: str, specs: dict[str, Input]) -> GraphError:
+    """The error for a value given to a param the document does not declare."""
+    return GraphError(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'{did_you_mean(name, specs)}",
+                      input=name, expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name))
+
+
 def parse_assignments(document: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     """Param values from command-line `NAME=VALUE` strings, parsed by each param's type.
 
@@ -192,9 +198,7 @@ def parse_assignments(document: dict[str, Any], assignments: list[str]) -> dict[
             errors.append(GraphError(Code.INVALID_VALUE, "write --set NAME=VALUE", input=assignment,
                                      expected="NAME=VALUE", found=repr(assignment)))
         elif spec is None:
-            errors.append(GraphError(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'"
-                                     f"{did_you_mean(name, specs)}", input=name,
-                                     expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name)))
+            errors.append(unknown_param_error(name, specs))
         else:
             try:
                 values[name] = types.parse_text(spec.type, text)

@@ -16,9 +16,9 @@ from graphflow import types
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
 from graphflow.document import migrate
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
-from graphflow.node import REQUIRED, Input, Node, file_link_error, unknown_input_error
+from graphflow.node import REQUIRED, Input, Node, file_link_error, missing_input_error, unknown_input_error
 from graphflow.registry import NodeRegistry
-from graphflow.templates import TemplateLoader, TemplateNode, inside_template, parse_params
+from graphflow.templates import TemplateLoader, TemplateNode, inside_template, parse_params, unknown_param_error
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,7 @@ class _Compiler:
         self.errors.extend(errors)
         for name in values:
             if name not in specs and not any(error.input == name for error in errors):
-                self.error(Code.UNKNOWN_PARAM, f"the document declares no param '{name}'{did_you_mean(name, specs)}",
-                           input=name,
-                           expected=f"one of {', '.join(specs) or '(no params)'}", found=repr(name))
+                self.errors.append(unknown_param_error(name, specs))
         resolved: dict[str, Any] = {}
         for name, spec in specs.items():
             if name in values:
@@ -240,9 +238,7 @@ class _Compiler:
             if spec.name in given:
                 inputs[spec.name] = self._value(node_id, spec, given[spec.name], classes, params, prefix)
             elif spec.required:
-                self.error(Code.MISSING_REQUIRED_INPUT, f"{node_type.type_name} needs input '{spec.name}'"
-                           + (f" ({spec.description.rstrip('.')})" if spec.description else ""),
-                           node_id, spec.name, f"{spec.type}", "nothing")
+                self.errors.append(missing_input_error(node_type, spec, node_id))
             else:
                 inputs[spec.name] = None if spec.default is REQUIRED else spec.default
         return inputs

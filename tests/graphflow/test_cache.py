@@ -225,3 +225,18 @@ def test_memory_cache_with_zero_budget_stores_nothing() -> None:
     cache.put("a", tensor_result(1))
 
     assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_engine_options_a_node_uses_are_part_of_its_key() -> None:
+    class Precise(Node):
+        """A node whose result depends on the dtype the engine runs in."""
+
+        uses_options = ("dtype",)
+        inputs = (Input("x", FLOAT, default=1.0),)
+        outputs = (Output("y", FLOAT),)
+
+    node = CompiledNode("p", Precise, {"x": 1.0})
+    fp16 = key_parts(node, {}, {}, {"dtype": "fp16", "device": "cuda"})
+    assert fp16[1] == "option dtype='fp16'"
+    assert cache_key(fp16) != cache_key(key_parts(node, {}, {}, {"dtype": "fp32", "device": "cuda"}))
+    assert cache_key(fp16) == cache_key(key_parts(node, {}, {}, {"dtype": "fp16", "device": "cpu"}))
