@@ -7,12 +7,10 @@ cached, so the next run resumes there.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,9 +105,7 @@ class Engine:
             self._compiled.move_to_end(memo_key)
             return compiled
         document = parse_document(text, str(graph)) if isinstance(graph, (str, Path)) else graph_document
-        with _gc_paused():
-            compiled = compile_document(document, self.registry, params, base_dir=base_dir,
-                                        roots=self.paths.input_roots)
+        compiled = compile_document(document, self.registry, params, base_dir=base_dir, roots=self.paths.input_roots)
         if params_text is not None:
             self._compiled[memo_key] = compiled
             if len(self._compiled) > _COMPILED_GRAPHS_KEPT:
@@ -121,8 +117,7 @@ class Engine:
         """Run what the requested named `outputs` (default: all, plus every output node) need."""
         started = time.perf_counter()
         compiled = self.compile(graph, params)
-        with _gc_paused():
-            plan, keys = self._plan(compiled, outputs)
+        plan, keys = self._plan(compiled, outputs)
         live, to_run, cached = self._reuse(compiled, plan.order, plan.targets, keys)
         if on_event is not None:
             on_event(RunStarted(len(to_run), len(cached)))
@@ -295,21 +290,6 @@ class Engine:
         if instance is None:
             instance = self._instances[node_type] = node_type()
         return instance
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause cyclic garbage collection during bookkeeping that allocates many short-lived, acyclic objects.
-
-    Collections triggered there scan the whole heap and cost more than the bookkeeping itself.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _resolve(value: Any, live: dict[str, dict[str, Any]]) -> Any:
