@@ -13,11 +13,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphflow.document import load_document
 from graphflow.errors import GraphError, GraphflowError, NodeExecutionError, ValidationError
+from graphflow.node import REQUIRED, Input, Node
 from graphflow.registry import NodeRegistry, RegistryError, default_registry
+
+if TYPE_CHECKING:
+    from graphflow.engine import RunResult
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +146,7 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
     return 0
 
 
-def _summary(result: Any) -> str:
+def _summary(result: RunResult) -> str:
     lines = [f"ran {len(result.ran)} node{'s' if len(result.ran) != 1 else ''}, "
              f"{len(result.cached)} from cache, in {result.seconds:.2f} s"]
     for name, value in result.outputs.items():
@@ -179,7 +183,7 @@ def _nodes(args: argparse.Namespace, registry: NodeRegistry) -> int:
     return 0
 
 
-def _node_json(node: Any) -> dict[str, Any]:
+def _node_json(node: type[Node]) -> dict[str, Any]:
     return {
         "type": node.type_name, "category": node.category, "version": node.version,
         "description": _first_line(node.__doc__), "output_node": node.is_output,
@@ -188,9 +192,7 @@ def _node_json(node: Any) -> dict[str, Any]:
     }
 
 
-def _input_json(spec: Any) -> dict[str, Any]:
-    from graphflow.node import REQUIRED
-
+def _input_json(spec: Input) -> dict[str, Any]:
     described = {"name": spec.name, "type": spec.type, "description": spec.description, "required": spec.required,
                  "optional": spec.optional, "list": spec.list, "file": spec.file}
     extras = {"default": spec.default, "min": spec.min, "max": spec.max,
