@@ -65,13 +65,15 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
 def _topological_order(graph: CompiledGraph, errors: list[GraphError]) -> tuple[str, ...]:
     """All nodes, sources first; ties keep document order. Reports every cycle as an error."""
     position = {node_id: index for index, node_id in enumerate(graph.nodes)}
-    if all(position[source] < position[node.id] for node in graph.nodes.values() for source in node.sources):
+    # a source missing from the graph (a template node that failed to expand) is already an error
+    edges = [(source, node.id) for node in graph.nodes.values() for source in node.sources if source in position]
+    if all(position[source] < position[target] for source, target in edges):
         return tuple(graph.nodes)  # already sources-first: exactly what the sort below would return
     import networkx as nx
 
     dependencies = nx.DiGraph()
     dependencies.add_nodes_from(graph.nodes)
-    dependencies.add_edges_from((source, node.id) for node in graph.nodes.values() for source in node.sources)
+    dependencies.add_edges_from(edges)
     try:
         return tuple(nx.lexicographical_topological_sort(dependencies, key=position.__getitem__))
     except nx.NetworkXUnfeasible:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from graphflow import Engine, ValidationError, default_registry, parse_document
+from graphflow import Engine, GraphError, ValidationError, default_registry, parse_document
 from graphflow.cli import main
 from graphflow.validation import validate_document
 
+GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 INT_NODE = {"n": {"type": "Int", "inputs": {"value": 1}}}
 
 
@@ -95,3 +98,47 @@ def test_a_plugin_that_fails_to_import_is_a_registry_error(tmp_path: Path, monke
     assert "cannot import plugin module 'broken_pack': RuntimeError: oops" in capsys.readouterr().err
     assert main(["--plugin", "odd_pack", "nodes"]) == 1
     assert "which is not a Node class" in capsys.readouterr().err
+
+
+def test_a_template_node_that_failed_to_expand_does_not_break_ordering(tmp_path: Path) -> None:
+    (tmp_path / "ok.json").write_text(json.dumps({
+        "graphflow": 1, "params": {"x": {"type": "FLOAT", "default": 1.0}},
+        "nodes": {"m": {"type": "Math", "inputs": {"a": {"param": "x"}}}}, "outputs": {"y": "m.result"}}))
+    graph = {"graphflow": 1, "nodes": {"t": {"template": "ok.json", "inputs": {"x": "bad"}},
+                                       "after": {"type": "Math", "inputs": {"a": {"from": "t.y"}}}},
+             "outputs": {"a": "after.result"}}
+    errors = validate_document(graph, default_registry(), base_dir=tmp_path)
+    assert [(error.code, error.node, error.input) for error in errors] == [("invalid_value", "t", "x")]
+
+
+def _locations(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found.extend(_locations(item, (*prefix, key)))
+    return found
+
+
+JUNK = [None, 0, -1, 1.5, float("nan"), True, "", "x", "a.b", "photo.image", "..", [], {}, [1],
+        {"from": "photo.image"}, {"from": 3}, {"param": "photo"}, {"param": 3}, {"from": "x.y", "param": "z"},
+        {"template": "x"}, 10**30, {"type": "Int"}, {"type": "IMAGE"}, "templates/edge_overlay.json"]
+
+
+def test_random_damage_to_the_shipped_graphs_only_ever_gives_graph_errors() -> None:
+    rng = random.Random(20261122)
+    originals = [json.loads(path.read_text()) for path in sorted(GRAPHS.rglob("*.json"))]
+    registry = default_registry()
+    for _ in range(600):
+        damaged = copy.deepcopy(rng.choice(originals))
+        for _ in range(rng.randint(1, 3)):
+            place = rng.choice(_locations(damaged)[1:] or [("nodes",)])
+            parent = damaged
+            for key in place[:-1]:
+                parent = parent[key]
+            if isinstance(parent, dict) and rng.random() < 0.3:
+                del parent[place[-1]]
+            else:
+                parent[place[-1]] = copy.deepcopy(rng.choice(JUNK))
+        for as_template in (False, True):
+            errors = validate_document(damaged, registry, base_dir=GRAPHS, as_template=as_template)
+            assert all(isinstance(error, GraphError) for error in errors)
