@@ -7,6 +7,7 @@ checks its arguments at once and returns one use of the node, ready for `Graph.a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -143,6 +144,12 @@ class Node:
         unknown = [spec.type for spec in (*cls.inputs, *cls.outputs) if spec.type not in types.ALL_TYPES]
         if unknown:
             raise TypeError(f"{cls.type_name}: unknown types {unknown}")
+        # the builder call's signature, for help() and editors: Canny(*, image: IMAGE, low: INT = 100, ...)
+        cls.__signature__ = inspect.Signature([
+            inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, annotation=spec.type,
+                              default=inspect.Parameter.empty if spec.required else
+                              (None if spec.default is REQUIRED else spec.default))
+            for spec in cls.inputs])
 
     def __init__(self, **values: Any) -> None:
         errors: list[GraphError] = []

@@ -359,3 +359,11 @@ def test_load_then_save_keeps_pinned_node_versions_and_extra_keys(tmp_path: Path
 
     assert copy.read_text(encoding="utf-8") == text
 
+
+
+def test_node_calls_have_a_signature_for_help_and_editors() -> None:
+    import inspect
+
+    signature = inspect.signature(Canny)
+    assert str(signature) == "(*, image: 'IMAGE', low: 'INT' = 100, high: 'INT' = 200)"
+    assert all(parameter.kind is inspect.Parameter.KEYWORD_ONLY for parameter in signature.parameters.values())
