@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: the current directory; repeatable)")
     run.add_argument("--output", action="append", default=None, metavar="NAME",
                      help="compute only this named output (repeatable; default: all outputs and output nodes)")
+    run.add_argument("--memory-cache-mb", type=int, default=2048, metavar="MB",
+                     help="bound on results kept in memory during the run (default: 2048)")
     run.add_argument("--cache-dir", type=Path, default=os.environ.get("GRAPHFLOW_CACHE_DIR"), metavar="DIR",
                      help="keep expensive results (edge maps, encodings, latents) here across runs "
                           "(default: $GRAPHFLOW_CACHE_DIR; none when unset)")
@@ -120,7 +122,7 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.progress import ProgressDisplay
 
     engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
-                    options={"device": args.device, "dtype": args.dtype})
+                    cache_bytes=args.memory_cache_mb << 20, options={"device": args.device, "dtype": args.dtype})
     display = ProgressDisplay(enabled=not args.quiet)
     try:
         params = _params(args.graph, args.assignments)
