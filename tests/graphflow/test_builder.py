@@ -367,3 +367,14 @@ def test_node_calls_have_a_signature_for_help_and_editors() -> None:
     signature = inspect.signature(Canny)
     assert str(signature) == "(*, image: 'IMAGE', low: 'INT' = 100, high: 'INT' = 200)"
     assert all(parameter.kind is inspect.Parameter.KEYWORD_ONLY for parameter in signature.parameters.values())
+
+
+def test_a_long_chain_of_unadded_nodes_is_added_without_recursion() -> None:
+    value = Int(value=1).value
+    for _ in range(3000):  # deeper than Python's default recursion limit
+        value = Math(a=value, b=1.0).result
+    g = Graph()
+    g.output("r", value)
+
+    assert len(g.to_document()["nodes"]) == 3001
+    assert list(g.to_document()["nodes"])[:3] == ["int", "math", "math_2"]
