@@ -19,6 +19,7 @@ from graphflow.document import load_document
 from graphflow.errors import GraphError, GraphflowError, NodeExecutionError, ValidationError
 from graphflow.node import REQUIRED, Input, Node
 from graphflow.registry import NodeRegistry, RegistryError, default_registry
+from graphflow.templates import parse_assignments, parse_params
 
 if TYPE_CHECKING:
     from graphflow.engine import RunResult
@@ -84,20 +85,13 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         help="give a template param a value (repeatable)")
 
 
-def _params(path: Path, assignments: list[str]) -> dict[str, Any]:
-    from graphflow.templates import parse_assignments
-
-    return parse_assignments(load_document(path), assignments)
-
-
 def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
-    from graphflow.templates import parse_params
     from graphflow.validation import compile_document
 
     unbound: list[str] = []
     try:
         document = load_document(args.graph)
-        values = _params(args.graph, args.assignments)
+        values = parse_assignments(document, args.assignments)
         compile_document(document, registry, values, base_dir=args.graph.resolve().parent, as_template=True)
         errors: list[GraphError] = []
         unbound = [f"{name} ({spec.type})" for name, spec in parse_params(document)[0].items()
@@ -125,7 +119,7 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
                     cache_bytes=args.memory_cache_mb << 20, options={"device": args.device, "dtype": args.dtype})
     display = ProgressDisplay(enabled=not args.quiet)
     try:
-        params = _params(args.graph, args.assignments)
+        params = parse_assignments(load_document(args.graph), args.assignments)
         result = engine.run(args.graph, params, outputs=args.output, on_event=display)
     except ValidationError as error:
         display.close()

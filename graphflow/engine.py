@@ -218,10 +218,12 @@ class Engine:
 
     def _keys(self, graph: CompiledGraph, order: tuple[str, ...],
               digests: dict[tuple[str, str], str]) -> dict[str, str]:
+        files: dict[str, dict[str, str]] = {}
+        for (owner, name), digest in digests.items():
+            files.setdefault(owner, {})[name] = digest
         keys: dict[str, str] = {}
         for node_id in order:
-            files = {name: digest for (owner, name), digest in digests.items() if owner == node_id} if digests else {}
-            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files, self.options))
+            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files.get(node_id, {}), self.options))
         return keys
 
     def _reuse(self, graph: CompiledGraph, order: tuple[str, ...], targets: frozenset[str],

@@ -32,11 +32,15 @@ class PathPolicy:
     input_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
     output_root: Path = field(default_factory=lambda: Path.cwd() / "output")
 
+    def __post_init__(self) -> None:
+        # resolved once here, so every check below compares against real directories without re-resolving
+        object.__setattr__(self, "input_roots", tuple(Path(root).resolve() for root in self.input_roots))
+        object.__setattr__(self, "output_root", Path(self.output_root).resolve())
+
     @classmethod
     def create(cls, input_dirs: list[str | Path] | None = None, output_dir: str | Path | None = None) -> PathPolicy:
-        roots = tuple(Path(d).resolve() for d in (input_dirs or [Path.cwd()]))
-        out = Path(output_dir).resolve() if output_dir is not None else Path.cwd().resolve() / "output"
-        return cls(roots, out)
+        return cls(tuple(Path(d) for d in input_dirs or [Path.cwd()]),
+                   Path(output_dir) if output_dir is not None else Path.cwd() / "output")
 
     def input_path(self, path: str, *, node: str | None = None, input: str | None = None) -> Path:
         """The resolved path of an existing file inside an input root."""
@@ -49,7 +53,7 @@ class PathPolicy:
         except (OSError, ValueError) as error:  # a NUL byte, an over-long name
             raise PathError(GraphError(Code.FILE_NOT_FOUND, f"not a usable path: {error}", node, input,
                                        "an existing file", types.show_value(path))) from None
-        if not any(resolved.is_relative_to(root.resolve()) for root in self.input_roots):
+        if not any(resolved.is_relative_to(root) for root in self.input_roots):
             roots = ", ".join(str(root) for root in self.input_roots)
             raise PathError(GraphError(
                 Code.PATH_OUTSIDE_ROOT, "the file is outside the input directories; "
@@ -61,7 +65,7 @@ class PathPolicy:
 
     def output_path(self, relative: str, *, node: str | None = None, input: str | None = None) -> Path:
         """The resolved path for a new file under the output root."""
-        root = self.output_root.resolve()
+        root = self.output_root
         try:
             resolved = (root / relative).resolve()
         except (OSError, ValueError) as error:

@@ -13,7 +13,7 @@ from typing import Any
 from graphflow import types
 from graphflow.cache import file_digest
 from graphflow.compiled import Link
-from graphflow.document import load_document
+from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 from graphflow.node import REQUIRED, Input, Node, Output
 from graphflow.registry import NodeRegistry
@@ -103,10 +103,11 @@ class TemplateLoader:
 
     def __post_init__(self) -> None:
         self._classes: dict[Path, type[TemplateNode]] = {}
+        self._digests: dict[Path, str] = {}
 
     def files(self) -> dict[Path, str]:
-        """The template files loaded so far with their content digests."""
-        return {path: file_digest(path.read_bytes()) for path in self._classes}
+        """The template files loaded so far with the digests of the bytes that were read."""
+        return dict(self._digests)
 
     def resolve(self, reference: str, base_dir: Path, node: str) -> Path:
         try:
@@ -132,7 +133,9 @@ class TemplateLoader:
         cached = self._classes.get(path)
         if cached is not None:
             return cached
-        document = load_document(path)
+        text = read_document_text(path)
+        self._digests[path] = file_digest(text.encode("utf-8"))  # the same bytes: the file decoded as UTF-8
+        document = parse_document(text, str(path))
         params, errors = parse_params(document)
         targets = document.get("outputs", {})
         if not isinstance(document.get("nodes"), dict) or not isinstance(targets, dict):
