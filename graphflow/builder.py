@@ -145,13 +145,12 @@ class Graph:
         """A builder Graph holding the document's nodes, params and outputs (validated first)."""
         registry = registry if registry is not None else default_registry()
         base = (base_dir or Path.cwd()).resolve()
-        compiled = compile_document(document, registry, base_dir=base, as_template=True)
+        loader = TemplateLoader(registry, (base,))  # shared with validation, so templates load once
+        compiled = compile_document(document, registry, base_dir=base, as_template=True, loader=loader)
         graph = cls(document.get("name", ""), document.get("description", ""))
-        graph.extra = {key: value for key, value in document.items()
-                       if key not in {"graphflow", "name", "description", "params", "nodes", "outputs"}}
+        graph.extra = {"$schema": document["$schema"]} if "$schema" in document else {}  # validation allows no other
         graph.params = dict(document.get("params", {}))
         param_types = {name: spec.type for name, spec in parse_params(document)[0].items()}
-        loader = TemplateLoader(registry, (base,))
         entries = document["nodes"]
         # Links need their source built first; the document's own order is restored afterwards.
         for node_id in dict.fromkeys(compiled_id.split("/")[0] for compiled_id in compiled.order):

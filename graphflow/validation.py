@@ -37,17 +37,18 @@ _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "node
 
 def compile_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
                      *, base_dir: Path | None = None, roots: tuple[Path, ...] = (),
-                     as_template: bool = False) -> CompiledGraph:
+                     as_template: bool = False, loader: TemplateLoader | None = None) -> CompiledGraph:
     """Validate `document` with the given param values and return the graph to run.
 
     Raises ValidationError listing every problem. Templates resolve against `base_dir` (the
     document's folder) and must lie inside it or inside one of `roots`. With `as_template`,
     params may stay unbound (checked by type where they are used), as when checking a template
-    before its values are known; the result is then for checking only, not for running.
+    before its values are known; the result is then for checking only, not for running. A
+    `loader` passed in keeps the template node types it loads, for the caller to reuse.
     """
     document = migrate(dict(document))  # documents built in Python skip load_document
     base = (base_dir or Path.cwd()).resolve()
-    loader = TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
+    loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
     compiler = _Compiler(registry, loader, as_template)
     graph = compiler.compile(document, dict(params or {}), base, prefix="", stack=())
     if not compiler.errors and not graph.outputs and not graph.output_nodes():
