@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from graphflow.events import CancelToken, EventHandler, NodeProgress
+from graphflow.models.manager import ModelManager, shared_manager
 from graphflow.paths import PathPolicy
 
 
@@ -23,6 +24,7 @@ class RunContext:
     options: dict[str, Any] = field(default_factory=dict)
     on_event: EventHandler | None = None
     written: list[Path] = field(default_factory=list)
+    models: ModelManager = field(default_factory=shared_manager)
 
     def progress(self, step: int, total: int) -> None:
         """Report step `step` of `total`, then stop here if the run was cancelled."""
@@ -33,8 +35,8 @@ class RunContext:
     def check_cancelled(self) -> None:
         self.cancel.check()
 
-    def input_path(self, path: str, input: str = "path") -> Path:
-        return self.paths.input_path(path, node=self.node, input=input)
+    def input_path(self, path: str, input: str = "path", *, directory: bool = False) -> Path:
+        return self.paths.input_path(path, node=self.node, input=input, directory=directory)
 
     def output_path(self, relative: str, input: str = "prefix") -> Path:
         return self.paths.output_path(relative, node=self.node, input=input)

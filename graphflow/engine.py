@@ -22,6 +22,7 @@ from graphflow.disk_cache import DiskCache
 from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
 from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
+from graphflow.models.manager import ModelManager, shared_manager
 from graphflow.paths import PathError, PathPolicy
 from graphflow.planning import Plan, plan_execution
 from graphflow.registry import NodeRegistry, default_registry
@@ -59,19 +60,21 @@ class Engine:
     """Runs graphs; holds the node registry, the result caches and the path policy.
 
     `disk_cache` (a directory or a DiskCache) keeps the results of node types that opt in
-    (`disk_cache = True`) across processes.
+    (`disk_cache = True`) across processes. `models` is the ModelManager its nodes load models
+    through; by default the process-wide one, so every Engine in a process shares loaded models.
     """
 
     def __init__(self, registry: NodeRegistry | None = None, *, plugins: tuple[str, ...] = (),
                  cache_bytes: int = 2 << 30, input_dirs: list[str | Path] | None = None,
                  output_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
-                 disk_cache: DiskCache | str | Path | None = None) -> None:
+                 disk_cache: DiskCache | str | Path | None = None, models: ModelManager | None = None) -> None:
         self.registry = registry if registry is not None else default_registry(plugins)
         self.cache = MemoryCache(cache_bytes)
         self.disk_cache = disk_cache if disk_cache is None or isinstance(disk_cache, DiskCache) \
             else DiskCache(disk_cache)
         self.paths = PathPolicy.create(input_dirs, output_dir)
         self.options = dict(options or {})
+        self.models = models if models is not None else shared_manager()
         self._instances: dict[type, Any] = {}
         self._compiled: OrderedDict[tuple[str, str | None, Path], CompiledGraph] = OrderedDict()
 
@@ -151,7 +154,7 @@ class Engine:
                     on_event(NodeCached(node_id, node.node_type.type_name))
             else:
                 ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, graph.document,
-                                 graph.params, self.options, on_event, result.files)
+                                 graph.params, self.options, on_event, result.files, self.models)
                 live[node_id], result.timings[node_id] = self._execute(node, ctx, live, on_event)
                 result.ran.append(node_id)
                 self._store(node, key, live[node_id])

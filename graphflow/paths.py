@@ -42,14 +42,15 @@ class PathPolicy:
         return cls(tuple(Path(d) for d in input_dirs or [Path.cwd()]),
                    Path(output_dir) if output_dir is not None else Path.cwd() / "output")
 
-    def input_path(self, path: str, *, node: str | None = None, input: str | None = None) -> Path:
-        """The resolved path of an existing file inside an input root."""
+    def input_path(self, path: str, *, node: str | None = None, input: str | None = None,
+                   directory: bool = False) -> Path:
+        """The resolved path of an existing file (or, with `directory`, a file or folder) inside an input root."""
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = self.input_roots[0] / candidate
         try:
             resolved = candidate.resolve()
-            exists = resolved.is_file()
+            exists = resolved.exists() if directory else resolved.is_file()
         except (OSError, ValueError) as error:  # a NUL byte, an over-long name
             raise PathError(GraphError(Code.FILE_NOT_FOUND, f"not a usable path: {error}", node, input,
                                        "an existing file", types.show_value(path))) from None
@@ -59,8 +60,9 @@ class PathPolicy:
                 Code.PATH_OUTSIDE_ROOT, "the file is outside the input directories; "
                 "add its directory with --input-dir to allow it", node, input, f"a path inside {roots}", path))
         if not exists:
+            what = "file or folder" if directory else "file"
             raise PathError(GraphError(
-                Code.FILE_NOT_FOUND, f"no such file: {resolved}", node, input, "an existing file", path))
+                Code.FILE_NOT_FOUND, f"no such {what}: {resolved}", node, input, f"an existing {what}", path))
         return resolved
 
     def output_path(self, relative: str, *, node: str | None = None, input: str | None = None) -> Path:

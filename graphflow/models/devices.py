@@ -1,0 +1,51 @@
+"""Which device and dtype a model runs on, from the `--device` / `--dtype` options."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+
+def resolve_device(option: str | None = "auto") -> str:
+    """`auto` is CUDA when there is one, then Apple's MPS, else the CPU; others are checked to exist."""
+    import torch
+
+    option = option or "auto"
+    if option == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if option.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{option}' was asked for, but PyTorch sees no CUDA GPU "
+                           f"(torch {torch.__version__}); use --device cpu or auto")
+    if option == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' was asked for, but PyTorch has no MPS backend here; use --device cpu or auto")
+    return option
+
+
+def resolve_dtype(option: str | None, device: str) -> str:
+    """`auto` is fp16 on CUDA and MPS, fp32 on the CPU (where half precision is slow and inexact)."""
+    option = option or "auto"
+    if option == "auto":
+        return "fp32" if device == "cpu" else "fp16"
+    if option not in DTYPES:
+        raise ValueError(f"unknown dtype '{option}'; expected one of {', '.join(DTYPES)}")
+    return option
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def placement(options: dict[str, object]) -> tuple[str, str]:
+    """The resolved (device, dtype) names a node runs with, from the engine's options."""
+    device = resolve_device(str(options.get("device") or "auto"))
+    return device, resolve_dtype(str(options.get("dtype") or "auto"), device)
