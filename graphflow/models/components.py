@@ -1,0 +1,80 @@
+"""The values MODEL, CLIP, VAE and CONTROLNET outputs carry: small descriptions plus manager handles.
+
+Weights stay with the ModelManager; these objects are what the result cache holds and what
+nodes pass along. `config` on each handle is the component's `config.json`, read without
+loading weights, so nodes can check compatibility (family, channels) before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from graphflow.models.manager import ModelHandle
+
+Family = Literal["sd15", "sdxl"]
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+@dataclass(frozen=True, eq=False)
+class DiffusionModel:
+    """MODEL: the denoising UNet of a checkpoint and the scheduler settings it was trained with."""
+
+    family: Family
+    source: str
+    unet: ModelHandle
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        """4 for ordinary UNets, 9 for inpainting UNets (latents + mask + masked-image latents)."""
+        return int(self.unet.config.get("in_channels", 4))
+
+
+@dataclass(frozen=True, eq=False)
+class TextEncoders:
+    """CLIP: the tokenizer(s) and text encoder(s) of a checkpoint; SDXL has two of each."""
+
+    family: Family
+    source: str
+    tokenizers: tuple[Any, ...]
+    encoders: tuple[ModelHandle, ...]
+    # SDXL pipelines use zero embeddings, not the encoded "", for an empty negative prompt
+    force_zeros_for_empty_prompt: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Autoencoder:
+    """VAE: the image <-> latent autoencoder."""
+
+    family: Family | None
+    source: str
+    vae: ModelHandle
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.get("scaling_factor", 0.18215))
+
+    @property
+    def scale(self) -> int:
+        """How many pixels one latent covers along each side (8 for SD1.5 and SDXL)."""
+        return 2 ** (len(self.vae.config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+
+    @property
+    def force_upcast(self) -> bool:
+        """True for VAEs that overflow in fp16 (SDXL's original); decode them in fp32."""
+        return bool(self.vae.config.get("force_upcast", False))
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNet:
+    """CONTROLNET: a ControlNet model for one family."""
+
+    family: Family
+    source: str
+    controlnet: ModelHandle
+
+
+def family_of_unet_config(config: dict[str, Any]) -> Family:
+    """SDXL UNets and ControlNets add pooled text and time ids ("text_time"); SD1.5 ones do not."""
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
