@@ -62,8 +62,21 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: $GRAPHFLOW_CACHE_DIR; none when unset)")
     run.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
+    run.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                     help="for small GPUs: 'model' keeps each model on the GPU only while a node uses it, "
+                          "'sequential' streams weights layer by layer (slowest, least memory)")
+    run.add_argument("--model-memory-mb", type=int, default=None, metavar="MB",
+                     help="bound on model weights kept on the device; least recently used models leave first "
+                          "(default: keep 1 GiB of GPU memory free)")
+    run.add_argument("--compile", action="store_true", help="torch.compile UNets and ControlNets (slow first step)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(command=_run)
+
+    tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight SD1.5/SDXL/ControlNet models")
+    tiny.add_argument("dir", type=Path, nargs="?", default=None,
+                      help="where to write them (default: where `tiny:NAME` sources look, "
+                           "$GRAPHFLOW_TINY_MODELS or ~/.cache/graphflow/tiny-models)")
+    tiny.set_defaults(command=_make_tiny_models)
 
     validate = commands.add_parser("validate", help="check a document and list every problem")
     validate.add_argument("graph", type=Path)
@@ -113,10 +126,14 @@ def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
 
 def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.engine import Engine
+    from graphflow.models import ModelManager
     from graphflow.progress import ProgressDisplay
 
+    models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
+                          offload=args.offload, compile=args.compile)
     engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
-                    cache_bytes=args.memory_cache_mb << 20, options={"device": args.device, "dtype": args.dtype})
+                    cache_bytes=args.memory_cache_mb << 20, options={"device": args.device, "dtype": args.dtype},
+                    models=models)
     display = ProgressDisplay(enabled=not args.quiet)
     try:
         params = parse_assignments(load_document(args.graph), args.assignments)
@@ -139,6 +156,14 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
         return 130
     display.close()
     print(_summary(result))
+    return 0
+
+
+def _make_tiny_models(args: argparse.Namespace, registry: NodeRegistry) -> int:
+    from graphflow.models.tiny import TINY_NAMES, default_tiny_models_dir, make_tiny_models
+
+    folder = make_tiny_models(args.dir if args.dir is not None else default_tiny_models_dir())
+    print(f"tiny models in {folder}: {', '.join(TINY_NAMES)}")
     return 0
 
 

@@ -6,8 +6,10 @@ validating nodes stays fast.
 
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
 from nodes.mask import FeatherMask, GrowMask, InvertMask, MaskBlend
+from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny
 from nodes.primitives import Bool, Float, Int, Math, String
 
 NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizePad,
-         MaskBlend, FeatherMask, GrowMask, InvertMask, Canny)
+         MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
+         CheckpointLoader, ControlNetLoader, VAELoader)

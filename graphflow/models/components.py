@@ -37,7 +37,7 @@ class TextEncoders:
 
     family: Family
     source: str
-    tokenizers: tuple[Any, ...]
+    tokenizers: tuple[Any, ...] = field(repr=False)
     encoders: tuple[ModelHandle, ...]
     # SDXL pipelines use zero embeddings, not the encoded "", for an empty negative prompt
     force_zeros_for_empty_prompt: bool = False

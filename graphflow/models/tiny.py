@@ -18,6 +18,7 @@ re-initialised here so that control visibly changes the image.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,9 +30,14 @@ CONTROLNETS = {"controlnet-canny": 11, "controlnet-depth": 12, "controlnet-pose"
 _VOCAB_SIZE = 514  # 256 byte symbols, the same with "</w>", then start and end of text
 
 
+TINY_NAMES = ("sd15", "sd15-inpaint", "sdxl", "sdxl-vae", "controlnet-sdxl", *CONTROLNETS)
+
+
 def make_tiny_models(folder: str | Path) -> Path:
     """Write every tiny model under `folder` (created if needed) and return it; existing models are kept."""
     import torch
+
+    from graphflow.models.loading import quiet_progress
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -47,22 +53,34 @@ def make_tiny_models(folder: str | Path) -> Path:
         # written beside the target and renamed into place, so an interrupted run leaves no half model
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), quiet_progress():
                 torch.manual_seed(0)
                 write(staging)
             (staging / ".complete").write_text("written by graphflow make-tiny-models\n")
             if target.exists():
                 shutil.rmtree(target)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not (target / ".complete").is_file():  # not just another process finishing first
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return root
 
 
+def default_tiny_models_dir() -> Path:
+    """Where `tiny:NAME` model sources live: $GRAPHFLOW_TINY_MODELS, else graphflow's folder in the user cache."""
+    configured = os.environ.get("GRAPHFLOW_TINY_MODELS")
+    if configured:
+        return Path(configured).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "graphflow" / "tiny-models"
+
+
 def tiny_models_complete(folder: str | Path) -> bool:
     root = Path(folder)
-    return all((root / name / ".complete").is_file()
-               for name in ("sd15", "sd15-inpaint", "sdxl", "sdxl-vae", "controlnet-sdxl", *CONTROLNETS))
+    return all((root / name / ".complete").is_file() for name in TINY_NAMES)
 
 
 def _tokenizer() -> Any:
@@ -120,7 +138,8 @@ def _controlnet(sdxl: bool, seed: int) -> Any:
     import torch
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel(**_unet_config(sdxl), in_channels=4, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    controlnet = ControlNetModel(**_unet_config(sdxl), in_channels=4,
+                                 conditioning_embedding_out_channels=(8, 8, 16, 16))
     generator = torch.Generator().manual_seed(seed)
     zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     with torch.no_grad():

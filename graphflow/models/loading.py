@@ -1,0 +1,192 @@
+"""Turn a located source into the MODEL / CLIP / VAE / CONTROLNET values, registering weights with the manager.
+
+Loaders only read configs and tokenizers; weights load at a node's first `handle.use()`, so a
+re-run whose TextEncode is cached never loads the text encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+from graphflow.models.components import (
+    Autoencoder,
+    ControlNet,
+    DiffusionModel,
+    Family,
+    TextEncoders,
+    family_of_unet_config,
+)
+from graphflow.models.devices import torch_dtype
+from graphflow.models.manager import ModelHandle, ModelKey, ModelManager
+from graphflow.models.sources import ModelNotFoundError, ModelSource, require_safetensors
+
+# model_index.json names classes; only these are ever instantiated from it (a document is data, not code)
+_COMPONENT_CLASSES = {
+    "UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers", "ControlNetModel": "diffusers",
+    "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
+    "CLIPTokenizer": "transformers", "CLIPTokenizerFast": "transformers",
+}
+_PIPELINE_CLASSES = {
+    ("sd15", False): "StableDiffusionPipeline", ("sd15", True): "StableDiffusionInpaintPipeline",
+    ("sdxl", False): "StableDiffusionXLPipeline", ("sdxl", True): "StableDiffusionXLInpaintPipeline",
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: DiffusionModel
+    clip: TextEncoders
+    vae: Autoencoder
+
+
+def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> Checkpoint:
+    """A checkpoint's MODEL, CLIP and VAE from a diffusers folder or a single .safetensors file."""
+    if source.kind == "file":
+        return _single_file_checkpoint(manager, source, where, config)
+    if not (source.path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"'{source.name}' is not a diffusers checkpoint folder: {source.path} has no "
+                                 "model_index.json (a ControlNet or VAE folder goes into ControlNetLoader/VAELoader)")
+    index = source.read_json("model_index.json")
+    parts = [name for name in ("unet", "vae", "text_encoder", "text_encoder_2") if name in index]
+    missing = {"unet", "vae", "text_encoder"} - set(parts)
+    if missing:
+        raise ModelNotFoundError(f"'{source.name}' lacks {', '.join(sorted(missing))}: graphflow loads SD1.5 and SDXL "
+                                 "checkpoints (UNet, VAE, CLIP text encoders)")
+    handles = {part: _component(manager, source, part, index[part], where) for part in parts}
+    family = family_of_unet_config(handles["unet"].config)
+    tokenizers = tuple(_tokenizer(str(source.path), name) for name in ("tokenizer", "tokenizer_2") if name in index)
+    clip = TextEncoders(family, source.key, tokenizers,
+                        tuple(handles[name] for name in ("text_encoder", "text_encoder_2") if name in handles),
+                        bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
+    scheduler = source.read_json("scheduler/scheduler_config.json")
+    return Checkpoint(DiffusionModel(family, source.key, handles["unet"], scheduler), clip,
+                      Autoencoder(family, source.key, handles["vae"]))
+
+
+def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> ControlNet:
+    handle = _single_model(manager, source, where, "controlnet", "ControlNetModel", "controlnet", config)
+    return ControlNet(family_of_unet_config(handle.config), source.key, handle)
+
+
+def load_vae(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> Autoencoder:
+    handle = _single_model(manager, source, where, "vae", "AutoencoderKL", "vae", config)
+    return Autoencoder(None, source.key, handle)
+
+
+def _single_model(manager: ModelManager, source: ModelSource, where: Placement, kind: str, class_name: str,
+                  subfolder: str, config: str) -> ModelHandle:
+    """A ControlNet or VAE: its own folder, the matching subfolder of a checkpoint folder, or a single file."""
+    if source.kind == "file":
+        load = partial(_from_single_file, class_name, str(source.path), where.dtype, config or None)
+        return manager.handle(ModelKey(kind, source.key, "", where.dtype, where.device), load)
+    sub = subfolder if (source.path / "model_index.json").is_file() else ""
+    if not (source.path / sub / "config.json").is_file():
+        raise ModelNotFoundError(f"'{source.name}' is not a diffusers {kind} folder: no config.json in "
+                                 f"{source.path / sub}")
+    return _component(manager, source, sub, ["diffusers", class_name], where, kind=kind)
+
+
+def _component(manager: ModelManager, source: ModelSource, subfolder: str, declared: Any, where: Placement,
+               kind: str | None = None) -> ModelHandle:
+    class_name = declared[1] if isinstance(declared, list) and len(declared) == 2 else None
+    if class_name not in _COMPONENT_CLASSES:
+        raise ModelNotFoundError(f"'{source.name}': component '{subfolder}' is a {class_name!r}, which graphflow "
+                                 f"does not load (supported: {', '.join(sorted(_COMPONENT_CLASSES))})")
+    folder = source.path / subfolder
+    require_safetensors(folder, f"'{source.name}' {subfolder or kind}")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    load = partial(_from_pretrained, class_name, str(source.path), subfolder, where.dtype)
+    return manager.handle(ModelKey(kind or subfolder, source.key, subfolder, where.dtype, where.device), load, config)
+
+
+def _model_class(class_name: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(_COMPONENT_CLASSES[class_name]), class_name)
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-file progress bars; graphflow reports progress per node instead."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -> Any:
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    with quiet_progress():
+        return _model_class(class_name).from_pretrained(folder, torch_dtype=torch_dtype(dtype), use_safetensors=True,
+                                                        **kwargs)
+
+
+def _from_single_file(class_name: str, path: str, dtype: str, config: str | None) -> Any:
+    return _model_class(class_name).from_single_file(path, config=config, torch_dtype=torch_dtype(dtype))
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(folder: str, subfolder: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder)
+
+
+def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: Placement, config: str) -> Checkpoint:
+    """An original-layout (LDM) .safetensors checkpoint, converted by diffusers' single-file loader."""
+    family, inpaint = checkpoint_family(source.path)
+    pipeline = _single_file_pipeline(str(source.path), family, inpaint, where.dtype, config or None)
+
+    def handle(kind: str, part: str) -> ModelHandle:
+        module = getattr(pipeline, part)
+        return manager.handle(ModelKey(kind, source.key, part, where.dtype, where.device), lambda: module,
+                              dict(module.config))
+
+    encoders = tuple(handle("text_encoder", name) for name in ("text_encoder", "text_encoder_2")
+                     if getattr(pipeline, name, None) is not None)
+    tokenizers = tuple(getattr(pipeline, name) for name in ("tokenizer", "tokenizer_2")
+                       if getattr(pipeline, name, None) is not None)
+    clip = TextEncoders(family, source.key, tokenizers, encoders, family == "sdxl")
+    return Checkpoint(DiffusionModel(family, source.key, handle("unet", "unet"), dict(pipeline.scheduler.config)),
+                      clip, Autoencoder(family, source.key, handle("vae", "vae")))
+
+
+@lru_cache(maxsize=2)
+def _single_file_pipeline(path: str, family: Family, inpaint: bool, dtype: str, config: str | None) -> Any:
+    import diffusers
+
+    pipeline_class = getattr(diffusers, _PIPELINE_CLASSES[family, inpaint])
+    extra = {"safety_checker": None} if family == "sd15" else {}
+    return pipeline_class.from_single_file(path, config=config, torch_dtype=torch_dtype(dtype), **extra)
+
+
+def checkpoint_family(path: Path) -> tuple[Family, bool]:
+    """(family, inpainting) of an original-layout checkpoint, read from its tensor names and the UNet's first conv."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        names = set(file.keys())
+        first_conv = "model.diffusion_model.input_blocks.0.0.weight"
+        if first_conv not in names:
+            raise ModelNotFoundError(f"'{path}' is not an SD1.5 or SDXL checkpoint in the original single-file layout "
+                                     f"(no {first_conv}); give a diffusers folder instead")
+        in_channels = file.get_slice(first_conv).get_shape()[1]
+    family: Family = "sdxl" if any(name.startswith("conditioner.embedders.1.") for name in names) else "sd15"
+    return family, in_channels == 9

@@ -1,0 +1,138 @@
+"""Where a model comes from: a Hugging Face hub id, a local diffusers folder, or one .safetensors file.
+
+`tiny:NAME` names one of graphflow's tiny random-weight models (see graphflow.models.tiny),
+built on first use: the offline demo and quick experiments run on them.
+
+Local paths go through the run's PathPolicy, so they stay inside the input directories the user
+allowed. Hub ids resolve to a snapshot folder in the Hugging Face cache, downloading only the
+safetensors weights a loader needs when the hub is reachable. Pickle formats are refused before
+anything reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from graphflow.errors import GraphflowError
+from graphflow.paths import PathError, PathPolicy
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
+TINY_PREFIX = "tiny:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a hub snapshot needs: configs, tokenizers, and the non-variant safetensors weights
+_PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                   "*/model.safetensors", "*/*.safetensors.index.json", "*/*-of-*.safetensors"]
+_MODEL_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "*.safetensors.index.json",
+                "diffusion_pytorch_model-*-of-*.safetensors"]
+
+
+class ModelNotFoundError(GraphflowError):
+    """A model source is neither a usable local path nor a hub repository available here."""
+
+
+class PickleRefusedError(GraphflowError):
+    """The weights are in a pickle format, which graphflow never loads (unpickling runs code)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A located model: `path` is a local folder (hub snapshots included) or a .safetensors file."""
+
+    name: str
+    kind: Literal["hub", "folder", "file"]
+    path: Path
+
+    @property
+    def key(self) -> str:
+        """What identifies the source for the model manager: the hub id, or the resolved local path."""
+        return self.name if self.kind == "hub" else str(self.path)
+
+    def read_json(self, relative: str) -> dict[str, Any]:
+        return json.loads((self.path / relative).read_text(encoding="utf-8"))
+
+
+def locate(name: str, paths: PathPolicy, *, node: str, input: str, pipeline: bool) -> ModelSource:
+    """Find `name` locally or on the hub; `pipeline` says whether a whole checkpoint folder is wanted."""
+    name = name.strip()
+    if name.startswith(TINY_PREFIX):
+        return _tiny(name)
+    refuse_pickle(Path(name))
+    try:
+        path = paths.input_path(name, node=node, input=input, directory=True)
+    except PathError as error:
+        if not _HUB_ID.match(name) or Path(name).suffix == ".safetensors":
+            raise ModelNotFoundError(_not_found(name, paths, str(error.error.message))) from None
+        return ModelSource(name, "hub", _hub_snapshot(name, paths, pipeline))
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelNotFoundError(f"'{name}' is a {path.suffix or 'suffix-less'} file; single-file models must be "
+                                     ".safetensors files (or give a diffusers folder or a hub id)")
+        return ModelSource(name, "file", path)
+    return ModelSource(name, "folder", path)
+
+
+def _tiny(name: str) -> ModelSource:
+    """`tiny:NAME`: one of graphflow's own tiny random-weight models, written on first use."""
+    from graphflow.models.tiny import TINY_NAMES, default_tiny_models_dir, make_tiny_models
+
+    model = name.removeprefix(TINY_PREFIX)
+    if model not in TINY_NAMES:
+        raise ModelNotFoundError(f"'{name}' is not a tiny model; graphflow's tiny models are "
+                                 f"{', '.join(TINY_PREFIX + known for known in TINY_NAMES)}")
+    folder = default_tiny_models_dir()
+    if not (folder / model / ".complete").is_file():
+        make_tiny_models(folder)
+    return ModelSource(name, "folder", folder / model)
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise PickleRefusedError(
+            f"'{path}' is a pickle checkpoint ({path.suffix}); graphflow never unpickles weights because loading a "
+            "pickle can run arbitrary code. Convert it to .safetensors (e.g. with diffusers' conversion scripts) "
+            "or use the model's safetensors release.")
+
+
+def require_safetensors(folder: Path, what: str) -> None:
+    """Refuse a model folder whose weights exist only as pickle files; say so before a loader trips on it."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(file.name for file in folder.iterdir() if file.suffix in PICKLE_SUFFIXES) if folder.is_dir() \
+        else []
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise ModelNotFoundError(f"{what}: no .safetensors weights in {folder}")
+
+
+def _hub_snapshot(repo: str, paths: PathPolicy, pipeline: bool) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = _PIPELINE_FILES if pipeline else _MODEL_FILES
+    marker = "model_index.json" if pipeline else "config.json"
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+        if (folder / marker).is_file():
+            return folder
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(_not_found(repo, paths, f"it is not in the Hugging Face cache "
+                                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"))
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as error:  # the hub client raises many types: network, auth, missing repo
+        raise ModelNotFoundError(_not_found(repo, paths, f"downloading from the hub failed "
+                                            f"({type(error).__name__}: {error})")) from error
+
+
+def _not_found(name: str, paths: PathPolicy, why: str) -> str:
+    roots = ", ".join(str(root) for root in paths.input_roots)
+    return (f"model '{name}' was not found: {why}. Looked for a local file or folder under {roots} and for a "
+            "Hugging Face hub repository of that id in the cache. To supply it: download it while online "
+            f"(`hf download {name}` or any run with the hub reachable), or point this input at a local diffusers "
+            "folder or .safetensors file (add its directory with --input-dir).")

@@ -1,0 +1,95 @@
+"""Model loaders: CheckpointLoader, ControlNetLoader, VAELoader.
+
+Each outputs handles to models held by the process's ModelManager: a model is loaded once per
+(source, dtype, device) however many nodes, graphs and runs name it, and its weights load when a
+node first needs them, not when the loader runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from graphflow.context import RunContext
+from graphflow.node import Input, Node, Output
+from graphflow.types import CLIP, CONTROLNET, MODEL, STRING, VAE
+
+if TYPE_CHECKING:
+    from graphflow.models.loading import Placement
+    from graphflow.models.sources import ModelSource
+
+_SOURCE = ("A Hugging Face hub id (downloaded to the HF cache on first use), a local diffusers folder, or a single "
+           ".safetensors file; local paths are relative to the input directory. Pickle formats (.ckpt, .bin, .pt) "
+           "are refused.")
+_CONFIG = ("Single .safetensors files only: a hub id or local diffusers folder whose configs describe the model "
+           "(empty: diffusers picks the standard one, which needs the hub or the HF cache).")
+
+
+def _locate(ctx: RunContext, name: str, *, pipeline: bool) -> tuple[ModelSource, Placement]:
+    from graphflow.models import placement
+    from graphflow.models.loading import Placement
+    from graphflow.models.sources import locate
+
+    device, dtype = placement(ctx.options)
+    return locate(name, ctx.paths, node=ctx.node, input="model", pipeline=pipeline), Placement(device, dtype)
+
+
+class CheckpointLoader(Node):
+    """Load an SD1.5 or SDXL checkpoint (inpainting ones too) as its denoising MODEL, CLIP text encoders and VAE."""
+
+    category = "models"
+    uses_options = ("device", "dtype")
+    inputs = (
+        Input("model", STRING, _SOURCE),
+        Input("config", STRING, _CONFIG, default=""),
+    )
+    outputs = (
+        Output("model", MODEL, "The UNet and its scheduler settings, for Sampler."),
+        Output("clip", CLIP, "The text encoder(s) and tokenizer(s), for TextEncode."),
+        Output("vae", VAE, "The autoencoder, for VAEEncode and VAEDecode."),
+    )
+
+    def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
+        from graphflow.models.loading import load_checkpoint
+
+        source, where = _locate(ctx, model, pipeline=True)
+        checkpoint = load_checkpoint(ctx.models, source, where, config)
+        return {"model": checkpoint.model, "clip": checkpoint.clip, "vae": checkpoint.vae}
+
+
+class ControlNetLoader(Node):
+    """Load a ControlNet (SD1.5 or SDXL), e.g. lllyasviel/sd-controlnet-canny."""
+
+    category = "models"
+    uses_options = ("device", "dtype")
+    inputs = (
+        Input("model", STRING, _SOURCE),
+        Input("config", STRING, _CONFIG, default=""),
+    )
+    outputs = (Output("controlnet", CONTROLNET, "The ControlNet, for ControlApply."),)
+
+    def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
+        from graphflow.models.loading import load_controlnet
+
+        source, where = _locate(ctx, model, pipeline=False)
+        return {"controlnet": load_controlnet(ctx.models, source, where, config)}
+
+
+class VAELoader(Node):
+    """Load a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix, to use instead of a checkpoint's own."""
+
+    category = "models"
+    uses_options = ("device", "dtype")
+    inputs = (
+        Input("model", STRING, _SOURCE + " A checkpoint folder gives its vae/ subfolder."),
+        Input("config", STRING, _CONFIG, default=""),
+    )
+    outputs = (Output("vae", VAE, "The autoencoder, for VAEEncode and VAEDecode."),)
+
+    def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
+        from graphflow.models.loading import load_vae
+
+        source, where = _locate(ctx, model, pipeline=False)
+        return {"vae": load_vae(ctx.models, source, where, config)}
+
+
+NODES = (CheckpointLoader, ControlNetLoader, VAELoader)

@@ -1,0 +1,86 @@
+"""The model manager loads each model once, keeps device memory within a budget, and never evicts a held model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphflow.models import ModelKey, ModelManager, resolve_dtype
+from graphflow.models.manager import module_bytes
+
+
+def _linear(features: int = 64) -> torch.nn.Module:
+    return torch.nn.Linear(features, features)
+
+
+def _key(name: str) -> ModelKey:
+    return ModelKey("unet", name, dtype="fp32", device="cpu")
+
+
+def test_a_model_is_loaded_once_however_often_it_is_used() -> None:
+    manager = ModelManager()
+    calls = []
+    handle = manager.handle(_key("a"), lambda: calls.append(1) or _linear())
+    assert calls == []  # registering loads nothing
+    with handle.use() as first, handle.use() as second:
+        assert first is second
+    with manager.handle(_key("a"), _linear).use() as again:
+        assert again is first
+    assert calls == [1]
+    assert manager.loads[_key("a")] == 1
+
+
+def test_loaded_models_are_in_eval_mode_without_gradients() -> None:
+    with ModelManager().handle(_key("a"), _linear).use() as model:
+        assert not model.training
+        assert not any(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_the_least_recently_used_idle_model_is_dropped_to_stay_within_the_budget() -> None:
+    size = module_bytes(_linear())
+    manager = ModelManager(budget_bytes=2 * size)
+    handles = {name: manager.handle(_key(name), _linear) for name in "abc"}
+    for name in "ab":
+        with handles[name].use():
+            pass
+    with handles["a"].use():  # a is now more recently used than b
+        pass
+    with handles["c"].use():
+        pass
+    assert set(manager.loaded()) == {_key("a"), _key("c")}
+    assert manager.device_bytes <= 2 * size
+    with handles["b"].use():  # b loads again when needed
+        pass
+    assert manager.loads[_key("b")] == 2
+
+
+def test_a_model_a_running_node_holds_is_never_evicted() -> None:
+    size = module_bytes(_linear())
+    manager = ModelManager(budget_bytes=size)
+    held = manager.handle(_key("held"), _linear)
+    other = manager.handle(_key("other"), _linear)
+    with held.use() as model:
+        with other.use():
+            assert _key("held") in manager.loaded()
+        assert model.weight.shape == (64, 64)
+    assert manager.loads[_key("held")] == 1
+
+
+def test_unknown_offload_modes_are_refused() -> None:
+    with pytest.raises(ValueError, match="offload"):
+        ModelManager(offload="sometimes")
+
+
+def test_auto_dtype_is_fp16_on_gpus_and_fp32_on_the_cpu() -> None:
+    assert resolve_dtype("auto", "cpu") == "fp32"
+    assert resolve_dtype("auto", "cuda") == "fp16"
+    assert resolve_dtype("bf16", "cuda") == "bf16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_model_offload_moves_weights_to_the_gpu_only_while_held() -> None:
+    manager = ModelManager(offload="model")
+    handle = manager.handle(ModelKey("unet", "a", dtype="fp16", device="cuda"), lambda: _linear().half())
+    with handle.use() as model:
+        assert model.weight.device.type == "cuda"
+    assert model.weight.device.type == "cpu"

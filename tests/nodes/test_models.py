@@ -1,0 +1,133 @@
+"""Model loaders: tiny diffusers folders load through the real code, once per process; bad sources say why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from graphflow import Engine
+from graphflow.errors import NodeExecutionError
+from graphflow.models import ModelManager
+
+
+def _loaders(checkpoint: str, controlnet: str = "controlnet-canny") -> dict:
+    return {"graphflow": 1, "nodes": {
+        "sd": {"type": "CheckpointLoader", "inputs": {"model": checkpoint}},
+        "cn": {"type": "ControlNetLoader", "inputs": {"model": controlnet}},
+    }, "outputs": {"model": "sd.model", "clip": "sd.clip", "vae": "sd.vae", "controlnet": "cn.controlnet"}}
+
+
+def _engine(tiny_models: Path, manager: ModelManager | None = None, **options: str) -> Engine:
+    return Engine(input_dirs=[tiny_models], models=manager or ModelManager(), options=options)
+
+
+def test_sd15_folder_gives_model_clip_and_vae_of_the_sd15_family(tiny_models: Path) -> None:
+    outputs = _engine(tiny_models).run(_loaders("sd15")).outputs
+    assert outputs["model"].family == "sd15" and outputs["model"].in_channels == 4
+    assert len(outputs["clip"].tokenizers) == len(outputs["clip"].encoders) == 1
+    assert outputs["vae"].scale == 8
+    assert outputs["controlnet"].family == "sd15"
+
+
+def test_sdxl_and_inpainting_checkpoints_are_recognised(tiny_models: Path) -> None:
+    engine = _engine(tiny_models)
+    sdxl = engine.run(_loaders("sdxl", "controlnet-sdxl")).outputs
+    assert sdxl["model"].family == "sdxl" and sdxl["controlnet"].family == "sdxl"
+    assert len(sdxl["clip"].encoders) == 2 and sdxl["clip"].force_zeros_for_empty_prompt
+    assert engine.run(_loaders("sd15-inpaint")).outputs["model"].in_channels == 9
+
+
+def test_two_graphs_and_two_loader_nodes_naming_one_checkpoint_load_it_once(tiny_models: Path) -> None:
+    manager = ModelManager()
+    first = _loaders("sd15")
+    second = {"graphflow": 1, "nodes": {
+        "a": {"type": "CheckpointLoader", "inputs": {"model": "sd15"}},
+        "b": {"type": "CheckpointLoader", "inputs": {"model": str(tiny_models / "sd15")}},
+    }, "outputs": {"a": "a.model", "b": "b.model"}}
+    handles = []
+    for engine in (_engine(tiny_models, manager), _engine(tiny_models, manager)):
+        for document in (first, second):
+            for name, value in engine.run(document).outputs.items():
+                if name in ("model", "a", "b"):
+                    with value.unet.use() as unet:
+                        handles.append(unet)
+    assert all(unet is handles[0] for unet in handles)
+    assert [key.kind for key in manager.loads] == ["unet"]
+    assert sum(manager.loads.values()) == 1
+
+
+def test_weights_load_in_the_dtype_asked_for(tiny_models: Path) -> None:
+    import torch
+
+    outputs = _engine(tiny_models, dtype="fp16", device="cpu").run(_loaders("sd15")).outputs
+    with outputs["model"].unet.use() as unet:
+        assert unet.dtype == torch.float16
+    assert outputs["model"].unet.key.dtype == "fp16"
+
+
+def _failure(tiny_models: Path, source: str, node: str = "CheckpointLoader") -> str:
+    document = {"graphflow": 1, "nodes": {"load": {"type": node, "inputs": {"model": source}}},
+                "outputs": {"out": "load." + ("controlnet" if node == "ControlNetLoader" else "vae")}}
+    with pytest.raises(NodeExecutionError) as raised:
+        _engine(tiny_models).run(document)
+    assert raised.value.node == "load"
+    return str(raised.value)
+
+
+def test_a_hub_id_missing_from_the_cache_says_where_it_looked_and_how_to_supply_it(tiny_models: Path) -> None:
+    message = _failure(tiny_models, "nobody/no-such-model")
+    assert "nobody/no-such-model" in message
+    assert "HF_HUB_OFFLINE" in message and "Hugging Face cache" in message
+    assert str(tiny_models) in message and "--input-dir" in message
+
+
+def test_pickle_checkpoints_are_refused_before_anything_reads_them(tiny_models: Path, tmp_path: Path) -> None:
+    (tmp_path / "model.ckpt").write_bytes(b"not even read")
+    message = _failure(tmp_path, "model.ckpt")
+    assert "pickle" in message and "safetensors" in message
+
+
+def test_a_folder_with_only_pickle_weights_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_models / "controlnet-canny" / "config.json").read_text())
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
+    assert "pickle" in _failure(tmp_path, "cn", "ControlNetLoader")
+
+
+def test_a_local_path_outside_the_input_directories_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    message = _failure(tmp_path / "inside", str(tiny_models / "sd15"))
+    assert "outside the input directories" in message
+
+
+def test_a_controlnet_folder_is_not_a_checkpoint(tiny_models: Path) -> None:
+    assert "model_index.json" in _failure(tiny_models, "controlnet-canny")
+
+
+def test_a_safetensors_file_that_is_not_a_checkpoint_says_so(tiny_models: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, tmp_path / "odd.safetensors")
+    assert "original single-file layout" in _failure(tmp_path, "odd.safetensors")
+
+
+def test_vae_loader_takes_a_vae_folder_or_a_checkpoints_vae(tiny_models: Path) -> None:
+    document = {"graphflow": 1, "nodes": {
+        "own": {"type": "VAELoader", "inputs": {"model": "sdxl-vae"}},
+        "from_checkpoint": {"type": "VAELoader", "inputs": {"model": "sd15"}},
+    }, "outputs": {"own": "own.vae", "from_checkpoint": "from_checkpoint.vae"}}
+    outputs = _engine(tiny_models).run(document).outputs
+    assert outputs["own"].scaling_factor == pytest.approx(0.13025)
+    assert outputs["from_checkpoint"].vae.key.subfolder == "vae"
+
+
+def test_tiny_sources_build_graphflows_own_models_on_first_use(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAPHFLOW_TINY_MODELS", str(tmp_path / "tiny"))
+    outputs = Engine(input_dirs=[tmp_path], models=ModelManager()).run(_loaders("tiny:sd15", "tiny:controlnet-canny"))
+    assert outputs.outputs["model"].family == "sd15"
+    assert (tmp_path / "tiny" / "sd15" / "model_index.json").is_file()
+    with pytest.raises(NodeExecutionError, match="tiny:sd15, tiny:sd15-inpaint"):
+        Engine(input_dirs=[tmp_path], models=ModelManager()).run(_loaders("tiny:sd3"))
