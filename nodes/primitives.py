@@ -1,4 +1,4 @@
-"""Constants and arithmetic for templates: Int, Float, String, Bool and Math."""
+"""Constants, arithmetic and text for templates: Int, Float, String, Bool, Math and JoinText."""
 
 from __future__ import annotations
 
@@ -52,6 +52,20 @@ class Bool(Node):
 
     def run(self, ctx: RunContext, value: bool) -> dict[str, Any]:
         return {"value": value}
+
+
+class JoinText(Node):
+    """Join texts with a separator, e.g. a template's style param and a fixed prompt."""
+
+    category = "primitive"
+    inputs = (
+        Input("texts", STRING, "The texts, in order; empty ones are left out.", list=True),
+        Input("separator", STRING, "Put between consecutive texts.", default=", "),
+    )
+    outputs = (Output("text", STRING),)
+
+    def run(self, ctx: RunContext, texts: list[str], separator: str) -> dict[str, Any]:
+        return {"text": separator.join(text for text in texts if text)}
 
 
 _OPERATIONS = {
