@@ -4,12 +4,15 @@ Modules here import heavy libraries (torch, cv2) inside `run` only, so that list
 validating nodes stays fast.
 """
 
+from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
 from nodes.mask import FeatherMask, GrowMask, InvertMask, MaskBlend
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny
 from nodes.primitives import Bool, Float, Int, Math, String
+from nodes.sampling import EmptyLatent, Sampler, VAEDecode, VAEEncode
 
 NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizePad,
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
-         CheckpointLoader, ControlNetLoader, VAELoader)
+         CheckpointLoader, ControlNetLoader, VAELoader,
+         TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode)

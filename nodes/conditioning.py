@@ -1,0 +1,174 @@
+"""Prompts and control for the Sampler: TextEncode and ControlApply.
+
+CONDITIONING is a plain dict, so the on-disk cache can keep it:
+
+    {"family": "sd15" | "sdxl",
+     "embeds": tensor [1, 77, D],           # the text encoder's hidden states (SDXL: both encoders, concatenated)
+     "pooled": tensor [1, P],               # SDXL only: the second encoder's pooled projection
+     "default_negative": {"embeds": ..., "pooled": ...}}
+
+`default_negative` is what the diffusers pipeline uses when no negative prompt is given
+(`negative_prompt=None`): the encoded "" for SD1.5, zeros for SDXL checkpoints that set
+`force_zeros_for_empty_prompt`. The Sampler falls back to the positive's when its `negative`
+input is not linked, so an unlinked negative gives the same pixels as the pipeline's default.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from graphflow.context import RunContext
+from graphflow.errors import NodeInputError
+from graphflow.models.components import FAMILY_NAMES, ControlNet, TextEncoders
+from graphflow.node import Input, Node, Output
+from graphflow.types import CLIP, CONDITIONING, CONTROL, CONTROLNET, FLOAT, IMAGE, INT, STRING
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def encode_text(clip: TextEncoders, text: str, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeds, pooled) of one prompt, computed as the diffusers pipelines' `encode_prompt` does."""
+    if clip.family == "sd15":
+        return _sd15_embeds(clip, text, clip_skip), None
+    return _sdxl_embeds(clip, text, clip_skip)
+
+
+def _tokens(tokenizer: Any, text: str) -> Any:
+    """Token ids padded to the tokenizer's full length (77 for CLIP), as the pipelines tokenize."""
+    tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
+        log.warning("the prompt is longer than CLIP's %d tokens; the end was cut off: %r",
+                    tokenizer.model_max_length, text)
+    return tokens
+
+
+def _sd15_embeds(clip: TextEncoders, text: str, clip_skip: int | None) -> torch.Tensor:
+    tokens, handle = _tokens(clip.tokenizers[0], text), clip.encoders[0]
+    device = handle.key.device
+    with handle.use() as encoder:
+        use_mask = getattr(encoder.config, "use_attention_mask", False)
+        mask = tokens.attention_mask.to(device) if use_mask else None
+        if clip_skip is None:
+            hidden = encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        else:
+            output = encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+            # the pipelines take an earlier layer's output through the final layer norm, as the last one went;
+            # transformers 5 moved that norm from `text_model` up to the model itself
+            layer = _layer(output.hidden_states, clip_skip, 1)
+            hidden = getattr(encoder, "text_model", encoder).final_layer_norm(layer)
+        return hidden.to(encoder.dtype)
+
+
+def _sdxl_embeds(clip: TextEncoders, text: str, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both encoders' penultimate (or earlier) layers side by side, and the second one's pooled projection."""
+    import torch
+
+    embeds, pooled, dtype = [], None, None
+    for tokenizer, handle in zip(clip.tokenizers, clip.encoders, strict=True):
+        ids = _tokens(tokenizer, text).input_ids
+        with handle.use() as encoder:
+            output = encoder(ids.to(handle.key.device), output_hidden_states=True)
+            dtype = encoder.dtype
+        if pooled is None and output[0].ndim == 2:
+            pooled = output[0]  # CLIPTextModelWithProjection's text_embeds
+        embeds.append(_layer(output.hidden_states, clip_skip or 0, 2))
+    return torch.concat(embeds, dim=-1).to(dtype), pooled
+
+
+def _layer(hidden_states: tuple[torch.Tensor, ...], clip_skip: int, last: int) -> torch.Tensor:
+    """The layer `clip_skip` before the `last`-th from the end (1: the final layer, 2: the penultimate)."""
+    most = len(hidden_states) - last
+    if clip_skip > most:
+        raise NodeInputError(f"clip_skip {clip_skip} reaches past the first layer of this text encoder "
+                             f"({len(hidden_states) - 1} layers); use at most {most}")
+    return hidden_states[-(last + clip_skip)]
+
+
+def default_negative(clip: TextEncoders, embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, Any]:
+    """The pipelines' negative for `negative_prompt=None`: zeros where the checkpoint says so, else the encoded ""."""
+    import torch
+
+    if clip.force_zeros_for_empty_prompt:
+        negative = {"embeds": torch.zeros_like(embeds)}
+        if pooled is not None:
+            negative["pooled"] = torch.zeros_like(pooled)
+        return negative
+    negative_embeds, negative_pooled = encode_text(clip, "", None)
+    return {"embeds": negative_embeds} | ({} if negative_pooled is None else {"pooled": negative_pooled})
+
+
+class TextEncode(Node):
+    """Encode a prompt with a checkpoint's CLIP text encoder(s) for the Sampler's positive or negative input."""
+
+    category = "conditioning"
+    disk_cache = True
+    inputs = (
+        Input("clip", CLIP, "The text encoder(s) of a checkpoint, from CheckpointLoader."),
+        Input("text", STRING, "The prompt; CLIP reads the first 77 tokens.", default=""),
+        Input("clip_skip", INT, "Skip this many of the text encoder's last layers (diffusers' clip_skip; ComfyUI's "
+              "CLIPSetLastLayer -1 - clip_skip); 0 uses them all.", default=0, min=0, max=24),
+    )
+    outputs = (Output("conditioning", CONDITIONING, "The prompt's embeddings (and SDXL's pooled embedding)."),)
+
+    def run(self, ctx: RunContext, clip: TextEncoders, text: str, clip_skip: int) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            embeds, pooled = encode_text(clip, text, clip_skip or None)
+            negative = default_negative(clip, embeds, pooled)
+        conditioning = {"family": clip.family, "embeds": embeds, "default_negative": negative}
+        if pooled is not None:
+            conditioning["pooled"] = pooled
+        return {"conditioning": conditioning}
+
+
+@dataclass(frozen=True, eq=False)
+class ControlApplication:
+    """CONTROL: one ControlNet applied with its control image, strength and guidance window."""
+
+    controlnet: ControlNet
+    image: torch.Tensor  # IMAGE [B, H, W, 3] in 0..1
+    scale: float
+    start: float
+    end: float
+
+    def keep(self, step: int, steps: int) -> float:
+        """1 while step `step` of `steps` lies inside [start, end] of the schedule, else 0 (as the pipelines do)."""
+        return 1.0 - float(step / steps < self.start or (step + 1) / steps > self.end)
+
+
+class ControlApply(Node):
+    """Guide sampling with a ControlNet and a control image; link several into the Sampler's control list."""
+
+    category = "conditioning"
+    inputs = (
+        Input("controlnet", CONTROLNET, "The ControlNet, from ControlNetLoader."),
+        Input("image", IMAGE, "The control image (edges, depth, pose, ...) in the form the ControlNet was trained "
+              "on; resized to the output size if it differs."),
+        Input("scale", FLOAT, "Strength: how much the ControlNet's residuals count (diffusers' "
+              "controlnet_conditioning_scale).", default=1.0, min=0.0, max=10.0),
+        Input("start", FLOAT, "Fraction of the denoising steps after which the ControlNet starts guiding "
+              "(control_guidance_start).", default=0.0, min=0.0, max=1.0),
+        Input("end", FLOAT, "Fraction of the steps after which it stops (control_guidance_end); "
+              "must be greater than start.", default=1.0, min=0.0, max=1.0),
+    )
+    outputs = (Output("control", CONTROL, "The ControlNet application, for the Sampler's control list."),)
+
+    def run(self, ctx: RunContext, controlnet: ControlNet, image: torch.Tensor, scale: float, start: float,
+            end: float) -> dict[str, Any]:
+        if start >= end:
+            raise NodeInputError(f"start ({start}) must be less than end ({end}): the ControlNet would guide no step")
+        channels = controlnet.controlnet.config.get("conditioning_channels", 3)
+        if channels != 3:
+            raise NodeInputError(f"this {FAMILY_NAMES[controlnet.family]} ControlNet takes {channels}-channel control "
+                                 "images; graphflow's IMAGE values are RGB")
+        return {"control": ControlApplication(controlnet, image, float(scale), float(start), float(end))}
+
+
+NODES = (TextEncode, ControlApply)

@@ -1,0 +1,226 @@
+"""Latents and sampling: EmptyLatent, Sampler, VAEEncode, VAEDecode.
+
+The Sampler gives the same pixels as the equivalent diffusers pipeline for the same model, seed
+and settings (see nodes/denoise.py); LATENT's layout is in nodes/latents.py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from graphflow.context import RunContext
+from graphflow.errors import NodeInputError
+from graphflow.models.components import FAMILY_NAMES, Autoencoder, DiffusionModel
+from graphflow.node import Input, Node, Output
+from graphflow.types import BOOL, CONDITIONING, CONTROL, FLOAT, IMAGE, INT, LATENT, MASK, MODEL, STRING, VAE
+from nodes.latents import LATENT_SCALE, check_size
+from nodes.schedulers import SCHEDULER_NAMES
+
+if TYPE_CHECKING:
+    import torch
+
+    from nodes.conditioning import ControlApplication
+
+_MAX_SIDE = 16384
+
+
+class EmptyLatent(Node):
+    """The size and number of images to generate from pure noise (text-to-image)."""
+
+    category = "sampling"
+    inputs = (
+        Input("width", INT, "Image width in pixels, a multiple of 8.", default=512, min=8, max=_MAX_SIDE),
+        Input("height", INT, "Image height in pixels, a multiple of 8.", default=512, min=8, max=_MAX_SIDE),
+        Input("batch", INT, "How many images to generate at once, each from its own noise.", default=1, min=1, max=64),
+    )
+    outputs = (Output("latent", LATENT, "All-zero latents marked empty: the Sampler starts them from pure noise."),)
+
+    def run(self, ctx: RunContext, width: int, height: int, batch: int) -> dict[str, Any]:
+        import torch
+
+        check_size(width, height, "the size")
+        samples = torch.zeros(batch, 4, height // LATENT_SCALE, width // LATENT_SCALE)
+        return {"latent": {"samples": samples, "family": None, "empty": True}}
+
+
+class Sampler(Node):
+    """Denoise latents with a UNet, prompts and ControlNets: text-to-image, img2img or inpainting."""
+
+    category = "sampling"
+    disk_cache = True
+    inputs = (
+        Input("model", MODEL, "The denoising UNet, from CheckpointLoader."),
+        Input("positive", CONDITIONING, "What the image should show, from TextEncode."),
+        Input("negative", CONDITIONING, "What it should not show. Unlinked: what diffusers uses without a negative "
+              "prompt (the encoded empty prompt for SD1.5, zeros for SDXL).", optional=True),
+        Input("control", CONTROL, "ControlNet applications from ControlApply; their residuals add up in list order.",
+              optional=True, list=True),
+        Input("latent", LATENT, "Start point: EmptyLatent for text-to-image, VAEEncode of an image for img2img (or "
+              "inpainting, with a mask). Unlinked: text-to-image at width x height.", optional=True),
+        Input("mask", MASK, "Inpainting: 1 (white) is repainted, 0 kept; the size of the latent's image. Unlinked: "
+              "the mask given to VAEEncode, if any. 9-channel inpainting UNets need VAEEncode to have it too.",
+              optional=True),
+        Input("seed", INT, "Noise seed: the same seed and settings give the same image, and the same as diffusers "
+              "with generator=torch.Generator('cpu').manual_seed(seed).", default=0, min=0, max=2**64 - 1),
+        Input("steps", INT, "Denoising steps of the full schedule.", default=30, min=1, max=1000),
+        Input("cfg", FLOAT, "Classifier-free guidance scale; 1 or less turns guidance (and the negative) off.",
+              default=7.5, min=0.0, max=100.0),
+        Input("scheduler", STRING, "Sampling method; default is the checkpoint's own scheduler.", default="default",
+              choices=SCHEDULER_NAMES),
+        Input("strength", FLOAT, "With a latent to start from: how much of it is repainted (img2img strength); "
+              "only the last strength x steps steps run. Text-to-image ignores it.", default=1.0, min=0.0, max=1.0),
+        Input("guess_mode", BOOL, "ControlNet guess mode: the ControlNets see only the positive prompt, their "
+              "shallow layers weighted down, so they recognise the content even without a prompt.", default=False),
+        Input("width", INT, "Text-to-image without a latent: width in pixels, a multiple of 8; 0 takes the first "
+              "control image's (rounded down to a multiple of 8), else the model's native size.",
+              default=0, min=0, max=_MAX_SIDE),
+        Input("height", INT, "Like width, for the height.", default=0, min=0, max=_MAX_SIDE),
+    )
+    outputs = (Output("latent", LATENT, "The denoised latents, for VAEDecode or another Sampler."),)
+
+    def run(self, ctx: RunContext, model: DiffusionModel, positive: dict[str, Any], negative: dict[str, Any] | None,
+            control: list[ControlApplication] | None, latent: dict[str, Any] | None, mask: torch.Tensor | None,
+            seed: int, steps: int, cfg: float, scheduler: str, strength: float, guess_mode: bool, width: int,
+            height: int) -> dict[str, Any]:
+        from nodes.denoise import SamplingRequest, sample
+
+        controls = tuple(control or ())
+        _check_families(model, positive, negative, controls, latent)
+        batch, width, height = _output_size(model, controls, latent, width, height)
+        _check_inpainting(model, latent, mask, width, height)
+        request = SamplingRequest(model, positive, negative, controls, latent, mask, seed, steps, cfg, scheduler,
+                                  strength, guess_mode, batch, width, height)
+        return {"latent": {"samples": sample(ctx, request), "family": model.family}}
+
+
+def _check_families(model: DiffusionModel, positive: dict[str, Any], negative: dict[str, Any] | None,
+                    controls: tuple[ControlApplication, ...], latent: dict[str, Any] | None) -> None:
+    """Every part must belong to the model's family (SD1.5 or SDXL): their shapes and meanings differ."""
+    parts = [("positive conditioning", positive["family"])]
+    if negative is not None:
+        parts.append(("negative conditioning", negative["family"]))
+    parts.extend((f"ControlNet {index + 1} ({control.controlnet.source})", control.controlnet.family)
+                 for index, control in enumerate(controls))
+    if latent is not None and latent.get("family") is not None:
+        parts.append(("latent", latent["family"]))
+    wrong = [f"the {name} is {FAMILY_NAMES[family]}" for name, family in parts if family != model.family]
+    if wrong:
+        raise NodeInputError(f"the model is {FAMILY_NAMES[model.family]} ({model.source}) but {', '.join(wrong)}; "
+                             "use the text encoders, ControlNets and latents made for the same family")
+
+
+def _output_size(model: DiffusionModel, controls: tuple[ControlApplication, ...], latent: dict[str, Any] | None,
+                 width: int, height: int) -> tuple[int, int, int]:
+    """(batch, width, height): the latent's, else width x height with 0 meaning the pipelines' default."""
+    if latent is not None:
+        batch, _, rows, columns = latent["samples"].shape
+        size = (columns * LATENT_SCALE, rows * LATENT_SCALE)
+        if (width or size[0], height or size[1]) != size:
+            raise NodeInputError(f"width x height ({width}x{height}) differ from the latent's {size[0]}x{size[1]}; "
+                                 "set them to 0 (the latent decides) or unlink the latent")
+        return batch, *size
+    if controls:
+        _, rows, columns, _ = controls[0].image.shape
+        default = (columns - columns % LATENT_SCALE, rows - rows % LATENT_SCALE)
+    else:
+        native = model.unet.config.get("sample_size", 64)
+        native = native if isinstance(native, int) else native[0]
+        default = (native * LATENT_SCALE, native * LATENT_SCALE)
+    width, height = width or default[0], height or default[1]
+    check_size(width, height, "the output size")
+    return 1, width, height
+
+
+def _check_inpainting(model: DiffusionModel, latent: dict[str, Any] | None, mask: torch.Tensor | None,
+                      width: int, height: int) -> None:
+    """A mask needs an encoded image to keep; a 9-channel UNet needs the masked image's latents, from the same mask."""
+    if model.in_channels not in (4, 9):
+        raise NodeInputError(f"the UNet takes {model.in_channels} input channels; graphflow samples with 4-channel "
+                             "UNets and 9-channel inpainting UNets")
+    encoded = latent is not None and not latent.get("empty")
+    effective = mask if mask is not None else (latent or {}).get("mask")
+    if effective is None:
+        if model.in_channels == 9:
+            raise NodeInputError("this is a 9-channel inpainting UNet: it needs an image and a mask; link VAEEncode "
+                                 "(with its mask input) to latent, or use an ordinary checkpoint")
+        return
+    if not encoded:
+        raise NodeInputError("inpainting needs the image to keep outside the mask: link VAEEncode of it to latent")
+    if effective.shape[1:] != (height, width):
+        raise NodeInputError(f"the mask is {effective.shape[2]}x{effective.shape[1]} but the image is "
+                             f"{width}x{height}; resize the mask to the image (e.g. with ResizePad)")
+    if model.in_channels == 9:
+        _check_masked_image(latent or {}, mask)
+
+
+def _check_masked_image(latent: dict[str, Any], mask: torch.Tensor | None) -> None:
+    import torch
+
+    from nodes.latents import binary_mask
+
+    if "masked_moments" not in latent:
+        raise NodeInputError("9-channel inpainting UNets also see the masked image: give VAEEncode the mask too "
+                             "(its mask input)")
+    if mask is not None and not torch.equal(binary_mask(mask), binary_mask(latent["mask"])):
+        raise NodeInputError("the Sampler's mask differs from the one VAEEncode masked the image with; link the same "
+                             "mask to both (or only to VAEEncode)")
+
+
+class VAEEncode(Node):
+    """Encode an image into latents, the start point of img2img and inpainting."""
+
+    category = "sampling"
+    disk_cache = True
+    inputs = (
+        Input("vae", VAE, "The autoencoder, from CheckpointLoader or VAELoader."),
+        Input("image", IMAGE, "The image to encode; width and height must be multiples of 8."),
+        Input("mask", MASK, "For inpainting: 1 (white) = repaint. Also encodes the image with the masked area "
+              "blanked, which 9-channel inpainting UNets need; the Sampler uses it unless given its own.",
+              optional=True),
+    )
+    outputs = (Output("latent", LATENT, "The image's latent distribution; the Sampler draws from it with its seed."),)
+
+    def run(self, ctx: RunContext, vae: Autoencoder, image: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+        import torch
+
+        from nodes.latents import binary_mask, encode, image_to_pixels
+
+        check_size(image.shape[2], image.shape[1], "the image")
+        if mask is not None and (mask.shape[1:] != image.shape[1:3] or len(mask) not in (1, len(image))):
+            raise NodeInputError(f"the mask ({len(mask)} x {mask.shape[2]}x{mask.shape[1]}) must match the image "
+                                 f"({len(image)} x {image.shape[2]}x{image.shape[1]}) in size, and be 1 or as many")
+        pixels = image_to_pixels(image)
+        with torch.no_grad():
+            moments = encode(vae, pixels)
+            latent = {"samples": vae.scaling_factor * moments.chunk(2, dim=1)[0], "family": vae.family,
+                      "moments": moments, "scaling_factor": vae.scaling_factor}
+            if mask is not None:
+                latent["mask"] = mask
+                latent["masked_moments"] = encode(vae, pixels * (binary_mask(mask) < 0.5))
+        return {"latent": latent}
+
+
+class VAEDecode(Node):
+    """Decode latents into an image."""
+
+    category = "sampling"
+    inputs = (
+        Input("vae", VAE, "The autoencoder, from CheckpointLoader or VAELoader."),
+        Input("latent", LATENT, "The latents to decode, e.g. from the Sampler."),
+    )
+    outputs = (Output("image", IMAGE, "The decoded images, in 0..1."),)
+
+    def run(self, ctx: RunContext, vae: Autoencoder, latent: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from nodes.latents import decode
+
+        family = latent.get("family")
+        if vae.family is not None and family is not None and vae.family != family:
+            raise NodeInputError(f"the VAE is {FAMILY_NAMES[vae.family]} ({vae.source}) but the latents are "
+                                 f"{FAMILY_NAMES[family]}; decode with the VAE of the model that made them")
+        with torch.no_grad():
+            return {"image": decode(vae, latent)}
+
+
+NODES = (EmptyLatent, Sampler, VAEEncode, VAEDecode)

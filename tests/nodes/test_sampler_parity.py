@@ -1,0 +1,187 @@
+"""TextEncode -> Sampler -> VAEDecode graphs give the pixels of the equivalent diffusers pipeline.
+
+Each case runs a real graph through the Engine (real loaders, tiny model folders) and the diffusers
+pipeline over the same folders, with the same seed on a CPU generator, and prints one row of the
+parity table: `pytest tests/nodes/test_sampler_parity.py -s | grep parity`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graphflow import Engine
+from nodes import EmptyLatent
+from tests.nodes.sampling_graphs import (
+    SIZE,
+    Control,
+    Pipelines,
+    compare,
+    make_engine,
+    sampling_graph,
+    write_test_images,
+)
+
+pytest.importorskip("diffusers")
+
+SD_CONTROLNET = "StableDiffusionControlNetPipeline"
+SD_IMG2IMG = "StableDiffusionControlNetImg2ImgPipeline"
+SD_INPAINT = "StableDiffusionControlNetInpaintPipeline"
+SDXL_CONTROLNET = "StableDiffusionXLControlNetPipeline"
+# Sampler choice -> the diffusers scheduler a user would swap in (None: the checkpoint's own, PNDM here)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
+    "default": None,
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def engine(images: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return make_engine(images, tiny_models, tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_models: Path, images: Path) -> Pipelines:
+    return Pipelines(tiny_models, images)
+
+
+def assert_same_pixels(case: str, engine: Engine, graph: Any, theirs: Any) -> None:
+    difference, same = compare(case, engine.run(graph).outputs["image"], theirs)
+    assert same, f"{case}: uint8 images differ (max abs diff {difference:.3g})"
+    assert difference == 0.0, f"{case}: float images differ by up to {difference:.3g}"
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_single_controlnet_text_to_image_matches_the_pipeline(scheduler: str, engine: Engine, tiny_models: Path,
+                                                               pipelines: Pipelines) -> None:
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET, scheduler=SCHEDULERS[scheduler]))
+    assert_same_pixels(f"1 ControlNet txt2img, {scheduler}", engine,
+                       sampling_graph(tiny_models, scheduler=scheduler), theirs)
+
+
+@pytest.mark.parametrize("scheduler", ["default", "euler_a"])
+def test_guess_mode_matches_the_pipeline(scheduler: str, engine: Engine, tiny_models: Path,
+                                         pipelines: Pipelines) -> None:
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET, scheduler=SCHEDULERS[scheduler]), guess_mode=True)
+    assert_same_pixels(f"guess mode, {scheduler}", engine,
+                       sampling_graph(tiny_models, scheduler=scheduler, guess_mode=True), theirs)
+
+
+@pytest.mark.parametrize(("case", "controls"), [
+    ("3 ControlNets, scales 1.2/0.7/0.4", (Control("controlnet-pose", "pose.png", 1.2),
+                                           Control("controlnet-depth", "depth.png", 0.7),
+                                           Control("controlnet-canny", "edges.png", 0.4))),
+    ("2 ControlNets, start 0/0.2, end 0.5/1", (Control("controlnet-pose", "pose.png", end=0.5),
+                                               Control("controlnet-canny", "edges.png", start=0.2))),
+    ("1 ControlNet, window 0.5-1 (no control on early steps)", (Control("controlnet-canny", "edges.png", start=0.5),)),
+])
+def test_multi_controlnet_scales_and_windows_match_the_pipeline(case: str, controls: tuple[Control, ...],
+                                                                engine: Engine, tiny_models: Path,
+                                                                pipelines: Pipelines) -> None:
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET, controls=controls), controls=controls, guess_mode=False)
+    assert_same_pixels(case, engine, sampling_graph(tiny_models, controls=controls), theirs)
+
+
+def test_three_controlnets_in_guess_mode_match_the_pipeline(engine: Engine, tiny_models: Path,
+                                                            pipelines: Pipelines) -> None:
+    controls = (Control("controlnet-pose", "pose.png", 1.2, end=0.5), Control("controlnet-depth", "depth.png", 0.7),
+                Control("controlnet-canny", "edges.png", 0.4, start=0.2))
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET, controls=controls), controls=controls, guess_mode=True)
+    assert_same_pixels("3 ControlNets, windows, guess mode", engine,
+                       sampling_graph(tiny_models, controls=controls, guess_mode=True), theirs)
+
+
+@pytest.mark.parametrize(("case", "graph_arguments", "pipeline_arguments"), [
+    ("negative prompt", {"negative": "blurry, dark"}, {"negative_prompt": "blurry, dark"}),
+    ("cfg 1 (guidance off)", {"cfg": 1.0}, {"guidance_scale": 1.0}),
+    ("cfg 3.5", {"cfg": 3.5}, {"guidance_scale": 3.5}),
+])
+def test_prompt_and_size_settings_match_the_pipeline(case: str, graph_arguments: dict[str, Any],
+                                                     pipeline_arguments: dict[str, Any], engine: Engine,
+                                                     tiny_models: Path, pipelines: Pipelines) -> None:
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET), **pipeline_arguments)
+    assert_same_pixels(case, engine, sampling_graph(tiny_models, **graph_arguments), theirs)
+
+
+def test_a_batch_from_empty_latent_matches_images_per_prompt(engine: Engine, tiny_models: Path,
+                                                             pipelines: Pipelines) -> None:
+    latent = EmptyLatent(width=SIZE, height=SIZE, batch=2).latent
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET), num_images_per_prompt=2)
+    assert_same_pixels("EmptyLatent batch 2", engine, sampling_graph(tiny_models, latent=latent), theirs)
+
+
+def test_text_to_image_without_controlnet_matches_stable_diffusion_pipeline(engine: Engine, tiny_models: Path,
+                                                                           pipelines: Pipelines) -> None:
+    theirs = pipelines.run(pipelines.pipeline("StableDiffusionPipeline", controls=()), controls=(), height=SIZE,
+                           width=SIZE)
+    assert_same_pixels("txt2img, no ControlNet", engine, sampling_graph(tiny_models, controls=(), width=SIZE,
+                                                                        height=SIZE), theirs)
+
+
+@pytest.mark.parametrize("scheduler", ["default", "euler_a"])
+@pytest.mark.parametrize("strength", [0.3, 0.8, 1.0])
+def test_img2img_matches_the_pipeline(strength: float, scheduler: str, engine: Engine, tiny_models: Path,
+                                      pipelines: Pipelines) -> None:
+    pipeline = pipelines.pipeline(SD_IMG2IMG, scheduler=SCHEDULERS[scheduler])
+    # 4 steps: strength 0.3 of 3 steps would leave none to run
+    theirs = pipelines.run(pipeline, control_key="control_image", image=pipelines.image("init.png"), strength=strength,
+                           num_inference_steps=4)
+    graph = sampling_graph(tiny_models, init="init.png", strength=strength, scheduler=scheduler, steps=4)
+    assert_same_pixels(f"img2img strength {strength}, {scheduler}", engine, graph, theirs)
+
+
+@pytest.mark.parametrize("scheduler", ["default", "euler_a"])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize(("checkpoint", "mask_to"), [
+    ("sd15", ("sampler",)), ("sd15", ("encoder",)), ("sd15-inpaint", ("encoder",)),
+    ("sd15-inpaint", ("encoder", "sampler"))])
+def test_inpainting_matches_the_pipeline(checkpoint: str, mask_to: tuple[str, ...], strength: float, scheduler: str,
+                                         engine: Engine, tiny_models: Path, pipelines: Pipelines) -> None:
+    pipeline = pipelines.pipeline(SD_INPAINT, checkpoint=checkpoint, scheduler=SCHEDULERS[scheduler])
+    theirs = pipelines.run(pipeline, control_key="control_image", image=pipelines.image("init.png"),
+                           mask_image=pipelines.image("mask.png", "L"), strength=strength)
+    graph = sampling_graph(tiny_models, checkpoint, init="init.png", mask="mask.png", mask_to=mask_to,
+                           strength=strength, scheduler=scheduler)
+    channels = 9 if checkpoint == "sd15-inpaint" else 4
+    assert_same_pixels(f"inpaint {channels}-ch UNet, mask to {'+'.join(mask_to)}, strength {strength}, {scheduler}",
+                       engine, graph, theirs)
+
+
+SDXL_CANNY = Control("controlnet-sdxl", "edges.png", 0.5)
+
+
+@pytest.mark.parametrize(("case", "graph_arguments", "pipeline_arguments"), [
+    ("SDXL ControlNet txt2img", {}, {}),
+    ("SDXL ControlNet txt2img, euler_a", {"scheduler": "euler_a"},
+     {"scheduler": ("EulerAncestralDiscreteScheduler", {})}),
+    ("SDXL ControlNet, negative prompt", {"negative": "blurry, dark"}, {"negative_prompt": "blurry, dark"}),
+    ("SDXL ControlNet, guess mode", {"guess_mode": True}, {"guess_mode": True}),
+])
+def test_sdxl_controlnet_text_to_image_matches_the_pipeline(case: str, graph_arguments: dict[str, Any],
+                                                            pipeline_arguments: dict[str, Any], engine: Engine,
+                                                            tiny_models: Path, pipelines: Pipelines) -> None:
+    pipeline = pipelines.pipeline(SDXL_CONTROLNET, "sdxl", (SDXL_CANNY,), pipeline_arguments.pop("scheduler", None))
+    theirs = pipelines.run(pipeline, (SDXL_CANNY,), **pipeline_arguments)
+    assert_same_pixels(case, engine, sampling_graph(tiny_models, "sdxl", (SDXL_CANNY,), **graph_arguments), theirs)
+
+
+def test_sdxl_text_to_image_without_controlnet_matches_the_pipeline(engine: Engine, tiny_models: Path,
+                                                                   pipelines: Pipelines) -> None:
+    theirs = pipelines.run(pipelines.pipeline("StableDiffusionXLPipeline", "sdxl", ()), (), height=SIZE, width=SIZE)
+    graph = sampling_graph(tiny_models, "sdxl", (), width=SIZE, height=SIZE)
+    assert_same_pixels("SDXL txt2img, no ControlNet", engine, graph, theirs)
