@@ -150,7 +150,7 @@ class ControlApply(Node):
     inputs = (
         Input("controlnet", CONTROLNET, "The ControlNet, from ControlNetLoader."),
         Input("image", IMAGE, "The control image (edges, depth, pose, ...) in the form the ControlNet was trained "
-              "on; resized to the output size if it differs."),
+              "on; if its size differs from the output's, the Sampler resizes it as diffusers does (8-bit, Lanczos)."),
         Input("scale", FLOAT, "Strength: how much the ControlNet's residuals count (diffusers' "
               "controlnet_conditioning_scale).", default=1.0, min=0.0, max=10.0),
         Input("start", FLOAT, "Fraction of the denoising steps after which the ControlNet starts guiding "

@@ -118,11 +118,9 @@ def _control_image(control: ControlApplication, request: SamplingRequest, device
     """The control image as the pipelines' prepare_image leaves it: [B (x2), 3, H, W] in 0..1 on the device."""
     import torch
 
-    from nodes.imaging import resize
-
     image = control.image
     if image.shape[1:3] != (request.height, request.width):
-        image = resize(image, request.width, request.height, "lanczos")
+        image = _resize_like_diffusers(image, request.width, request.height)
     if image.shape[0] not in (1, request.batch):
         raise NodeInputError(f"a control image batch has {image.shape[0]} images for {request.batch} latents; "
                              "give 1 control image or one per latent")
@@ -130,6 +128,18 @@ def _control_image(control: ControlApplication, request: SamplingRequest, device
     pixels = pixels.repeat_interleave(request.batch // pixels.shape[0], dim=0)
     pixels = pixels.to(device, torch_dtype(control.controlnet.controlnet.key.dtype))
     return torch.cat([pixels] * 2) if duplicate else pixels
+
+
+def _resize_like_diffusers(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The pipelines' control image resize: 8-bit RGB through PIL's Lanczos filter."""
+    import numpy as np
+    from PIL import Image
+
+    from nodes.imaging import from_uint8, to_uint8
+
+    resized = [np.asarray(Image.fromarray(item).resize((width, height), Image.Resampling.LANCZOS))
+               for item in to_uint8(image)]
+    return from_uint8(np.stack(resized))
 
 
 def _start(request: SamplingRequest, scheduler: Any, generator: torch.Generator, device: str, dtype: torch.dtype,

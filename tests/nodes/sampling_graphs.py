@@ -47,7 +47,7 @@ CANNY = Control("controlnet-canny", "edges.png")
 
 
 def write_test_images(folder: Path) -> Path:
-    """Control images, an init image and a mask, all SIZE x SIZE, unlike each other."""
+    """Control images, an init image and a mask, SIZE x SIZE and unlike each other; odd.png is 100x84."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:SIZE, 0:SIZE]
     edges = np.zeros((SIZE, SIZE), np.uint8)
@@ -57,52 +57,76 @@ def write_test_images(folder: Path) -> Path:
     init = np.stack([x * 4, y * 4, 255 - x * 2], axis=-1).clip(0, 255).astype(np.uint8)
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[8:40, 20:56] = 255
+    odd = np.zeros((84, 100, 3), np.uint8)  # not a multiple of 8: the pipelines round the size down and resize
+    odd[10:70:6, 5:95] = 255
     for name, pixels in {"edges": np.stack([edges] * 3, -1), "depth": np.stack([depth] * 3, -1), "pose": pose,
-                         "init": init, "mask": mask}.items():
+                         "init": init, "mask": mask, "odd": odd}.items():
         Image.fromarray(pixels).save(folder / f"{name}.png")
     return folder
 
 
-def make_engine(images: Path, tiny_models: Path, output: Path) -> Engine:
-    """An Engine reading the test images (relative paths) and the tiny models, with its own model manager."""
-    return Engine(input_dirs=[images, tiny_models], output_dir=output, models=ModelManager())
+def make_engine(tiny_models: Path, folder: Path, **options: Any) -> Engine:
+    """An Engine with its own model manager, reading the test images (written to folder/"in", relative paths)
+    and the tiny models, writing to folder/"out"."""
+    images = folder / "in"
+    images.mkdir(exist_ok=True)
+    return Engine(input_dirs=[write_test_images(images), tiny_models], output_dir=folder / "out",
+                  models=ModelManager(), **options)
+
+
+def images_of(engine: Engine) -> Path:
+    return engine.paths.input_roots[0]
 
 
 def sampling_graph(tiny_models: Path, checkpoint: str = "sd15", controls: tuple[Control, ...] = (CANNY,), *,
-                   negative: str | None = None, init: str | None = None, mask: str | None = None,
-                   mask_to: tuple[str, ...] = ("sampler",), clip_skip: int = 0, latent: Any = None,
-                   **sampler: Any) -> Graph:
-    """TextEncode -> (ControlApply ...) -> Sampler -> VAEDecode through the real loaders; output "image"."""
+                   negative: str | None = None, init_image: str | None = None, mask_image: str | None = None,
+                   mask_to: tuple[str, ...] = ("sampler",), clip_skip: int = 0, **sampler: Any) -> Graph:
+    """TextEncode -> (ControlApply ...) -> Sampler -> VAEDecode through the real loaders; output "image".
+
+    `init_image` adds VAEEncode of that file as the latent, `mask_image` a LoadMask linked to the
+    VAEEncode and/or the Sampler (`mask_to`); other keywords are Sampler inputs. Node ids: sd,
+    positive, negative, encode, sampler, decode.
+    """
     graph = Graph("sampling")
-    sd = CheckpointLoader(model=str(tiny_models / checkpoint))
-    inputs: dict[str, Any] = {"model": sd.model, "seed": SEED, "steps": STEPS,
-                              "positive": TextEncode(clip=sd.clip, text=PROMPT, clip_skip=clip_skip).conditioning}
+    sd = graph.add(CheckpointLoader(model=str(tiny_models / checkpoint)), "sd")
+    positive = graph.add(TextEncode(clip=sd.clip, text=PROMPT, clip_skip=clip_skip), "positive")
+    inputs: dict[str, Any] = {"model": sd.model, "seed": SEED, "steps": STEPS, "positive": positive.conditioning}
     if negative is not None:
-        inputs["negative"] = TextEncode(clip=sd.clip, text=negative).conditioning
+        inputs["negative"] = graph.add(TextEncode(clip=sd.clip, text=negative), "negative").conditioning
     if controls:
         inputs["control"] = [ControlApply(controlnet=ControlNetLoader(model=str(tiny_models / c.model)).controlnet,
                                           image=LoadImage(path=c.image).image, scale=c.scale, start=c.start,
                                           end=c.end).control for c in controls]
-    if init is not None:
-        encoder: dict[str, Any] = {"vae": sd.vae, "image": LoadImage(path=init).image}
-        if mask is not None:
-            loaded = LoadMask(path=mask).mask
-            encoder.update({"mask": loaded} if "encoder" in mask_to else {})
-            inputs.update({"mask": loaded} if "sampler" in mask_to else {})
-        inputs["latent"] = VAEEncode(**encoder).latent
-    elif latent is not None:
-        inputs["latent"] = latent
-    decode = graph.add(VAEDecode(vae=sd.vae, latent=graph.add(Sampler(**inputs | sampler), "sampler").latent))
-    graph.output("image", decode.image)
+    if init_image is not None:
+        encoder: dict[str, Any] = {"vae": sd.vae, "image": LoadImage(path=init_image).image}
+        if mask_image is not None:
+            mask = LoadMask(path=mask_image).mask
+            encoder.update({"mask": mask} if "encoder" in mask_to else {})
+            inputs.update({"mask": mask} if "sampler" in mask_to else {})
+        inputs["latent"] = graph.add(VAEEncode(**encoder), "encode").latent
+    sampled = graph.add(Sampler(**inputs | sampler), "sampler")
+    graph.output("image", graph.add(VAEDecode(vae=sd.vae, latent=sampled.latent), "decode").image)
     return graph
 
 
 class Pipelines:
-    """diffusers pipelines over the same tiny model folders, loaded by diffusers itself."""
+    """diffusers pipelines over the same tiny model folders, loaded by diffusers itself (in `dtype`, on `device`).
 
-    def __init__(self, tiny_models: Path, images: Path) -> None:
+    `frozen` turns the weights' requires_grad off, as graphflow's ModelManager does: on the CPU, fp16
+    linear layers pick another kernel for weights that require grad (1-ulp differences), fp32 ones do not.
+    """
+
+    def __init__(self, tiny_models: Path, images: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 frozen: bool = False) -> None:
         self.tiny_models = tiny_models
         self.images = images
+        self.device = device
+        self.dtype = dtype
+        self.frozen = frozen
+
+    def _prepared(self, model: Any) -> Any:
+        model = model.to(self.device)
+        return model.requires_grad_(False) if self.frozen else model
 
     def image(self, name: str, mode: str = "RGB") -> Image.Image:
         with Image.open(self.images / name) as opened:
@@ -112,14 +136,16 @@ class Pipelines:
     def controlnet(self, name: str) -> Any:
         from diffusers import ControlNetModel
 
-        return ControlNetModel.from_pretrained(self.tiny_models / name)
+        return self._prepared(ControlNetModel.from_pretrained(self.tiny_models / name, torch_dtype=self.dtype))
 
     @functools.cache  # noqa: B019
     def components(self, checkpoint: str) -> dict[str, Any]:
         from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(self.tiny_models / checkpoint, safety_checker=None)
-        return dict(pipeline.components)
+        options = {"safety_checker": None} if checkpoint.startswith("sd15") else {}
+        pipeline = DiffusionPipeline.from_pretrained(self.tiny_models / checkpoint, torch_dtype=self.dtype, **options)
+        return {name: self._prepared(part) if isinstance(part, torch.nn.Module) else part
+                for name, part in pipeline.components.items()}
 
     def pipeline(self, class_name: str, checkpoint: str = "sd15", controls: tuple[Control, ...] = (CANNY,),
                  scheduler: tuple[str, dict[str, Any]] | None = None) -> Any:

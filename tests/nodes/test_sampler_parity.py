@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from graphflow import Engine
 from nodes import EmptyLatent
 from tests.nodes.sampling_graphs import (
+    CANNY,
     SIZE,
     Control,
     Pipelines,
     compare,
+    images_of,
     make_engine,
     sampling_graph,
-    write_test_images,
 )
 
 pytest.importorskip("diffusers")
@@ -46,18 +48,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_test_images(tmp_path_factory.mktemp("images"))
+def engine(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return make_engine(tiny_models, tmp_path_factory.mktemp("parity"))
 
 
 @pytest.fixture(scope="module")
-def engine(images: Path, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return make_engine(images, tiny_models, tmp_path_factory.mktemp("out"))
-
-
-@pytest.fixture(scope="module")
-def pipelines(tiny_models: Path, images: Path) -> Pipelines:
-    return Pipelines(tiny_models, images)
+def pipelines(tiny_models: Path, engine: Engine) -> Pipelines:
+    return Pipelines(tiny_models, images_of(engine))
 
 
 def assert_same_pixels(case: str, engine: Engine, graph: Any, theirs: Any) -> None:
@@ -118,6 +115,17 @@ def test_prompt_and_size_settings_match_the_pipeline(case: str, graph_arguments:
     assert_same_pixels(case, engine, sampling_graph(tiny_models, **graph_arguments), theirs)
 
 
+@pytest.mark.parametrize(("case", "size"), [
+    ("control image 100x84, size from it (96x80)", {}),
+    ("control image 100x84 resized to 64x48", {"width": 64, "height": 48}),
+])
+def test_control_images_are_sized_like_the_pipeline(case: str, size: dict[str, int], engine: Engine,
+                                                    tiny_models: Path, pipelines: Pipelines) -> None:
+    controls = (Control("controlnet-canny", "odd.png"),)
+    theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET, controls=controls), controls=controls, **size)
+    assert_same_pixels(case, engine, sampling_graph(tiny_models, controls=controls, **size), theirs)
+
+
 def test_a_batch_from_empty_latent_matches_images_per_prompt(engine: Engine, tiny_models: Path,
                                                              pipelines: Pipelines) -> None:
     latent = EmptyLatent(width=SIZE, height=SIZE, batch=2).latent
@@ -141,7 +149,7 @@ def test_img2img_matches_the_pipeline(strength: float, scheduler: str, engine: E
     # 4 steps: strength 0.3 of 3 steps would leave none to run
     theirs = pipelines.run(pipeline, control_key="control_image", image=pipelines.image("init.png"), strength=strength,
                            num_inference_steps=4)
-    graph = sampling_graph(tiny_models, init="init.png", strength=strength, scheduler=scheduler, steps=4)
+    graph = sampling_graph(tiny_models, init_image="init.png", strength=strength, scheduler=scheduler, steps=4)
     assert_same_pixels(f"img2img strength {strength}, {scheduler}", engine, graph, theirs)
 
 
@@ -155,7 +163,7 @@ def test_inpainting_matches_the_pipeline(checkpoint: str, mask_to: tuple[str, ..
     pipeline = pipelines.pipeline(SD_INPAINT, checkpoint=checkpoint, scheduler=SCHEDULERS[scheduler])
     theirs = pipelines.run(pipeline, control_key="control_image", image=pipelines.image("init.png"),
                            mask_image=pipelines.image("mask.png", "L"), strength=strength)
-    graph = sampling_graph(tiny_models, checkpoint, init="init.png", mask="mask.png", mask_to=mask_to,
+    graph = sampling_graph(tiny_models, checkpoint, init_image="init.png", mask_image="mask.png", mask_to=mask_to,
                            strength=strength, scheduler=scheduler)
     channels = 9 if checkpoint == "sd15-inpaint" else 4
     assert_same_pixels(f"inpaint {channels}-ch UNet, mask to {'+'.join(mask_to)}, strength {strength}, {scheduler}",
@@ -185,3 +193,16 @@ def test_sdxl_text_to_image_without_controlnet_matches_the_pipeline(engine: Engi
     theirs = pipelines.run(pipelines.pipeline("StableDiffusionXLPipeline", "sdxl", ()), (), height=SIZE, width=SIZE)
     graph = sampling_graph(tiny_models, "sdxl", (), width=SIZE, height=SIZE)
     assert_same_pixels("SDXL txt2img, no ControlNet", engine, graph, theirs)
+
+
+@pytest.mark.parametrize(("checkpoint", "class_name", "control"), [
+    ("sd15", SD_CONTROLNET, CANNY),  # SD1.5 pipelines decode in fp16
+    ("sdxl", SDXL_CONTROLNET, SDXL_CANNY),  # SDXL ones in fp32, as the tiny VAE's force_upcast asks
+])
+def test_fp16_matches_the_pipeline_in_fp16(checkpoint: str, class_name: str, control: Control, tiny_models: Path,
+                                           tmp_path: Path) -> None:
+    engine = make_engine(tiny_models, tmp_path, options={"device": "cpu", "dtype": "fp16"})
+    pipelines = Pipelines(tiny_models, images_of(engine), dtype=torch.float16, frozen=True)
+    theirs = pipelines.run(pipelines.pipeline(class_name, checkpoint, (control,)), (control,))
+    assert_same_pixels(f"{checkpoint} ControlNet txt2img, fp16 on the CPU", engine,
+                       sampling_graph(tiny_models, checkpoint, (control,)), theirs)
