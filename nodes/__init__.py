@@ -8,11 +8,12 @@ from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
 from nodes.mask import FeatherMask, GrowMask, InvertMask, MaskBlend
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
-from nodes.preprocess import Canny
+from nodes.preprocess import Canny, Depth
 from nodes.primitives import Bool, Float, Int, Math, String
 from nodes.sampling import EmptyLatent, Sampler, VAEDecode, VAEEncode
 
 NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizePad,
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
          CheckpointLoader, ControlNetLoader, VAELoader,
-         TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode)
+         TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
+         Depth)

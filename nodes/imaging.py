@@ -76,6 +76,34 @@ def resize(batch: torch.Tensor, width: int, height: int, interpolation: str) -> 
     return resized.clamp_(0, 1)
 
 
+def fit_box(columns: int, rows: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """Where a columns x rows picture goes when fitted inside width x height keeping its aspect ratio, centred.
+
+    Returns (fit_width, fit_height, left, top).
+    """
+    scale = min(width / columns, height / rows)
+    fit_width, fit_height = max(1, round(columns * scale)), max(1, round(rows * scale))
+    return fit_width, fit_height, (width - fit_width) // 2, (height - fit_height) // 2
+
+
+def pad(
+    batch: torch.Tensor, width: int, height: int, left: int, top: int, value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IMAGE or MASK batch placed at (left, top) on a width x height canvas of `value`.
+
+    Returns the canvas and a MASK that is 1 on the border and 0 on the picture.
+    """
+    import torch
+
+    size, rows, columns = batch.shape[:3]
+    inside = (slice(None), slice(top, top + rows), slice(left, left + columns))
+    canvas = torch.full((size, height, width, *batch.shape[3:]), value, dtype=torch.float32, device=batch.device)
+    canvas[inside] = batch
+    mask = torch.ones((size, height, width), dtype=torch.float32, device=batch.device)
+    mask[inside] = 0
+    return canvas, mask
+
+
 def resize_pad(
     image: torch.Tensor, width: int, height: int, interpolation: str, pad_value: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,16 +111,5 @@ def resize_pad(
 
     Returns the padded IMAGE and a MASK that is 1 on the border and 0 on the picture.
     """
-    import torch
-
-    batch, rows, columns, channels = image.shape
-    scale = min(width / columns, height / rows)
-    fit_width, fit_height = max(1, round(columns * scale)), max(1, round(rows * scale))
-    left, top = (width - fit_width) // 2, (height - fit_height) // 2
-    inside = (slice(None), slice(top, top + fit_height), slice(left, left + fit_width))
-
-    padded = torch.full((batch, height, width, channels), pad_value, dtype=torch.float32, device=image.device)
-    padded[inside] = resize(image, fit_width, fit_height, interpolation)
-    mask = torch.ones((batch, height, width), dtype=torch.float32, device=image.device)
-    mask[inside] = 0
-    return padded, mask
+    fit_width, fit_height, left, top = fit_box(image.shape[2], image.shape[1], width, height)
+    return pad(resize(image, fit_width, fit_height, interpolation), width, height, left, top, pad_value)

@@ -1,45 +1,219 @@
-"""Control images made from photos for ControlNet: Canny."""
+"""Control images made from photos for ControlNet: Canny edges and Depth maps.
+
+`model_files` finds the files of a preprocessor model (a local folder, `tiny:NAME`, or a hub
+repository in the Hugging Face cache); the controlnet_aux detectors in nodes.annotators use it too.
+"""
 
 from __future__ import annotations
 
+import re
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphflow.context import RunContext
+from graphflow.errors import Code, NodeInputError
 from graphflow.node import Input, Node, Output
-from graphflow.types import IMAGE, INT
-from nodes.imaging import from_uint8, grey_to_rgb, to_uint8
+from graphflow.paths import PathError
+from graphflow.types import FLOAT, IMAGE, INT, STRING
+from nodes.imaging import INTERPOLATIONS, fit_box, from_uint8, grey_to_rgb, pad, resize, to_uint8
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
+THRESHOLDS = ("fixed", "adaptive")
+CHANNELS = ("grey", "per_channel")
+DEPTH_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_MODEL_SOURCE = ("A Hugging Face hub id (its files are taken from the HF cache, downloaded there first when the hub "
+                 "is reachable) or a local folder holding the same files, relative to the input directory.")
 
-def canny_edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
-    """Canny edges of one uint8 RGB image [H, W, 3] as uint8 [H, W]: 255 on edges, 0 elsewhere."""
+
+def median_thresholds(channel: np.ndarray, sigma: float) -> tuple[int, int]:
+    """Canny thresholds around the median: (max(0, (1 - sigma) * median), min(255, (1 + sigma) * median)), truncated."""
+    import numpy as np
+
+    median = float(np.median(channel))
+    return int(max(0.0, (1 - sigma) * median)), int(min(255.0, (1 + sigma) * median))
+
+
+def canny_edges(rgb: np.ndarray, low: int, high: int, *, adaptive: bool = False, sigma: float = 0.33,
+                blur: int = 0, per_channel: bool = False) -> np.ndarray:
+    """Canny edges of one uint8 RGB image [H, W, 3] as uint8 [H, W, 3]: 255 on edges, 0 elsewhere.
+
+    Grey mode finds edges in the luminance and writes them to all three channels; per-channel mode finds
+    each colour channel's edges (with its own median thresholds when adaptive) and keeps them in that channel.
+    """
     import cv2
+    import numpy as np
 
-    return cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), low, high)
+    planes = [rgb[..., index] for index in range(3)] if per_channel else [cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)]
+    edges = []
+    for plane in planes:
+        if blur:
+            plane = cv2.GaussianBlur(plane, (2 * blur + 1, 2 * blur + 1), 0)
+        lower, upper = median_thresholds(plane, sigma) if adaptive else (low, high)
+        edges.append(cv2.Canny(plane, lower, upper))
+    return np.stack(edges * 3 if len(edges) == 1 else edges, axis=-1)
 
 
 class Canny(Node):
     """Canny edge map of an image: white edges on black, the control image of ControlNet canny models."""
 
     category = "preprocess"
+    version = "1.1.0"
     disk_cache = True
     inputs = (
         Input("image", IMAGE, "The image to find edges in."),
-        Input("low", INT, "Lower threshold on the gradient: weaker gradients are never edges, gradients between "
-              "low and high are edges only where they connect to a strong one.", default=100, min=0, max=255),
-        Input("high", INT, "Upper threshold on the gradient: stronger gradients are always edges. Lower both "
-              "for more detail, raise them for only the main outlines.", default=200, min=0, max=255),
+        Input("low", INT, "Lower threshold on the gradient (fixed thresholds): weaker gradients are never edges, "
+              "gradients between low and high are edges only where they connect to a strong one.",
+              default=100, min=0, max=255),
+        Input("high", INT, "Upper threshold on the gradient (fixed thresholds): stronger gradients are always edges. "
+              "Lower both for more detail, raise them for only the main outlines.", default=200, min=0, max=255),
+        Input("thresholds", STRING, "fixed uses low and high; adaptive derives them from the median grey level m of "
+              "each image: low = max(0, (1 - sigma) * m), high = min(255, (1 + sigma) * m).",
+              default="fixed", choices=THRESHOLDS),
+        Input("sigma", FLOAT, "Spread of the adaptive thresholds around the median: larger sets them further apart "
+              "(a lower low and a higher high).", default=0.33, min=0.0, max=1.0),
+        Input("blur", INT, "Gaussian blur radius applied before edge detection (kernel 2*blur+1, sigma from the "
+              "kernel size as OpenCV derives it); 0 = no blur. Blur suppresses edges from noise and texture.",
+              default=0, min=0, max=64),
+        Input("channels", STRING, "grey finds edges in the luminance (white edges); per_channel finds them in "
+              "red, green and blue separately and keeps each in its own channel.", default="grey", choices=CHANNELS),
+        Input("width", INT, "Output width: the image is resized keeping its aspect ratio to fit width x height, "
+              "edges are found at that size, and the map is centred on a black border. 0 = the input's width.",
+              default=0, min=0, max=16384),
+        Input("height", INT, "Output height, as for width; 0 = the input's height.", default=0, min=0, max=16384),
+        Input("interpolation", STRING, "Resampling filter for the resize before edge detection.",
+              default="lanczos", choices=INTERPOLATIONS),
     )
-    outputs = (Output("image", IMAGE, "The edge map: 1 on edges, 0 elsewhere, in all three channels."),)
+    outputs = (Output("image", IMAGE, "The edge map: 1 on edges, 0 elsewhere (and on the border), in three channels."),)
 
-    def run(self, ctx: RunContext, image: torch.Tensor, low: int, high: int) -> dict[str, Any]:
+    def run(self, ctx: RunContext, image: torch.Tensor, low: int, high: int, thresholds: str, sigma: float,
+            blur: int, channels: str, width: int, height: int, interpolation: str) -> dict[str, Any]:
         import numpy as np
 
-        edges = np.stack([canny_edges(rgb, low, high) for rgb in to_uint8(image)])
-        return {"image": grey_to_rgb(from_uint8(edges, image.device))}
+        rows, columns = image.shape[1:3]
+        width, height = width or columns, height or rows
+        fit_width, fit_height, left, top = fit_box(columns, rows, width, height)
+        if (fit_width, fit_height) != (columns, rows):
+            image = resize(image, fit_width, fit_height, interpolation)
+        edges = np.stack([canny_edges(rgb, low, high, adaptive=thresholds == "adaptive", sigma=sigma, blur=blur,
+                                      per_channel=channels == "per_channel") for rgb in to_uint8(image)])
+        edge_map = from_uint8(edges, image.device)
+        if (fit_width, fit_height) != (width, height):
+            edge_map, _ = pad(edge_map, width, height, left, top, 0.0)
+        return {"image": edge_map}
 
 
-NODES = (Canny,)
+class Depth(Node):
+    """Relative depth of an image from a DPT / MiDaS model (transformers): near is bright, as depth ControlNets want."""
+
+    category = "preprocess"
+    disk_cache = True
+    uses_options = ("device", "dtype")
+    inputs = (
+        Input("image", IMAGE, "The image to estimate depth for."),
+        Input("model", STRING, "Depth-estimation model: Intel/dpt-large, Intel/dpt-hybrid-midas, or another "
+              "transformers depth model (config.json, preprocessor_config.json, model.safetensors). " + _MODEL_SOURCE,
+              default="Intel/dpt-large"),
+    )
+    outputs = (Output("image", IMAGE, "The depth map at the input's size, stretched so that the farthest point is 0 "
+                      "and the nearest 1, in all three channels."),)
+
+    def run(self, ctx: RunContext, image: torch.Tensor, model: str) -> dict[str, Any]:
+        import torch
+        from PIL import Image
+        from transformers.modeling_outputs import DepthEstimatorOutput
+
+        from graphflow.models import ModelKey, placement, torch_dtype
+
+        folder, key = model_files(ctx, model, DEPTH_FILES)
+        device, dtype = placement(ctx.options)
+        handle = ctx.models.handle(ModelKey("depth", key, dtype=dtype, device=device),
+                                   partial(_load_depth_model, folder, dtype))
+        processor = _load_depth_processor(folder)
+        pictures = [Image.fromarray(item) for item in to_uint8(image)]
+        pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+        with handle.use() as network, torch.inference_mode():
+            predicted = network(pixel_values=pixels.to(device, torch_dtype(dtype))).predicted_depth.float()
+        sizes = [tuple(image.shape[1:3])] * len(pictures)
+        # positional, as transformers' depth-estimation pipeline passes it (ZoeDepth calls it source_sizes)
+        results = processor.post_process_depth_estimation(DepthEstimatorOutput(predicted_depth=predicted), sizes)
+        depth = torch.stack([normalise(result["predicted_depth"]) for result in results])
+        return {"image": grey_to_rgb(depth.to(image.device, torch.float32))}
+
+
+def normalise(depth: torch.Tensor) -> torch.Tensor:
+    """Values stretched to 0..1 (all 0 when the map is flat)."""
+    low, high = depth.min(), depth.max()
+    return (depth - low) / (high - low) if high > low else depth.new_zeros(depth.shape)
+
+
+def _load_depth_model(folder: Path, dtype: str) -> Any:
+    from transformers import AutoModelForDepthEstimation
+
+    from graphflow.models import torch_dtype
+    from graphflow.models.loading import quiet_progress
+
+    with quiet_progress():
+        return AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True)
+
+
+def _load_depth_processor(folder: Path) -> Any:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)
+
+
+def model_files(ctx: RunContext, name: str, files: tuple[str, ...]) -> tuple[Path, str]:
+    """The folder holding `files` of model `name`, and the key that names it for the model manager.
+
+    `name` is a folder inside the input directories, `tiny:NAME`, or a hub repository whose files come
+    from the Hugging Face cache (downloaded into it first when the hub is reachable).
+    """
+    from graphflow.models.sources import TINY_PREFIX, locate
+
+    name = name.strip()
+    if name.startswith(TINY_PREFIX):
+        folder = locate(name, ctx.paths, node=ctx.node, input="model", pipeline=False).path
+    else:
+        try:
+            folder = ctx.input_path(name, input="model", directory=True)
+        except PathError as error:
+            if error.error.code != Code.FILE_NOT_FOUND or not _HUB_ID.fullmatch(name):
+                raise
+            return _hub_files(name, files), name
+    missing = [file for file in files if not (folder / file).is_file()]
+    if missing:
+        raise NodeInputError(f"model folder {folder} lacks {', '.join(missing)}; a local copy must hold the same "
+                             f"files as the hub repository: {', '.join(files)}")
+    return folder, str(folder)
+
+
+def _hub_files(repo: str, files: tuple[str, ...]) -> Path:
+    """The snapshot folder of `repo` in the Hugging Face cache, after making sure each of `files` is there."""
+    from huggingface_hub import constants, hf_hub_download
+
+    from graphflow.models.sources import ModelNotFoundError
+
+    folders = set()
+    for file in files:
+        try:
+            folders.add(Path(hf_hub_download(repo, file)).parent)
+        except Exception as error:  # the hub client raises many types: offline, network, auth, missing repo or file
+            why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+                   else f"downloading it failed ({type(error).__name__}: {error})")
+            raise ModelNotFoundError(
+                f"model '{repo}': {file} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
+                f"Download it while online (`hf download {repo} {' '.join(files)}`), or copy those files into a "
+                "folder inside an input directory (--input-dir) and give that folder's path instead of "
+                f"'{repo}'.") from error
+    if len(folders) != 1:
+        raise ModelNotFoundError(f"model '{repo}': the cached files {', '.join(files)} belong to different revisions "
+                                 f"({', '.join(sorted(map(str, folders)))}); download them again together")
+    return folders.pop()
+
+
+NODES = (Canny, Depth)

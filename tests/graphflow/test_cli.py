@@ -61,7 +61,7 @@ def test_run_reports_a_failing_node_by_id_and_type(workspace: Path, capsys: pyte
 def test_validate_lists_every_problem_and_exits_1(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     document = {"graphflow": 1, "nodes": {
         "photo": {"type": "LoadImag", "inputs": {"path": "x.png"}},
-        "edges": {"type": "Canny", "inputs": {"image": {"from": "photo.image"}, "low": 300, "sigma": 1}}}}
+        "edges": {"type": "Canny", "inputs": {"image": {"from": "photo.image"}, "low": 300, "radius": 1}}}}
     (workspace / "bad.json").write_text(json.dumps(document))
     assert main(["validate", "bad.json"]) == 1
     out = capsys.readouterr().out
@@ -72,7 +72,7 @@ def test_validate_lists_every_problem_and_exits_1(workspace: Path, capsys: pytes
     report = json.loads(capsys.readouterr().out)
     assert report["valid"] is False
     assert [(e["code"], e["node"], e["input"]) for e in report["errors"]] == [
-        ("unknown_node_type", "photo", None), ("unknown_input", "edges", "sigma"),
+        ("unknown_node_type", "photo", None), ("unknown_input", "edges", "radius"),
         ("value_out_of_range", "edges", "low")]
     assert report["errors"][2]["expected"] == "a value in [0, 255]" and report["errors"][2]["found"] == "300"
 
