@@ -6,7 +6,17 @@ validating nodes stays fast.
 
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
-from nodes.mask import FeatherMask, GrowMask, InvertMask, MaskBlend
+from nodes.mask import (
+    ColorToMask,
+    CropToMask,
+    FeatherMask,
+    GrowMask,
+    ImageToMask,
+    InvertMask,
+    MaskBlend,
+    PasteCrop,
+    ThresholdMask,
+)
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny, Depth
 from nodes.primitives import Bool, Float, Int, Math, String
@@ -16,4 +26,4 @@ NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizeP
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
          CheckpointLoader, ControlNetLoader, VAELoader,
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
-         Depth)
+         Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop)
