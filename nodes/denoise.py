@@ -81,8 +81,9 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
 
     model = request.model
     device, dtype = model.unet.key.device, torch_dtype(model.unet.key.dtype)
-    guess_mode = request.guess_mode or any(
-        c.controlnet.controlnet.config.get("global_pool_conditions", False) for c in request.controls[:1])
+    # ControlNets trained with pooled conditions always run in guess mode; the pipelines ask the first one
+    first = request.controls[0].controlnet.controlnet.config if request.controls else {}
+    guess_mode = request.guess_mode or bool(first.get("global_pool_conditions", False))
     prompt = _prompt(request, device, dtype)
     images = [_control_image(c, request, device, prompt.guided and not guess_mode) for c in request.controls]
     scheduler = make_scheduler(request.scheduler, model.scheduler_config)
@@ -160,7 +161,8 @@ def _start(request: SamplingRequest, scheduler: Any, generator: torch.Generator,
         image_latents = sample_encoded(latent, generator, device, dtype)
         noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
         return timesteps, scheduler.add_noise(image_latents, noise, first), None
-    return timesteps, *_inpainting_start(request, mask, scheduler, generator, first, shape, device, dtype, guided)
+    return timesteps, *_inpainting_start(request, latent, mask, scheduler, generator, first, shape, device, dtype,
+                                         guided)
 
 
 def _partial_schedule(scheduler: Any, steps: int, strength: float, device: str) -> torch.Tensor:
@@ -176,13 +178,15 @@ def _partial_schedule(scheduler: Any, steps: int, strength: float, device: str) 
     return timesteps
 
 
-def _inpainting_start(request: SamplingRequest, mask: torch.Tensor, scheduler: Any, generator: torch.Generator,
-                      first: torch.Tensor, shape: tuple[int, ...], device: str, dtype: torch.dtype,
-                      guided: bool) -> tuple[torch.Tensor, Inpainting]:
+def _inpainting_start(request: SamplingRequest, latent: dict[str, Any], mask: torch.Tensor, scheduler: Any,
+                      generator: torch.Generator, first: torch.Tensor, shape: tuple[int, ...], device: str,
+                      dtype: torch.dtype, guided: bool) -> tuple[torch.Tensor, Inpainting]:
+    """(initial latents, inpainting) as StableDiffusionControlNetInpaintPipeline's prepare_latents and
+    prepare_mask_latents make them, drawing from the generator in their order."""
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    latent, nine_channels = request.latent or {}, request.model.in_channels == 9
+    nine_channels = request.model.in_channels == 9
     full_strength = request.strength == 1.0
     image_latents = None
     if not nine_channels or not full_strength:

@@ -65,10 +65,12 @@ class Sampler(Node):
         Input("steps", INT, "Denoising steps of the full schedule.", default=30, min=1, max=1000),
         Input("cfg", FLOAT, "Classifier-free guidance scale; 1 or less turns guidance (and the negative) off.",
               default=7.5, min=0.0, max=100.0),
-        Input("scheduler", STRING, "Sampling method; default is the checkpoint's own scheduler.", default="default",
-              choices=SCHEDULER_NAMES),
+        Input("scheduler", STRING, "Sampling method: default is the checkpoint's own scheduler; the others are "
+              "diffusers' DDIM, Euler, Euler ancestral, Heun, DPM++ 2M (also with Karras sigmas), UniPC, PNDM and LMS "
+              "schedulers, made from the checkpoint's scheduler config.", default="default", choices=SCHEDULER_NAMES),
         Input("strength", FLOAT, "With a latent to start from: how much of it is repainted (img2img strength); "
-              "only the last strength x steps steps run. Text-to-image ignores it.", default=1.0, min=0.0, max=1.0),
+              "the schedule's last floor(strength * steps) steps run. Text-to-image ignores it.",
+              default=1.0, min=0.0, max=1.0),
         Input("guess_mode", BOOL, "ControlNet guess mode: the ControlNets see only the positive prompt, their "
               "shallow layers weighted down, so they recognise the content even without a prompt.", default=False),
         Input("width", INT, "Text-to-image without a latent: width in pixels, a multiple of 8; 0 takes the first "
