@@ -29,11 +29,10 @@ if TYPE_CHECKING:
 LATENT_SCALE = 8  # pixels per latent along each side, for SD1.5 and SDXL
 
 
-def check_size(width: int, height: int, what: str) -> None:
+def check_size(width: int, height: int, what: str, fix: str = "") -> None:
     """Raise NodeInputError unless both sides are positive multiples of 8 (whole latents)."""
     if width % LATENT_SCALE or height % LATENT_SCALE or width <= 0 or height <= 0:
-        raise NodeInputError(f"{what} is {width}x{height}; width and height must be multiples of {LATENT_SCALE} "
-                             "(resize or pad it, e.g. with ResizePad)")
+        raise NodeInputError(f"{what} is {width}x{height}; width and height must be multiples of {LATENT_SCALE}{fix}")
 
 
 def binary_mask(mask: torch.Tensor) -> torch.Tensor:

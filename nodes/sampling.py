@@ -187,7 +187,7 @@ class VAEEncode(Node):
 
         from nodes.latents import binary_mask, encode, image_to_pixels
 
-        check_size(image.shape[2], image.shape[1], "the image")
+        check_size(image.shape[2], image.shape[1], "the image", " (resize or pad it first, e.g. with ResizePad)")
         if mask is not None and (mask.shape[1:] != image.shape[1:3] or len(mask) not in (1, len(image))):
             raise NodeInputError(f"the mask ({len(mask)} x {mask.shape[2]}x{mask.shape[1]}) must match the image "
                                  f"({len(image)} x {image.shape[2]}x{image.shape[1]}) in size, and be 1 or as many")

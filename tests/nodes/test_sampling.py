@@ -131,6 +131,15 @@ def test_vae_encode_keeps_the_distribution_and_decode_shows_its_mean(engine: Eng
     assert outputs["image"].shape == (1, SIZE, SIZE, 3)
 
 
+def test_vae_encode_refuses_images_that_are_not_whole_latents(ctx: RunContext, engine: Engine,
+                                                              tiny_models: Path) -> None:
+    graph = Graph()
+    graph.output("vae", graph.add(CheckpointLoader(model=str(tiny_models / "sd15"))).vae)
+    vae = engine.run(graph).outputs["vae"]
+    with pytest.raises(NodeInputError, match=r"the image is 64x60; .* multiples of 8 .*ResizePad"):
+        VAEEncode().run(ctx, vae=vae, image=torch.rand(1, 60, 64, 3), mask=None)
+
+
 def refused(engine: Engine, graph: Graph, message: str) -> None:
     cause = failure(engine, graph)
     assert isinstance(cause, NodeInputError), cause
