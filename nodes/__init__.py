@@ -4,6 +4,19 @@ Modules here import heavy libraries (torch, cv2) inside `run` only, so that list
 validating nodes stays fast.
 """
 
+from nodes.annotators import (
+    HED,
+    MLSD,
+    ContentShuffle,
+    Lineart,
+    LineartAnime,
+    LineartStandard,
+    MidasDepth,
+    NormalBae,
+    OpenPose,
+    PidiNet,
+    ZoeDepth,
+)
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
 from nodes.mask import (
@@ -26,4 +39,6 @@ NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizeP
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
          CheckpointLoader, ControlNetLoader, VAELoader,
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
-         Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop)
+         Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop,
+         HED, PidiNet, MLSD, OpenPose, Lineart, LineartAnime, NormalBae, MidasDepth, ZoeDepth, ContentShuffle,
+         LineartStandard)
