@@ -136,9 +136,8 @@ class ModelManager:
         model = handle.load()
         self.loads[handle.key] += 1
         if hasattr(model, "eval"):
-            model.eval()
-        if hasattr(model, "requires_grad_"):
-            model.requires_grad_(False)
+            model.eval()  # gradients stay as loaded: nodes run under no_grad, and freezing fp16 weights
+            # would change which CPU kernels run, and so the pixels, against a stock diffusers pipeline
         entry = _Entry(model, module_bytes(model))
         if self.compile and handle.key.kind in COMPILED_KINDS and hasattr(model, "compile"):
             model.compile()

@@ -110,23 +110,17 @@ def sampling_graph(tiny_models: Path, checkpoint: str = "sd15", controls: tuple[
 
 
 class Pipelines:
-    """diffusers pipelines over the same tiny model folders, loaded by diffusers itself (in `dtype`, on `device`).
+    """diffusers pipelines over the same tiny model folders, loaded by diffusers itself (in `dtype`, on `device`)."""
 
-    `frozen` turns the weights' requires_grad off, as graphflow's ModelManager does: on the CPU, fp16
-    linear layers pick another kernel for weights that require grad (1-ulp differences), fp32 ones do not.
-    """
-
-    def __init__(self, tiny_models: Path, images: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 frozen: bool = False) -> None:
+    def __init__(self, tiny_models: Path, images: Path, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.tiny_models = tiny_models
         self.images = images
         self.device = device
         self.dtype = dtype
-        self.frozen = frozen
 
     def _prepared(self, model: Any) -> Any:
-        model = model.to(self.device)
-        return model.requires_grad_(False) if self.frozen else model
+        return model.to(self.device)
 
     def image(self, name: str, mode: str = "RGB") -> Image.Image:
         with Image.open(self.images / name) as opened:

@@ -202,7 +202,7 @@ def test_sdxl_text_to_image_without_controlnet_matches_the_pipeline(engine: Engi
 def test_fp16_matches_the_pipeline_in_fp16(checkpoint: str, class_name: str, control: Control, tiny_models: Path,
                                            tmp_path: Path) -> None:
     engine = make_engine(tiny_models, tmp_path, options={"device": "cpu", "dtype": "fp16"})
-    pipelines = Pipelines(tiny_models, images_of(engine), dtype=torch.float16, frozen=True)
+    pipelines = Pipelines(tiny_models, images_of(engine), dtype=torch.float16)
     theirs = pipelines.run(pipelines.pipeline(class_name, checkpoint, (control,)), (control,))
     assert_same_pixels(f"{checkpoint} ControlNet txt2img, fp16 on the CPU", engine,
                        sampling_graph(tiny_models, checkpoint, (control,)), theirs)
