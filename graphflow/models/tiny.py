@@ -30,7 +30,7 @@ CONTROLNETS = {"controlnet-canny": 11, "controlnet-depth": 12, "controlnet-pose"
 _VOCAB_SIZE = 514  # 256 byte symbols, the same with "</w>", then start and end of text
 
 
-TINY_NAMES = ("sd15", "sd15-inpaint", "sdxl", "sdxl-vae", "controlnet-sdxl", *CONTROLNETS)
+TINY_NAMES = ("sd15", "sd15-inpaint", "sdxl", "sdxl-vae", "controlnet-sdxl", *CONTROLNETS, "dpt")
 
 
 def make_tiny_models(folder: str | Path) -> Path:
@@ -38,12 +38,14 @@ def make_tiny_models(folder: str | Path) -> Path:
     import torch
 
     from graphflow.models.loading import quiet_progress
+    from graphflow.models.tiny_depth import write_tiny_dpt
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     writers = {"sd15": lambda p: _write_sd15(p, in_channels=4), "sd15-inpaint": lambda p: _write_sd15(p, in_channels=9),
                "sdxl": _write_sdxl, "sdxl-vae": lambda p: _vae(scaling_factor=0.13025).save_pretrained(p),
-               "controlnet-sdxl": lambda p: _controlnet(sdxl=True, seed=14).save_pretrained(p)}
+               "controlnet-sdxl": lambda p: _controlnet(sdxl=True, seed=14).save_pretrained(p),
+               "dpt": write_tiny_dpt}
     writers.update({name: (lambda p, s=seed: _controlnet(sdxl=False, seed=s).save_pretrained(p))
                     for name, seed in CONTROLNETS.items()})
     for name, write in writers.items():
