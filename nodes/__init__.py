@@ -32,10 +32,10 @@ from nodes.mask import (
 )
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny, Depth
-from nodes.primitives import Bool, Float, Int, Math, String
+from nodes.primitives import Bool, Float, Int, JoinText, Math, String
 from nodes.sampling import EmptyLatent, Sampler, VAEDecode, VAEEncode
 
-NODES = (Int, Float, String, Bool, Math, LoadImage, LoadMask, SaveImage, ResizePad,
+NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImage, ResizePad,
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
          CheckpointLoader, ControlNetLoader, VAELoader,
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
