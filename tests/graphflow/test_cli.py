@@ -146,3 +146,26 @@ def test_cache_dir_carries_expensive_results_to_the_next_run(workspace: Path,
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "ran 4 nodes, 1 from cache" in out and "canny_blend_00001.png" in out
+
+
+def test_make_tiny_models_writes_loadable_diffusers_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-tiny-models", str(tmp_path / "tiny")]) == 0
+    assert "sd15, sd15-inpaint, sdxl" in capsys.readouterr().out
+    for name in ("sd15", "sd15-inpaint", "sdxl"):
+        assert json.loads((tmp_path / "tiny" / name / "model_index.json").read_text())["unet"][1] == \
+            "UNet2DConditionModel"
+    assert (tmp_path / "tiny" / "controlnet-canny" / "diffusion_pytorch_model.safetensors").is_file()
+    size = sum(file.stat().st_size for file in (tmp_path / "tiny").rglob("*") if file.is_file())
+    assert size < 20 << 20
+    assert not list((tmp_path / "tiny").glob(".*"))  # no staging folder left behind
+
+
+def test_the_readme_demo_renders_offline_on_tiny_models(workspace: Path, tiny_models: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GRAPHFLOW_TINY_MODELS", str(tiny_models))
+    assert main(["run", "graphs/demo.json", "--quiet", "--set", "x=1"]) == 1  # the demo has no params
+    assert main(["run", "graphs/demo.json", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ran 10 nodes, 0 from cache" in out and "image = Tensor [1, 96, 128, 3]" in out
+    assert Image.open(workspace / "output" / "demo_00000.png").size == (128, 96)
