@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 _PATH_DESCRIPTION = "Image file (PNG, JPEG, WebP, ...), relative to the input directory."
 
 # Weights that turn RGB into each LoadMask channel; BT.601 luma is what PIL's convert("L") uses.
-_CHANNEL_WEIGHTS = {
+CHANNEL_WEIGHTS = {
     "luminance": (0.299, 0.587, 0.114),
     "red": (1.0, 0.0, 0.0),
     "green": (0.0, 1.0, 0.0),
@@ -75,7 +75,7 @@ class LoadMask(Node):
         Input("path", STRING, _PATH_DESCRIPTION, file=True),
         Input("channel", STRING, "Channel that becomes the mask: white (or full red, green, blue) = 1; "
               "for alpha, transparent = 1 as in LoadImage's mask, and an image without alpha gives all 0.",
-              default="luminance", choices=(*_CHANNEL_WEIGHTS, "alpha")),
+              default="luminance", choices=(*CHANNEL_WEIGHTS, "alpha")),
     )
     outputs = (Output("mask", MASK, "1 = repaint / selected, 0 = keep."),)
 
@@ -85,7 +85,7 @@ class LoadMask(Node):
         image, transparency = _load(ctx, path)
         if channel == "alpha":
             return {"mask": transparency}
-        return {"mask": image @ torch.tensor(_CHANNEL_WEIGHTS[channel])}
+        return {"mask": image @ torch.tensor(CHANNEL_WEIGHTS[channel])}
 
 
 class SaveImage(Node):

@@ -9,7 +9,7 @@ from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
 from graphflow.types import FLOAT, IMAGE, INT, MASK, STRING
-from nodes.image import _CHANNEL_WEIGHTS
+from nodes.image import CHANNEL_WEIGHTS
 from nodes.imaging import map_items, resize
 
 if TYPE_CHECKING:
@@ -121,14 +121,14 @@ class ImageToMask(Node):
     inputs = (
         Input("image", IMAGE, "The image to take the mask from."),
         Input("channel", STRING, "luminance (BT.601 grey, as LoadMask), red, green or blue: white / full = 1.",
-              default="luminance", choices=tuple(_CHANNEL_WEIGHTS)),
+              default="luminance", choices=tuple(CHANNEL_WEIGHTS)),
     )
     outputs = (Output("mask", MASK, "The channel's values as the mask."),)
 
     def run(self, ctx: RunContext, image: torch.Tensor, channel: str) -> dict[str, Any]:
         import torch
 
-        return {"mask": image @ torch.tensor(_CHANNEL_WEIGHTS[channel], device=image.device)}
+        return {"mask": image @ torch.tensor(CHANNEL_WEIGHTS[channel], device=image.device)}
 
 
 class ColorToMask(Node):

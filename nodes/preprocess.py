@@ -6,15 +6,12 @@ repository in the Hugging Face cache); the controlnet_aux detectors in nodes.ann
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphflow.context import RunContext
-from graphflow.errors import Code, NodeInputError
 from graphflow.node import Input, Node, Output
-from graphflow.paths import PathError
 from graphflow.types import FLOAT, IMAGE, INT, STRING
 from nodes.imaging import INTERPOLATIONS, fit_box, from_uint8, grey_to_rgb, pad, resize, to_uint8
 
@@ -25,7 +22,6 @@ if TYPE_CHECKING:
 THRESHOLDS = ("fixed", "adaptive")
 CHANNELS = ("grey", "per_channel")
 DEPTH_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _MODEL_SOURCE = ("A Hugging Face hub id (its files are taken from the HF cache, downloaded there first when the hub "
                  "is reachable) or a local folder holding the same files, relative to the input directory.")
 
@@ -173,47 +169,10 @@ def model_files(ctx: RunContext, name: str, files: tuple[str, ...]) -> tuple[Pat
     `name` is a folder inside the input directories, `tiny:NAME`, or a hub repository whose files come
     from the Hugging Face cache (downloaded into it first when the hub is reachable).
     """
-    from graphflow.models.sources import TINY_PREFIX, locate
+    from graphflow.models.sources import locate
 
-    name = name.strip()
-    if name.startswith(TINY_PREFIX):
-        folder = locate(name, ctx.paths, node=ctx.node, input="model", pipeline=False).path
-    else:
-        try:
-            folder = ctx.input_path(name, input="model", directory=True)
-        except PathError as error:
-            if error.error.code != Code.FILE_NOT_FOUND or not _HUB_ID.fullmatch(name):
-                raise
-            return _hub_files(name, files), name
-    missing = [file for file in files if not (folder / file).is_file()]
-    if missing:
-        raise NodeInputError(f"model folder {folder} lacks {', '.join(missing)}; a local copy must hold the same "
-                             f"files as the hub repository: {', '.join(files)}")
-    return folder, str(folder)
-
-
-def _hub_files(repo: str, files: tuple[str, ...]) -> Path:
-    """The snapshot folder of `repo` in the Hugging Face cache, after making sure each of `files` is there."""
-    from huggingface_hub import constants, hf_hub_download
-
-    from graphflow.models.sources import ModelNotFoundError
-
-    folders = set()
-    for file in files:
-        try:
-            folders.add(Path(hf_hub_download(repo, file)).parent)
-        except Exception as error:  # the hub client raises many types: offline, network, auth, missing repo or file
-            why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-                   else f"downloading it failed ({type(error).__name__}: {error})")
-            raise ModelNotFoundError(
-                f"model '{repo}': {file} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
-                f"Download it while online (`hf download {repo} {' '.join(files)}`), or copy those files into a "
-                "folder inside an input directory (--input-dir) and give that folder's path instead of "
-                f"'{repo}'.") from error
-    if len(folders) != 1:
-        raise ModelNotFoundError(f"model '{repo}': the cached files {', '.join(files)} belong to different revisions "
-                                 f"({', '.join(sorted(map(str, folders)))}); download them again together")
-    return folders.pop()
+    source = locate(name, ctx.paths, node=ctx.node, input="model", files=files)
+    return source.path, source.key
 
 
 NODES = (Canny, Depth)

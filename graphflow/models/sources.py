@@ -17,17 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from graphflow.errors import GraphflowError
+from graphflow.errors import Code, GraphflowError
 from graphflow.paths import PathError, PathPolicy
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 TINY_PREFIX = "tiny:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# what a hub snapshot needs: configs, tokenizers, and the non-variant safetensors weights
-_PIPELINE_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
-                   "*/model.safetensors", "*/*.safetensors.index.json", "*/*-of-*.safetensors"]
-_MODEL_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "*.safetensors.index.json",
-                "diffusion_pytorch_model-*-of-*.safetensors"]
+# what a hub snapshot needs: configs, tokenizers, and the non-variant safetensors weights; the first
+# entry of each is the file that must be there for the snapshot to count as present
+PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                  "*/model.safetensors", "*/*.safetensors.index.json", "*/*-of-*.safetensors")
+MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "*.safetensors.index.json",
+               "diffusion_pytorch_model-*-of-*.safetensors")
 
 
 class ModelNotFoundError(GraphflowError):
@@ -55,8 +56,14 @@ class ModelSource:
         return json.loads((self.path / relative).read_text(encoding="utf-8"))
 
 
-def locate(name: str, paths: PathPolicy, *, node: str, input: str, pipeline: bool) -> ModelSource:
-    """Find `name` locally or on the hub; `pipeline` says whether a whole checkpoint folder is wanted."""
+def locate(name: str, paths: PathPolicy, *, node: str, input: str, pipeline: bool = False,
+           files: tuple[str, ...] | None = None) -> ModelSource:
+    """Find `name` locally or on the hub.
+
+    What a hub snapshot must hold: a whole checkpoint folder with `pipeline`, else one diffusers
+    model, or exactly `files` (names or glob patterns; names without a wildcard must all exist).
+    """
+    wanted = files or (PIPELINE_FILES if pipeline else MODEL_FILES)
     name = name.strip()
     if name.startswith(TINY_PREFIX):
         return _tiny(name)
@@ -64,15 +71,29 @@ def locate(name: str, paths: PathPolicy, *, node: str, input: str, pipeline: boo
     try:
         path = paths.input_path(name, node=node, input=input, directory=True)
     except PathError as error:
+        if error.error.code == Code.PATH_OUTSIDE_ROOT:
+            raise
         if not _HUB_ID.match(name) or Path(name).suffix == ".safetensors":
             raise ModelNotFoundError(_not_found(name, paths, str(error.error.message))) from None
-        return ModelSource(name, "hub", _hub_snapshot(name, paths, pipeline))
+        return ModelSource(name, "hub", _hub_snapshot(name, paths, wanted, required_files(wanted, files)))
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelNotFoundError(f"'{name}' is a {path.suffix or 'suffix-less'} file; single-file models must be "
                                      ".safetensors files (or give a diffusers folder or a hub id)")
         return ModelSource(name, "file", path)
+    if files is not None:
+        missing = [file for file in required_files(wanted, files) if not (path / file).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"model folder {path} lacks {', '.join(missing)}; a local copy must hold the "
+                                     f"same files as the hub repository: {', '.join(files)}")
     return ModelSource(name, "folder", path)
+
+
+def required_files(patterns: tuple[str, ...], files: tuple[str, ...] | None) -> list[str]:
+    """The files a located folder must hold: every exact name asked for, else the patterns' marker file."""
+    if files is None:
+        return [patterns[0]]
+    return [file for file in files if not any(character in file for character in "*?[")]
 
 
 def _tiny(name: str) -> ModelSource:
@@ -108,31 +129,35 @@ def require_safetensors(folder: Path, what: str) -> None:
     raise ModelNotFoundError(f"{what}: no .safetensors weights in {folder}")
 
 
-def _hub_snapshot(repo: str, paths: PathPolicy, pipeline: bool) -> Path:
+def _hub_snapshot(repo: str, paths: PathPolicy, patterns: tuple[str, ...], required: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = _PIPELINE_FILES if pipeline else _MODEL_FILES
-    marker = "model_index.json" if pipeline else "config.json"
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-        if (folder / marker).is_file():
+        folder = Path(snapshot_download(repo, allow_patterns=list(patterns), local_files_only=True))
+        if all((folder / file).is_file() for file in required):
             return folder
     except LocalEntryNotFoundError:
         pass
+    wanted = " ".join(file for file in patterns if "*" not in file)
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(_not_found(repo, paths, f"it is not in the Hugging Face cache "
-                                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"))
+                                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set", wanted))
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo, allow_patterns=list(patterns)))
     except Exception as error:  # the hub client raises many types: network, auth, missing repo
         raise ModelNotFoundError(_not_found(repo, paths, f"downloading from the hub failed "
-                                            f"({type(error).__name__}: {error})")) from error
+                                            f"({type(error).__name__}: {error})", wanted)) from error
+    missing = [file for file in required if not (folder / file).is_file()]
+    if missing:
+        raise ModelNotFoundError(f"hub repository '{repo}' has no {', '.join(missing)}")
+    return folder
 
 
-def _not_found(name: str, paths: PathPolicy, why: str) -> str:
+def _not_found(name: str, paths: PathPolicy, why: str, files: str = "") -> str:
     roots = ", ".join(str(root) for root in paths.input_roots)
+    download = f"hf download {name} {files}".rstrip()
     return (f"model '{name}' was not found: {why}. Looked for a local file or folder under {roots} and for a "
             "Hugging Face hub repository of that id in the cache. To supply it: download it while online "
-            f"(`hf download {name}` or any run with the hub reachable), or point this input at a local diffusers "
-            "folder or .safetensors file (add its directory with --input-dir).")
+            f"(`{download}` or any run with the hub reachable), or point this input at a local folder holding "
+            "the same files, or a .safetensors file (add its directory with --input-dir).")

@@ -10,7 +10,7 @@ import torch
 
 from graphflow import Engine
 from graphflow.context import RunContext
-from graphflow.errors import NodeExecutionError, NodeInputError
+from graphflow.errors import NodeExecutionError
 from graphflow.models import ModelManager
 from graphflow.models.sources import ModelNotFoundError
 from graphflow.models.tiny_depth import write_tiny_dpt
@@ -111,5 +111,5 @@ def test_a_local_folder_missing_a_file_says_which(model_ctx: RunContext, dpt: Pa
     incomplete.mkdir()
     (incomplete / "config.json").write_bytes((dpt / "config.json").read_bytes())
 
-    with pytest.raises(NodeInputError, match=r"lacks preprocessor_config\.json, model\.safetensors"):
+    with pytest.raises(ModelNotFoundError, match=r"lacks preprocessor_config\.json, model\.safetensors"):
         run_node(Depth, model_ctx, image=photo_like(1, 16, 16), model="dpt-copy")
