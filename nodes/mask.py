@@ -170,9 +170,10 @@ class ThresholdMask(Node):
         return {"mask": (mask > threshold).float()}
 
 
-def mask_box(mask: torch.Tensor, padding: int) -> tuple[int, int, int, int]:
+def mask_box(mask: torch.Tensor, padding: int, multiple: int = 1) -> tuple[int, int, int, int]:
     """(x, y, width, height) of the smallest box around every non-zero pixel of a MASK batch, grown by `padding`
-    on each side and clipped to the image; the whole image when the mask is empty."""
+    on each side and clipped to the image, then grown (or, at the image's edges, shrunk) to whole `multiple`s;
+    the whole image when the mask is empty."""
     import torch
 
     rows, columns = mask.shape[1:3]
@@ -183,7 +184,16 @@ def mask_box(mask: torch.Tensor, padding: int) -> tuple[int, int, int, int]:
         return 0, 0, columns, rows
     top, left = max(0, row_hits[0] - padding), max(0, column_hits[0] - padding)
     bottom, right = min(rows, row_hits[-1] + 1 + padding), min(columns, column_hits[-1] + 1 + padding)
-    return left, top, right - left, bottom - top
+    left, width = _whole_multiples(left, right - left, columns, multiple)
+    top, height = _whole_multiples(top, bottom - top, rows, multiple)
+    return left, top, width, height
+
+
+def _whole_multiples(start: int, length: int, limit: int, multiple: int) -> tuple[int, int]:
+    """Grow [start, start + length) to a multiple of `multiple` inside [0, limit), centred where it can be."""
+    target = min(-(-length // multiple) * multiple, limit // multiple * multiple) or length
+    start = max(0, min(start - (target - length) // 2, limit - target))
+    return start, target
 
 
 class CropToMask(Node):
@@ -198,6 +208,9 @@ class CropToMask(Node):
         Input("mask", MASK, "Its mask; the box encloses every non-zero pixel of every mask in the batch."),
         Input("padding", INT, "Pixels of context added around the box on each side (clipped at the image's edges).",
               default=32, min=0, max=16384),
+        Input("multiple", INT, "Make the crop's width and height multiples of this (8 = whole latents, so the crop "
+              "can go straight to VAEEncode); the box grows around its centre, within the image.",
+              default=8, min=1, max=512),
     )
     outputs = (
         Output("image", IMAGE, "The cropped image (the whole image when the mask is empty)."),
@@ -208,9 +221,10 @@ class CropToMask(Node):
         Output("height", INT, "Height of the crop."),
     )
 
-    def run(self, ctx: RunContext, image: torch.Tensor, mask: torch.Tensor, padding: int) -> dict[str, Any]:
+    def run(self, ctx: RunContext, image: torch.Tensor, mask: torch.Tensor, padding: int,
+            multiple: int) -> dict[str, Any]:
         _check_same_size(image=image, mask=mask)
-        x, y, width, height = mask_box(mask, padding)
+        x, y, width, height = mask_box(mask, padding, multiple)
         region = (slice(None), slice(y, y + height), slice(x, x + width))
         return {"image": image[region].contiguous(), "mask": mask[region].contiguous(),
                 "x": x, "y": y, "width": width, "height": height}

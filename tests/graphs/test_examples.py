@@ -131,3 +131,16 @@ def test_archviz_renders_four_seeds_sharing_edges_depth_and_prompts(engine: Engi
     assert ran_types.count("sample") == 4
     restyled = _run(engine, "archviz_four_seeds.json", **params, style="industrial")
     assert {node.split("/")[1] for node in restyled.ran} == {"prompt", "positive", "sample", "decode", "save"}
+
+
+def test_inpainting_a_crop_around_the_mask_pastes_it_back_in_place(engine: Engine) -> None:
+    result = _run(engine, "inpaint_crop.json", checkpoint="tiny:sd15-inpaint", controlnet="tiny:controlnet-canny",
+                  feather=0, padding=8)
+    original = _load(engine, "graphs/assets/room.png")
+    mask = _load(engine, "graphs/assets/room_mask.png", mask=True)
+    crop, pasted = result.outputs["crop"], result.outputs["image"]
+    assert crop.shape[1] % 8 == 0 and crop.shape[2] % 8 == 0
+    assert crop.shape[1] * crop.shape[2] < original.shape[1] * original.shape[2]
+    outside = mask[0] == 0
+    assert torch.equal(pasted[0][outside], original[0][outside])
+    assert not torch.equal(pasted[0][~outside], original[0][~outside])

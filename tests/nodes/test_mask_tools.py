@@ -54,7 +54,7 @@ def test_crop_to_mask_crops_to_the_padded_box_of_every_mask_in_the_batch(ctx: Ru
     mask[0, 10:14, 20:25] = 0.5
     mask[1, 12:20, 22:23] = 1
 
-    result = run_node(CropToMask, ctx, image=image, mask=mask, padding=3)
+    result = run_node(CropToMask, ctx, image=image, mask=mask, padding=3, multiple=1)
 
     assert (result["x"], result["y"], result["width"], result["height"]) == (17, 7, 11, 16)
     assert torch.equal(result["image"], image[:, 7:23, 17:28]) and torch.equal(result["mask"], mask[:, 7:23, 17:28])
@@ -64,12 +64,26 @@ def test_crop_to_mask_clips_the_padding_at_the_edges_and_keeps_everything_for_an
     image, mask = seeded(1, 30, 20, 3, seed=2), torch.zeros(1, 30, 20)
     mask[0, 1, 18] = 1
 
-    corner = run_node(CropToMask, ctx, image=image, mask=mask, padding=5)
-    empty = run_node(CropToMask, ctx, image=image, mask=torch.zeros(1, 30, 20), padding=5)
+    corner = run_node(CropToMask, ctx, image=image, mask=mask, padding=5, multiple=1)
+    empty = run_node(CropToMask, ctx, image=image, mask=torch.zeros(1, 30, 20), padding=5, multiple=1)
 
     assert (corner["x"], corner["y"], corner["width"], corner["height"]) == (13, 0, 7, 7)
     assert (empty["x"], empty["y"], empty["width"], empty["height"]) == (0, 0, 20, 30)
     assert torch.equal(empty["image"], image)
+
+
+def test_crop_to_mask_grows_the_box_to_whole_latents_around_its_centre_inside_the_image(ctx: RunContext) -> None:
+    image, mask = seeded(1, 40, 50, 3, seed=1), torch.zeros(1, 40, 50)
+    mask[0, 10:20, 20:25] = 1
+    mask[0, 36, 45] = 0  # an unselected pixel changes nothing
+
+    middle = run_node(CropToMask, ctx, image=image, mask=mask, padding=3)
+    mask[0, 39, 49] = 1
+    corner = run_node(CropToMask, ctx, image=image, mask=torch.where(torch.arange(50) > 46, mask, 0), padding=1)
+
+    assert (middle["x"], middle["y"], middle["width"], middle["height"]) == (15, 7, 16, 16)
+    assert (corner["x"], corner["y"], corner["width"], corner["height"]) == (42, 32, 8, 8)
+    assert corner["image"].shape == (1, 8, 8, 3)
 
 
 def test_crop_to_mask_refuses_a_mask_of_another_size(ctx: RunContext) -> None:
@@ -80,7 +94,7 @@ def test_crop_to_mask_refuses_a_mask_of_another_size(ctx: RunContext) -> None:
 def test_paste_crop_puts_a_crop_back_where_it_came_from(ctx: RunContext) -> None:
     image, mask = seeded(1, 32, 48, 3, seed=3), torch.zeros(1, 32, 48)
     mask[0, 8:16, 10:30] = 1
-    cut = run_node(CropToMask, ctx, image=image, mask=mask, padding=2)
+    cut = run_node(CropToMask, ctx, image=image, mask=mask, padding=2, multiple=1)
     place = {name: cut[name] for name in ("x", "y", "width", "height")}
 
     unchanged = run_node(PasteCrop, ctx, image=image, crop=cut["image"], **place)["image"]
