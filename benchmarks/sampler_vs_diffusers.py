@@ -101,7 +101,7 @@ def _pipeline(checkpoint: str, controlnet: str, device: str, dtype: object) -> o
     model = locate(checkpoint, paths, node="benchmark", input="checkpoint", pipeline=True).path
     net = locate(controlnet, paths, node="benchmark", input="controlnet", pipeline=False).path
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        model, controlnet=ControlNetModel.from_pretrained(net, torch_dtype=dtype), torch_dtype=dtype,
+        model, controlnet=ControlNetModel.from_pretrained(net, dtype=dtype), dtype=dtype,
         safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -134,12 +134,12 @@ def quiet_progress() -> Iterator[None]:
 def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -> Any:
     kwargs = {"subfolder": subfolder} if subfolder else {}
     with quiet_progress():
-        return _model_class(class_name).from_pretrained(folder, torch_dtype=torch_dtype(dtype), use_safetensors=True,
+        return _model_class(class_name).from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True,
                                                         **kwargs)
 
 
 def _from_single_file(class_name: str, path: str, dtype: str, config: str | None) -> Any:
-    return _model_class(class_name).from_single_file(path, config=config, torch_dtype=torch_dtype(dtype))
+    return _model_class(class_name).from_single_file(path, config=config, dtype=torch_dtype(dtype))
 
 
 @lru_cache(maxsize=8)
@@ -174,7 +174,7 @@ def _single_file_pipeline(path: str, family: Family, inpaint: bool, dtype: str, 
 
     pipeline_class = getattr(diffusers, _PIPELINE_CLASSES[family, inpaint])
     extra = {"safety_checker": None} if family == "sd15" else {}
-    return pipeline_class.from_single_file(path, config=config, torch_dtype=torch_dtype(dtype), **extra)
+    return pipeline_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
 
 
 def checkpoint_family(path: Path) -> tuple[Family, bool]:

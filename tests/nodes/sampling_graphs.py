@@ -130,14 +130,14 @@ class Pipelines:
     def controlnet(self, name: str) -> Any:
         from diffusers import ControlNetModel
 
-        return self._prepared(ControlNetModel.from_pretrained(self.tiny_models / name, torch_dtype=self.dtype))
+        return self._prepared(ControlNetModel.from_pretrained(self.tiny_models / name, dtype=self.dtype))
 
     @functools.cache  # noqa: B019
     def components(self, checkpoint: str) -> dict[str, Any]:
         from diffusers import DiffusionPipeline
 
         options = {"safety_checker": None} if checkpoint.startswith("sd15") else {}
-        pipeline = DiffusionPipeline.from_pretrained(self.tiny_models / checkpoint, torch_dtype=self.dtype, **options)
+        pipeline = DiffusionPipeline.from_pretrained(self.tiny_models / checkpoint, dtype=self.dtype, **options)
         return {name: self._prepared(part) if isinstance(part, torch.nn.Module) else part
                 for name, part in pipeline.components.items()}
 
