@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from graphflow import Engine
@@ -32,29 +34,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if args.checkpoint.startswith("tiny:") else "0")
 
     base = {"checkpoint": args.checkpoint, "controlnet": args.controlnet, "width": args.width,
-            "height": args.height, "steps": args.steps}
-    edits = [("full run", {}), ("identical re-run", {}), ("prompt changed", {"prompt": "a cosy library at night"}),
-             ("seed changed", {"seed": 1}), ("ControlNet scale changed", {"scale": 0.6}),
-             ("Canny threshold changed", {"low": 60})]
+            "height": args.height, "steps": args.steps, "prefix": "incremental"}
+    # each repeat edits to new values, so every edited run really re-runs; medians over the repeats
+    edits: list[tuple[str, Callable[[int], dict[str, object]]]] = [
+        ("full run", lambda r: {}), ("identical re-run", lambda r: {}),
+        ("prompt changed", lambda r: {"prompt": f"a cosy library at night, variation {r}"}),
+        ("seed changed", lambda r: {"seed": 1 + r}),
+        ("ControlNet scale changed", lambda r: {"scale": 0.6 - 0.05 * r}),
+        ("Canny threshold changed", lambda r: {"low": 60 + r}),
+    ]
+    seconds: dict[str, list[float]] = {label: [] for label, _ in edits}
+    ran: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as out:
         engine = Engine(input_dirs=[GRAPH.parent.parent], output_dir=out,
                         options={"device": args.device, "dtype": args.dtype})
-        engine.run(GRAPH, {**base, "prefix": "warmup", "seed": 99})  # loads models; not what we measure
-        engine.cache.clear()
-        params = dict(base)
-        full = None
-        print(f"{args.checkpoint} + {args.controlnet}, {args.width}x{args.height}, {args.steps} steps")
-        print(f"{'run':<26} {'seconds':>8} {'ratio':>6}  nodes that ran")
-        for label, change in edits:
-            params.update(change)
-            result = engine.run(GRAPH, {**params, "prefix": "incremental"})
-            full = full or result.seconds
-            ran = ", ".join(result.ran) or "(none)"
-            print(f"{label:<26} {result.seconds:8.4f} {result.seconds / full:6.3f}  {ran}")
+        engine.run(GRAPH, {**base, "seed": 99})  # loads the models once; not what is measured
+        for repeat in range(args.repeats):
+            engine.cache.clear()
+            params = dict(base)
+            for label, change in edits:
+                params.update(change(repeat))
+                result = engine.run(GRAPH, params)
+                seconds[label].append(result.seconds)
+                ran[label] = result.ran
+    full = statistics.median(seconds["full run"])
+    print(f"{args.checkpoint} + {args.controlnet}, {args.width}x{args.height}, {args.steps} steps, "
+          f"median of {args.repeats}")
+    print(f"{'run':<26} {'seconds':>8} {'ratio':>6}  nodes that ran")
+    for label, _ in edits:
+        median = statistics.median(seconds[label])
+        print(f"{label:<26} {median:8.4f} {median / full:6.3f}  {', '.join(ran[label]) or '(none)'}")
 
 
 if __name__ == "__main__":
