@@ -90,7 +90,12 @@ def _single_model(manager: ModelManager, source: ModelSource, where: Placement, 
     """A ControlNet or VAE: its own folder, the matching subfolder of a checkpoint folder, or a single file."""
     if source.kind == "file":
         load = partial(_from_single_file, class_name, str(source.path), where.dtype, config or None)
-        return manager.handle(ModelKey(kind, source.key, "", where.dtype, where.device), load)
+        handle = manager.handle(ModelKey(kind, source.key, "", where.dtype, where.device), load)
+        # a single file carries no config.json: load now, so the config (family, scaling factor) is known
+        # and a file that cannot be converted fails in its loader node rather than in a later Sampler
+        with handle.use() as module:
+            handle.config.update(module.config)
+        return handle
     sub = subfolder if (source.path / "model_index.json").is_file() else ""
     if not (source.path / sub / "config.json").is_file():
         raise ModelNotFoundError(f"'{source.name}' is not a diffusers {kind} folder: no config.json in "
@@ -139,7 +144,18 @@ def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -
 
 
 def _from_single_file(class_name: str, path: str, dtype: str, config: str | None) -> Any:
-    return _model_class(class_name).from_single_file(path, config=config, dtype=torch_dtype(dtype))
+    try:
+        return _model_class(class_name).from_single_file(path, config=config, dtype=torch_dtype(dtype))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelNotFoundError(_single_file_failure(path, config, error)) from error
+
+
+def _single_file_failure(path: str, config: str | None, error: BaseException) -> str:
+    needs = (f"the configs in '{config}'" if config else
+             "the standard configs from the Hugging Face hub (or its cache); with the hub out of reach, set the "
+             "loader's config input to a local diffusers folder of the same architecture")
+    return (f"could not load the single-file model {path} ({type(error).__name__}: {error}). Converting a single "
+            f"file needs {needs}.")
 
 
 @lru_cache(maxsize=8)
@@ -174,7 +190,10 @@ def _single_file_pipeline(path: str, family: Family, inpaint: bool, dtype: str, 
 
     pipeline_class = getattr(diffusers, _PIPELINE_CLASSES[family, inpaint])
     extra = {"safety_checker": None} if family == "sd15" else {}
-    return pipeline_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
+    try:
+        return pipeline_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelNotFoundError(_single_file_failure(path, config, error)) from error
 
 
 def checkpoint_family(path: Path) -> tuple[Family, bool]:

@@ -131,3 +131,17 @@ def test_tiny_sources_build_graphflows_own_models_on_first_use(tmp_path: Path,
     assert (tmp_path / "tiny" / "sd15" / "model_index.json").is_file()
     with pytest.raises(NodeExecutionError, match="tiny:sd15, tiny:sd15-inpaint"):
         Engine(input_dirs=[tmp_path], models=ModelManager()).run(_loaders("tiny:sd3"))
+
+
+@pytest.mark.parametrize(("node", "tensors"), [
+    ("CheckpointLoader", {"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3), "cond_stage_model.x": (1,)}),
+    ("ControlNetLoader", {"control_model.input_blocks.0.0.weight": (8, 4, 3, 3)}),
+])
+def test_a_single_file_that_cannot_be_converted_offline_fails_in_its_loader_saying_what_it_needs(
+        tmp_path: Path, node: str, tensors: dict[str, tuple[int, ...]]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, tmp_path / "model.safetensors")
+    message = _failure(tmp_path, "model.safetensors", node)
+    assert "single-file model" in message and "config input" in message
