@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -83,3 +85,16 @@ def test_model_offload_moves_weights_to_the_gpu_only_while_held() -> None:
     with handle.use() as model:
         assert model.weight.device.type == "cuda"
     assert model.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler")
+def test_compile_runs_unets_through_torch_compile_with_the_same_results() -> None:
+    manager = ModelManager(compile=True)
+    plain = _linear(8)
+    inputs = torch.randn(2, 8)
+    with manager.handle(_key("compiled"), lambda: plain).use() as model:
+        assert model._compiled_call_impl is not None  # nn.Module.compile() swaps the call in place
+        assert torch.allclose(model(inputs), torch.nn.functional.linear(inputs, plain.weight, plain.bias))
+    with manager.handle(ModelKey("vae", "v"), lambda: _linear(8)).use() as vae:
+        assert vae._compiled_call_impl is None  # only UNets and ControlNets are compiled
