@@ -116,25 +116,31 @@ class Engine:
         return compiled
 
     def run(self, graph: Any, params: Mapping[str, Any] | None = None, *, outputs: list[str] | None = None,
-            on_event: EventHandler | None = None, cancel: CancelToken | None = None) -> RunResult:
-        """Run what the requested named `outputs` (default: all, plus every output node) need."""
+            on_event: EventHandler | None = None, cancel: CancelToken | None = None,
+            options: Mapping[str, Any] | None = None) -> RunResult:
+        """Run what the requested named `outputs` (default: all, plus every output node) need.
+
+        `options` override the engine's options (e.g. {"device": "cuda", "dtype": "fp16"}) for this run.
+        """
         started = time.perf_counter()
         compiled = self.compile(graph, params)
-        plan, keys = self._plan(compiled, outputs)
+        run_options = {**self.options, **options} if options else self.options
+        plan, keys = self._plan(compiled, outputs, run_options)
         live, to_run, cached = self._reuse(compiled, plan.order, plan.targets, keys)
         if on_event is not None:
             on_event(RunStarted(len(to_run), len(cached)))
             for node_id in cached:
                 on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
         result = RunResult({}, [], cached, {})
-        self._run_nodes(compiled, plan, keys, live, to_run, result, on_event, cancel or CancelToken())
+        self._run_nodes(compiled, plan, keys, live, to_run, result, on_event, cancel or CancelToken(), run_options)
         result.outputs = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
                           if outputs is None or name in outputs}
         result.seconds = time.perf_counter() - started
         return result
 
     def _run_nodes(self, graph: CompiledGraph, plan: Plan, keys: dict[str, str], live: dict[str, dict[str, Any]],
-                   to_run: list[str], result: RunResult, on_event: EventHandler | None, cancel: CancelToken) -> None:
+                   to_run: list[str], result: RunResult, on_event: EventHandler | None, cancel: CancelToken,
+                   options: dict[str, Any]) -> None:
         """Execute `to_run` in order, caching each result and freeing inputs after their last consumer."""
         remaining = {node_id: 0 for node_id in live}
         for node_id in to_run:
@@ -154,7 +160,7 @@ class Engine:
                     on_event(NodeCached(node_id, node.node_type.type_name))
             else:
                 ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, graph.document,
-                                 graph.params, self.options, on_event, result.files, self.models)
+                                 graph.params, options, on_event, result.files, self.models)
                 live[node_id], result.timings[node_id] = self._execute(node, ctx, live, on_event)
                 result.ran.append(node_id)
                 self._store(node, key, live[node_id])
@@ -175,9 +181,10 @@ class Engine:
                                               found=repr(name)) for name in unknown])
         return list(dict.fromkeys(graph.outputs[name].node for name in outputs))
 
-    def _plan(self, graph: CompiledGraph, outputs: list[str] | None) -> tuple[Plan, dict[str, str]]:
+    def _plan(self, graph: CompiledGraph, outputs: list[str] | None,
+              options: dict[str, Any]) -> tuple[Plan, dict[str, str]]:
         """The plan and cache keys for these outputs, remembered until an input file's bytes change."""
-        memo_key = ("plan", tuple(outputs) if outputs is not None else None, repr(sorted(self.options.items())))
+        memo_key = ("plan", tuple(outputs) if outputs is not None else None, repr(sorted(options.items())))
         memo: _PlanMemo | None = graph.memo.get(memo_key)
         if memo is None:
             plan = plan_execution(graph, self._targets(graph, outputs))
@@ -188,7 +195,7 @@ class Engine:
             memo = graph.memo[memo_key] = _PlanMemo(plan, file_inputs)
         digests = self._file_digests(graph, memo.file_inputs)
         if memo.keys is None or digests != memo.digests:
-            memo.digests, memo.keys = digests, self._keys(graph, memo.plan.order, digests)
+            memo.digests, memo.keys = digests, self._keys(graph, memo.plan.order, digests, options)
         return memo.plan, memo.keys
 
     def _check_output_paths(self, graph: CompiledGraph, plan: Plan) -> None:
@@ -219,14 +226,14 @@ class Engine:
             raise ValidationError(errors)
         return digests
 
-    def _keys(self, graph: CompiledGraph, order: tuple[str, ...],
-              digests: dict[tuple[str, str], str]) -> dict[str, str]:
+    def _keys(self, graph: CompiledGraph, order: tuple[str, ...], digests: dict[tuple[str, str], str],
+              options: dict[str, Any]) -> dict[str, str]:
         files: dict[str, dict[str, str]] = {}
         for (owner, name), digest in digests.items():
             files.setdefault(owner, {})[name] = digest
         keys: dict[str, str] = {}
         for node_id in order:
-            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files.get(node_id, {}), self.options))
+            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files.get(node_id, {}), options))
         return keys
 
     def _reuse(self, graph: CompiledGraph, order: tuple[str, ...], targets: frozenset[str],

@@ -145,3 +145,14 @@ def test_a_single_file_that_cannot_be_converted_offline_fails_in_its_loader_sayi
     save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, tmp_path / "model.safetensors")
     message = _failure(tmp_path, "model.safetensors", node)
     assert "single-file model" in message and "config input" in message
+
+
+def test_device_and_dtype_can_change_per_run_and_key_the_model_nodes(tiny_models: Path) -> None:
+    manager = ModelManager()
+    engine = _engine(tiny_models, manager)
+    full = engine.run(_loaders("sd15"), options={"dtype": "fp32"})
+    half = engine.run(_loaders("sd15"), options={"dtype": "fp16"})
+    again = engine.run(_loaders("sd15"), options={"dtype": "fp32"})
+    assert sorted(half.ran) == ["cn", "sd"] and again.ran == []
+    assert full.outputs["model"].unet.key.dtype == "fp32" and half.outputs["model"].unet.key.dtype == "fp16"
+    assert again.outputs["model"] is full.outputs["model"]
