@@ -51,7 +51,7 @@ _COMPILED_GRAPHS_KEPT = 32
 @dataclass
 class _PlanMemo:
     plan: Plan
-    file_inputs: list[tuple[str, str]]
+    file_inputs: list[tuple[str, str, bool]]  # (node, input, is a model source)
     digests: dict[tuple[str, str], str] = field(default_factory=dict)
     keys: dict[str, str] | None = None
 
@@ -189,9 +189,9 @@ class Engine:
         if memo is None:
             plan = plan_execution(graph, self._targets(graph, outputs))
             self._check_output_paths(graph, plan)
-            file_inputs = [(node_id, spec.name) for node_id in plan.order
+            file_inputs = [(node_id, spec.name, spec.model) for node_id in plan.order
                            for spec in graph.nodes[node_id].node_type.inputs
-                           if spec.file and isinstance(graph.nodes[node_id].inputs.get(spec.name), str)]
+                           if (spec.file or spec.model) and isinstance(graph.nodes[node_id].inputs.get(spec.name), str)]
             memo = graph.memo[memo_key] = _PlanMemo(plan, file_inputs)
         digests = self._file_digests(graph, memo.file_inputs)
         if memo.keys is None or digests != memo.digests:
@@ -212,13 +212,21 @@ class Engine:
         if errors:
             raise ValidationError(errors)
 
-    def _file_digests(self, graph: CompiledGraph, file_inputs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """Content digests of every file input; every unreadable file is reported at once, before any node runs."""
+    def _file_digests(self, graph: CompiledGraph,
+                      file_inputs: list[tuple[str, str, bool]]) -> dict[tuple[str, str], str]:
+        """Content digests of every file input and fingerprints of model sources; every unreadable file is
+        reported at once, before any node runs (a model that cannot be found is left to its loader to explain)."""
         digests: dict[tuple[str, str], str] = {}
         errors: list[GraphError] = []
-        for node_id, name in file_inputs:
+        for node_id, name, model in file_inputs:
+            value = graph.nodes[node_id].inputs[name]
+            if model:
+                from graphflow.models.sources import fingerprint
+
+                digests[node_id, name] = f"{value!r}@{fingerprint(value, self.paths)}"
+                continue
             try:
-                path = self.paths.input_path(graph.nodes[node_id].inputs[name], node=node_id, input=name)
+                path = self.paths.input_path(value, node=node_id, input=name)
                 digests[node_id, name] = file_digest(path.read_bytes())
             except PathError as error:
                 errors.append(error.error)

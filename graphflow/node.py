@@ -32,8 +32,10 @@ class Input:
 
     `optional` inputs may stay unconnected (the node receives None); `list` inputs take a list
     of values or links that fan in; `file` marks a STRING path read from the input root, whose
-    bytes (not name) go into the cache key; `output_path` marks a STRING path the node writes
-    under the output root, checked before anything runs.
+    bytes (not name) go into the cache key; `model` marks a STRING model source (hub id, folder,
+    file) whose fingerprint (file sizes and times, or the cached hub revision) joins the key, so
+    replaced weights re-run the node; `output_path` marks a STRING path the node writes under the
+    output root, checked before anything runs.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Input:
     optional: bool = False
     list: bool = False
     file: bool = False
+    model: bool = False
     output_path: bool = False
 
     @property

@@ -184,7 +184,8 @@ def detector_node(spec: Detector) -> type[Annotator]:
         files = ", ".join(spec.weights.values())
         inputs.append(Input("model", STRING, f"Where the weights ({files}) come from: a Hugging Face hub repository "
                             "(read from the HF cache, downloaded there first when the hub is reachable) or a local "
-                            "folder holding those files, relative to the input directory.", default=ANNOTATORS))
+                            "folder holding those files, relative to the input directory.", default=ANNOTATORS,
+                            model=True))
     inputs.append(Input("detect_resolution", INT, "The image's short side is resized to this (sides rounded to "
                         "multiples of 64) before detection; larger finds finer detail, slower.", **_RESOLUTION))
     if spec.image_resolution:

@@ -39,7 +39,7 @@ class CheckpointLoader(Node):
     category = "models"
     uses_options = ("device", "dtype")
     inputs = (
-        Input("model", STRING, _SOURCE),
+        Input("model", STRING, _SOURCE, model=True),
         Input("config", STRING, _CONFIG, default=""),
     )
     outputs = (
@@ -62,7 +62,7 @@ class ControlNetLoader(Node):
     category = "models"
     uses_options = ("device", "dtype")
     inputs = (
-        Input("model", STRING, _SOURCE),
+        Input("model", STRING, _SOURCE, model=True),
         Input("config", STRING, _CONFIG, default=""),
     )
     outputs = (Output("controlnet", CONTROLNET, "The ControlNet, for ControlApply."),)
@@ -80,7 +80,7 @@ class VAELoader(Node):
     category = "models"
     uses_options = ("device", "dtype")
     inputs = (
-        Input("model", STRING, _SOURCE + " A checkpoint folder gives its vae/ subfolder."),
+        Input("model", STRING, _SOURCE + " A checkpoint folder gives its vae/ subfolder.", model=True),
         Input("config", STRING, _CONFIG, default=""),
     )
     outputs = (Output("vae", VAE, "The autoencoder, for VAEEncode and VAEDecode."),)

@@ -113,7 +113,7 @@ class Depth(Node):
         Input("image", IMAGE, "The image to estimate depth for."),
         Input("model", STRING, "Depth-estimation model: Intel/dpt-large, Intel/dpt-hybrid-midas, or another "
               "transformers depth model (config.json, preprocessor_config.json, model.safetensors). " + _MODEL_SOURCE,
-              default="Intel/dpt-large"),
+              default="Intel/dpt-large", model=True),
     )
     outputs = (Output("image", IMAGE, "The depth map at the input's size, stretched so that the farthest point is 0 "
                       "and the nearest 1, in all three channels."),)

@@ -11,6 +11,7 @@ anything reads them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -39,6 +40,43 @@ class PickleRefusedError(GraphflowError):
     """The weights are in a pickle format, which graphflow never loads (unpickling runs code)."""
 
 
+_FINGERPRINTED = frozenset({".json", ".safetensors", ".txt", ".model", ".pth"})
+
+
+def fingerprint(name: str, paths: PathPolicy) -> str:
+    """What changes when a source's files change: the sizes and modification times of a local file or
+    folder's model files, or the hub revision cached for a repository. "" when it cannot be found (the
+    loader then says why). Cheap: nothing is read but file metadata and one ref file."""
+    name = name.strip()
+    if name.startswith(TINY_PREFIX):
+        from graphflow.models.tiny import default_tiny_models_dir
+
+        return _stat_fingerprint(default_tiny_models_dir() / name.removeprefix(TINY_PREFIX))
+    try:
+        return _stat_fingerprint(paths.input_path(name, directory=True))
+    except PathError:
+        pass
+    if not _HUB_ID.match(name):
+        return ""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+    try:
+        return "hub:" + ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def _stat_fingerprint(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(file for file in path.rglob("*")
+                                                  if file.suffix in _FINGERPRINTED and file.is_file())
+    entries = []
+    for file in files:
+        stat = file.stat()
+        entries.append(f"{file.relative_to(path) if file != path else file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.blake2b("\n".join(entries).encode(), digest_size=12).hexdigest()
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A located model: `path` is a local folder (hub snapshots included) or a .safetensors file."""
@@ -49,8 +87,11 @@ class ModelSource:
 
     @property
     def key(self) -> str:
-        """What identifies the source for the model manager: the hub id, or the resolved local path."""
-        return self.name if self.kind == "hub" else str(self.path)
+        """What identifies the source for the model manager: the hub id at its snapshot's revision, or the
+        resolved local path with its files' sizes and times (so replaced weights load anew)."""
+        if self.kind == "hub":
+            return f"{self.name}@{self.path.name}"
+        return f"{self.path}@{_stat_fingerprint(self.path)}"
 
     def read_json(self, relative: str) -> dict[str, Any]:
         return json.loads((self.path / relative).read_text(encoding="utf-8"))

@@ -156,3 +156,30 @@ def test_device_and_dtype_can_change_per_run_and_key_the_model_nodes(tiny_models
     assert sorted(half.ran) == ["cn", "sd"] and again.ran == []
     assert full.outputs["model"].unet.key.dtype == "fp32" and half.outputs["model"].unet.key.dtype == "fp16"
     assert again.outputs["model"] is full.outputs["model"]
+
+
+def test_replacing_a_folders_weights_reruns_its_loader_and_loads_the_new_weights(tiny_models: Path,
+                                                                                tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    import torch
+
+    shutil.copytree(tiny_models / "controlnet-canny", tmp_path / "cn")
+    manager = ModelManager()
+    engine = _engine(tmp_path, manager)
+    document = {"graphflow": 1, "nodes": {"cn": {"type": "ControlNetLoader", "inputs": {"model": "cn"}}},
+                "outputs": {"controlnet": "cn.controlnet"}}
+
+    def weights() -> torch.Tensor:
+        with engine.run(document).outputs["controlnet"].controlnet.use() as controlnet:
+            return controlnet.controlnet_mid_block.weight.clone()
+
+    before = weights()
+    assert engine.run(document).ran == []
+    weights_file = tmp_path / "cn" / "diffusion_pytorch_model.safetensors"
+    shutil.copyfile(tiny_models / "controlnet-depth" / "diffusion_pytorch_model.safetensors", weights_file)
+    os.utime(weights_file, ns=(1, 1))  # a different time even where the clock is coarse
+    assert engine.run(document).ran == ["cn"]
+    assert not torch.equal(weights(), before)
+    assert sum(manager.loads.values()) == 2
