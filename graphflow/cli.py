@@ -215,7 +215,7 @@ def _node_json(node: type[Node]) -> dict[str, Any]:
 
 def _input_json(spec: Input) -> dict[str, Any]:
     described = {"name": spec.name, "type": spec.type, "description": spec.description, "required": spec.required,
-                 "optional": spec.optional, "list": spec.list, "file": spec.file}
+                 "optional": spec.optional, "list": spec.list, "file": spec.file, "model": spec.model}
     extras = {"default": spec.default, "min": spec.min, "max": spec.max,
               "choices": list(spec.choices) if spec.choices is not None else None}
     return described | {key: value for key, value in extras.items() if value is not None and value is not REQUIRED}
