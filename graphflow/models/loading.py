@@ -82,7 +82,13 @@ def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement
 
 def load_vae(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> Autoencoder:
     handle = _single_model(manager, source, where, "vae", "AutoencoderKL", "vae", config)
-    return Autoencoder(None, source.key, handle)
+    return Autoencoder(vae_family(handle.config), source.key, handle)
+
+
+def vae_family(config: dict[str, Any]) -> Family | None:
+    """SD1.5 and SDXL VAEs share a shape and differ in their latent scaling factor; None for any other."""
+    factor = float(config.get("scaling_factor", 0.18215))
+    return "sd15" if abs(factor - 0.18215) < 1e-6 else "sdxl" if abs(factor - 0.13025) < 1e-6 else None
 
 
 def _single_model(manager: ModelManager, source: ModelSource, where: Placement, kind: str, class_name: str,
