@@ -57,6 +57,7 @@ class _Entry:
     bytes: int
     on_device: bool = False
     holders: int = 0
+    streamed: bool = False  # sequential offload: accelerate moves each layer in and out by itself
 
 
 def module_bytes(model: Any) -> int:
@@ -145,12 +146,12 @@ class ModelManager:
             from accelerate import cpu_offload
 
             cpu_offload(model, execution_device=handle.key.device)
-            entry.on_device = True  # accelerate moves each layer in and out by itself
+            entry.streamed = True
         self._entries[handle.key] = entry
         return entry
 
     def _place(self, key: ModelKey, entry: _Entry) -> None:
-        if entry.on_device:
+        if entry.on_device or entry.streamed:
             return
         self._make_room(key, entry.bytes)
         if key.device != "cpu" and hasattr(entry.model, "to"):
@@ -162,7 +163,7 @@ class ModelManager:
         for other, entry in list(self._entries.items()):
             if not self._short_of(key.device, needed):
                 return
-            if other == key or entry.holders or not entry.on_device or other.device != key.device:
+            if other == key or entry.holders or not entry.on_device or entry.streamed or other.device != key.device:
                 continue
             if other.device == "cpu":
                 log.info("unloading %s to stay within the memory budget", other)
