@@ -180,7 +180,8 @@ def _hub_snapshot(repo: str, paths: PathPolicy, patterns: tuple[str, ...], requi
             return folder
     except LocalEntryNotFoundError:
         pass
-    wanted = " ".join(file for file in patterns if "*" not in file)
+    exact = all("*" not in file for file in patterns)
+    wanted = " ".join(patterns) if exact else "--include " + " ".join(f"'{file}'" for file in patterns)
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(_not_found(repo, paths, f"it is not in the Hugging Face cache "
                                             f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set", wanted))
