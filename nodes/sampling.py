@@ -89,7 +89,7 @@ class Sampler(Node):
         controls = tuple(control or ())
         _check_families(model, positive, negative, controls, latent)
         batch, width, height = _output_size(model, controls, latent, width, height)
-        _check_inpainting(model, latent, mask, width, height)
+        _check_inpainting(model, latent, mask, batch, width, height)
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seed, steps, cfg, scheduler,
                                   strength, guess_mode, batch, width, height)
         return {"latent": {"samples": sample(ctx, request), "family": model.family}}
@@ -134,7 +134,7 @@ def _output_size(model: DiffusionModel, controls: tuple[ControlApplication, ...]
 
 
 def _check_inpainting(model: DiffusionModel, latent: dict[str, Any] | None, mask: torch.Tensor | None,
-                      width: int, height: int) -> None:
+                      batch: int, width: int, height: int) -> None:
     """A mask needs an encoded image to keep; a 9-channel UNet needs the masked image's latents, from the same mask."""
     if model.in_channels not in (4, 9):
         raise NodeInputError(f"the UNet takes {model.in_channels} input channels; graphflow samples with 4-channel "
@@ -151,6 +151,9 @@ def _check_inpainting(model: DiffusionModel, latent: dict[str, Any] | None, mask
     if effective.shape[1:] != (height, width):
         raise NodeInputError(f"the mask is {effective.shape[2]}x{effective.shape[1]} but the image is "
                              f"{width}x{height}; resize the mask to the image (e.g. with ResizePad)")
+    if len(effective) not in (1, batch):
+        raise NodeInputError(f"the mask batch has {len(effective)} masks for {batch} latents; give 1 mask or one "
+                             "per latent")
     if model.in_channels == 9:
         _check_masked_image(latent or {}, mask)
 

@@ -12,7 +12,17 @@ from graphflow import Cancelled, CancelToken, Engine, Graph
 from graphflow.context import RunContext
 from graphflow.errors import NodeExecutionError, NodeInputError
 from graphflow.events import Event, NodeProgress
-from nodes import CheckpointLoader, EmptyLatent, LoadImage, LoadMask, SaveImage, TextEncode, VAEDecode, VAEEncode
+from nodes import (
+    CheckpointLoader,
+    EmptyLatent,
+    LoadImage,
+    LoadMask,
+    Sampler,
+    SaveImage,
+    TextEncode,
+    VAEDecode,
+    VAEEncode,
+)
 from tests.nodes.sampling_graphs import CANNY, SIZE, Control, make_engine, sampling_graph
 
 
@@ -187,3 +197,18 @@ def test_unusable_sampler_inputs_are_refused(arguments: dict[str, Any], message:
     if arguments.get("latent") == "empty":
         arguments["latent"] = EmptyLatent(width=SIZE, height=SIZE).latent
     refused(engine, sampling_graph(tiny_models, arguments.pop("checkpoint", "sd15"), (CANNY,), **arguments), message)
+
+
+def test_a_mask_batch_that_does_not_match_the_latents_is_refused(ctx: RunContext, engine: Engine,
+                                                                 tiny_models: Path) -> None:
+    graph = Graph()
+    sd = graph.add(CheckpointLoader(model=str(tiny_models / "sd15")))
+    graph.output("model", sd.model)
+    graph.output("positive", graph.add(TextEncode(clip=sd.clip, text="x")).conditioning)
+    graph.output("latent", graph.add(VAEEncode(vae=sd.vae, image=LoadImage(path="init.png").image)).latent)
+    outputs = engine.run(graph).outputs
+    ctx.models = engine.models
+    with pytest.raises(NodeInputError, match="the mask batch has 2 masks for 1 latents"):
+        Sampler().run(ctx, model=outputs["model"], positive=outputs["positive"], negative=None, control=None,
+                      latent=outputs["latent"], mask=torch.ones(2, SIZE, SIZE), seed=0, steps=2, cfg=7.5,
+                      scheduler="default", strength=1.0, guess_mode=False, width=0, height=0)
