@@ -66,7 +66,8 @@ def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement
                                  "checkpoints (UNet, VAE, CLIP text encoders)")
     handles = {part: _component(manager, source, part, index[part], where) for part in parts}
     family = family_of_unet_config(handles["unet"].config)
-    tokenizers = tuple(_tokenizer(str(source.path), name) for name in ("tokenizer", "tokenizer_2") if name in index)
+    tokenizers = tuple(_tokenizer(source.key, str(source.path), name) for name in ("tokenizer", "tokenizer_2")
+                       if name in index)
     clip = TextEncoders(family, source.key, tokenizers,
                         tuple(handles[name] for name in ("text_encoder", "text_encoder_2") if name in handles),
                         bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
@@ -165,7 +166,8 @@ def _single_file_failure(path: str, config: str | None, error: BaseException) ->
 
 
 @lru_cache(maxsize=8)
-def _tokenizer(folder: str, subfolder: str) -> Any:
+def _tokenizer(key: str, folder: str, subfolder: str) -> Any:
+    """A checkpoint's tokenizer, remembered by the source's `key`, which changes when its files do."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder)
@@ -174,7 +176,7 @@ def _tokenizer(folder: str, subfolder: str) -> Any:
 def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: Placement, config: str) -> Checkpoint:
     """An original-layout (LDM) .safetensors checkpoint, converted by diffusers' single-file loader."""
     family, inpaint = checkpoint_family(source.path)
-    pipeline = _single_file_pipeline(str(source.path), family, inpaint, where.dtype, config or None)
+    pipeline = _single_file_pipeline(source.key, str(source.path), family, inpaint, where.dtype, config or None)
 
     def handle(kind: str, part: str) -> ModelHandle:
         module = getattr(pipeline, part)
@@ -191,7 +193,9 @@ def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: P
 
 
 @lru_cache(maxsize=2)
-def _single_file_pipeline(path: str, family: Family, inpaint: bool, dtype: str, config: str | None) -> Any:
+def _single_file_pipeline(key: str, path: str, family: Family, inpaint: bool, dtype: str, config: str | None) -> Any:
+    """The converted pipeline, remembered by the source's `key` (which changes with the file's size and time), so
+    two loader nodes naming one file convert it once, and a replaced file is converted anew."""
     import diffusers
 
     pipeline_class = getattr(diffusers, _PIPELINE_CLASSES[family, inpaint])

@@ -184,3 +184,38 @@ def test_replacing_a_folders_weights_reruns_its_loader_and_loads_the_new_weights
     assert engine.run(document).ran == ["cn"]
     assert not torch.equal(weights(), before)
     assert sum(manager.loads.values()) == 2
+
+
+def test_replacing_a_single_file_checkpoint_converts_the_new_file(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    from types import SimpleNamespace
+
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+
+    from graphflow.models.loading import Placement, load_checkpoint
+    from graphflow.models.sources import locate
+    from graphflow.paths import PathPolicy
+
+    converted: list[str] = []
+
+    def from_single_file(path: str, **_: object) -> SimpleNamespace:  # diffusers' conversion, which needs the hub
+        converted.append(path)
+        part = SimpleNamespace(config={"in_channels": 4, "scaling_factor": 0.18215})
+        return SimpleNamespace(unet=part, vae=part, text_encoder=part, tokenizer=object(), scheduler=part)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", staticmethod(from_single_file))
+    paths = PathPolicy.create([tmp_path])
+    checkpoint = tmp_path / "model.safetensors"
+
+    def load(time: int) -> str:
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 1, 1)}, checkpoint)
+        os.utime(checkpoint, ns=(time, time))
+        source = locate("model.safetensors", paths, node="sd", input="model", pipeline=True)
+        return load_checkpoint(ModelManager(), source, Placement("cpu", "fp32")).model.unet.key.source
+
+    first, same, replaced = load(1), load(1), load(2)
+    assert first == same and replaced != first
+    assert len(converted) == 2
