@@ -183,8 +183,12 @@ class ModelManager:
         if device.startswith("cuda"):
             import torch
 
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            return free - needed < self.reserve_bytes
+            cuda = torch.device(device)
+            free, _ = torch.cuda.mem_get_info(cuda)
+            # memory PyTorch has cached but not allocated is free for the next model too, and it is where an
+            # offloaded model's memory goes: without it every eviction would look useless and evict the rest
+            cached = torch.cuda.memory_reserved(cuda) - torch.cuda.memory_allocated(cuda)
+            return free + cached - needed < self.reserve_bytes
         return False
 
 

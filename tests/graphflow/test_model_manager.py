@@ -98,3 +98,30 @@ def test_compile_runs_unets_through_torch_compile_with_the_same_results() -> Non
         assert torch.allclose(model(inputs), torch.nn.functional.linear(inputs, plain.weight, plain.bias))
     with manager.handle(ModelKey("vae", "v"), lambda: _linear(8)).use() as vae:
         assert vae._compiled_call_impl is None  # only UNets and ControlNets are compiled
+
+
+class _GpuLinear(torch.nn.Linear):
+    """A Linear that records where it is moved instead of moving, standing in for a model on a GPU."""
+
+    device = "cpu"
+
+    def to(self, device: str) -> _GpuLinear:  # type: ignore[override]
+        self.device = str(device)
+        return self
+
+
+def test_memory_cached_by_pytorch_counts_as_free_so_one_eviction_is_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    gib = 1 << 30
+    allocated = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib // 2, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["bytes"])
+    manager = ModelManager(reserve_bytes=gib)
+    models = {name: _GpuLinear(64, 64) for name in "ab"}
+    handles = {name: manager.handle(ModelKey("unet", name, device="cuda"), lambda n=name: models[n])
+               for name in "ab"}
+    with handles["a"].use():
+        allocated["bytes"] = gib  # a takes 1 GiB of the 4 PyTorch holds; 3 GiB stay cached, free for b
+    with handles["b"].use():
+        pass
+    assert models["a"].device == models["b"].device == "cuda"  # a was not offloaded to make room for b
