@@ -40,7 +40,8 @@ class PickleRefusedError(GraphflowError):
     """The weights are in a pickle format, which graphflow never loads (unpickling runs code)."""
 
 
-_FINGERPRINTED = frozenset({".json", ".safetensors", ".txt", ".model", ".pth"})
+# the files loaders read: configs, tokenizers, weights (annotators' .pth and .pt through the weights-only unpickler)
+_FINGERPRINTED = frozenset({".json", ".safetensors", ".txt", ".model", ".pth", ".pt"})
 
 
 def fingerprint(name: str, paths: PathPolicy) -> str:

@@ -219,3 +219,25 @@ def test_replacing_a_single_file_checkpoint_converts_the_new_file(tmp_path: Path
     first, same, replaced = load(1), load(1), load(2)
     assert first == same and replaced != first
     assert len(converted) == 2
+
+
+@pytest.mark.parametrize("weights", ["scannet.pt", "ControlNetHED.pth", "model.safetensors"])
+def test_replacing_any_weights_file_of_a_local_folder_changes_its_fingerprint(tmp_path: Path, weights: str) -> None:
+    import os
+
+    from graphflow.models.sources import fingerprint, locate
+    from graphflow.paths import PathPolicy
+
+    paths = PathPolicy.create([tmp_path])
+    (tmp_path / "annotators").mkdir()
+    (tmp_path / "annotators" / weights).write_bytes(b"old")
+
+    def keys() -> tuple[str, str]:
+        source = locate("annotators", paths, node="n", input="model", files=(weights,))
+        return fingerprint("annotators", paths), source.key
+
+    before = keys()
+    (tmp_path / "annotators" / weights).write_bytes(b"newer")
+    os.utime(tmp_path / "annotators" / weights, ns=(1, 1))
+    after = keys()
+    assert before[0] != after[0] and before[1] != after[1]
