@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 _SOURCE = ("A Hugging Face hub id (downloaded to the HF cache on first use), a local diffusers folder, or a single "
            ".safetensors file; local paths are relative to the input directory. Pickle formats (.ckpt, .bin, .pt) "
            "are refused.")
-_CONFIG = ("Single .safetensors files only: a hub id or local diffusers folder whose configs describe the model "
-           "(empty: diffusers picks the standard one, which needs the hub or the HF cache).")
+_CONFIG = ("Single .safetensors files only: a hub id or local diffusers folder (relative to the input directory) whose "
+           "configs describe the model (empty: diffusers picks the standard one, which needs the hub or the HF cache).")
 
 
 def _locate(ctx: RunContext, name: str, *, pipeline: bool) -> tuple[ModelSource, Placement]:
@@ -31,6 +31,22 @@ def _locate(ctx: RunContext, name: str, *, pipeline: bool) -> tuple[ModelSource,
 
     device, dtype = placement(ctx.options)
     return locate(name, ctx.paths, node=ctx.node, input="model", pipeline=pipeline), Placement(device, dtype)
+
+
+def _config(ctx: RunContext, config: str) -> str:
+    """The config input as diffusers takes it: a local folder inside the input directories (relative to the input
+    directory, like every other path), else a hub id; "" for none."""
+    from graphflow.errors import Code
+    from graphflow.paths import PathError
+
+    if not config.strip():
+        return ""
+    try:
+        return str(ctx.input_path(config.strip(), "config", directory=True))
+    except PathError as error:
+        if error.error.code == Code.PATH_OUTSIDE_ROOT:
+            raise
+        return config.strip()
 
 
 class CheckpointLoader(Node):
@@ -52,7 +68,7 @@ class CheckpointLoader(Node):
         from graphflow.models.loading import load_checkpoint
 
         source, where = _locate(ctx, model, pipeline=True)
-        checkpoint = load_checkpoint(ctx.models, source, where, config)
+        checkpoint = load_checkpoint(ctx.models, source, where, _config(ctx, config))
         return {"model": checkpoint.model, "clip": checkpoint.clip, "vae": checkpoint.vae}
 
 
@@ -71,7 +87,7 @@ class ControlNetLoader(Node):
         from graphflow.models.loading import load_controlnet
 
         source, where = _locate(ctx, model, pipeline=False)
-        return {"controlnet": load_controlnet(ctx.models, source, where, config)}
+        return {"controlnet": load_controlnet(ctx.models, source, where, _config(ctx, config))}
 
 
 class VAELoader(Node):
@@ -89,7 +105,7 @@ class VAELoader(Node):
         from graphflow.models.loading import load_vae
 
         source, where = _locate(ctx, model, pipeline=False)
-        return {"vae": load_vae(ctx.models, source, where, config)}
+        return {"vae": load_vae(ctx.models, source, where, _config(ctx, config))}
 
 
 NODES = (CheckpointLoader, ControlNetLoader, VAELoader)

@@ -241,3 +241,41 @@ def test_replacing_any_weights_file_of_a_local_folder_changes_its_fingerprint(tm
     os.utime(tmp_path / "annotators" / weights, ns=(1, 1))
     after = keys()
     assert before[0] != after[0] and before[1] != after[1]
+
+
+@pytest.mark.parametrize(("config", "expected"), [("configs/cn", "in/configs/cn"), ("org/some-controlnet", None)])
+def test_the_config_input_is_a_folder_in_the_input_directory_or_a_hub_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, expected: str | None) -> None:
+    from types import SimpleNamespace
+
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+
+    given: list[str] = []
+
+    def from_single_file(path: str, config: str, **_: object) -> SimpleNamespace:  # needs no hub with a config
+        given.append(config)
+        return SimpleNamespace(config={"addition_embed_type": None})
+
+    monkeypatch.setattr(diffusers.ControlNetModel, "from_single_file", staticmethod(from_single_file))
+    (tmp_path / "in" / "configs" / "cn").mkdir(parents=True)
+    save_file({"weight": torch.zeros(2)}, tmp_path / "in" / "cn.safetensors")
+    document = {"graphflow": 1, "nodes": {"cn": {"type": "ControlNetLoader",
+                                                 "inputs": {"model": "cn.safetensors", "config": config}}},
+                "outputs": {"controlnet": "cn.controlnet"}}
+    Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(document)
+    assert given == [str(tmp_path / expected) if expected else config]
+
+
+def test_a_config_folder_outside_the_input_directories_is_refused(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    save_file({"weight": torch.zeros(2)}, tmp_path / "in" / "cn.safetensors")
+    document = {"graphflow": 1, "nodes": {"cn": {"type": "ControlNetLoader", "inputs": {
+        "model": "cn.safetensors", "config": str(tmp_path / "elsewhere")}}}, "outputs": {"controlnet": "cn.controlnet"}}
+    with pytest.raises(NodeExecutionError, match="outside the input directories"):
+        Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(document)
