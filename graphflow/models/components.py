@@ -62,8 +62,9 @@ class Autoencoder:
 
     @property
     def force_upcast(self) -> bool:
-        """True for VAEs that overflow in fp16 (SDXL's original); decode them in fp32."""
-        return bool(self.vae.config.get("force_upcast", False))
+        """True for VAEs that overflow in fp16 (SDXL's original); decode them in fp32. A config.json written before
+        diffusers had the flag lacks it, and diffusers then takes AutoencoderKL's default, True: so do we."""
+        return bool(self.vae.config.get("force_upcast", True))
 
 
 @dataclass(frozen=True, eq=False)

@@ -279,3 +279,23 @@ def test_a_config_folder_outside_the_input_directories_is_refused(tmp_path: Path
         "model": "cn.safetensors", "config": str(tmp_path / "elsewhere")}}}, "outputs": {"controlnet": "cn.controlnet"}}
     with pytest.raises(NodeExecutionError, match="outside the input directories"):
         Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(document)
+
+
+def test_a_vae_config_without_force_upcast_is_upcast_in_fp16_as_diffusers_does(tiny_models: Path,
+                                                                              tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from nodes.latents import needs_upcast
+
+    shutil.copytree(tiny_models / "sdxl-vae", tmp_path / "vae")
+    config_file = tmp_path / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["force_upcast"]  # as in configs saved before diffusers 0.19
+    config_file.write_text(json.dumps(config))
+    document = {"graphflow": 1, "nodes": {"vae": {"type": "VAELoader", "inputs": {"model": "vae"}}},
+                "outputs": {"vae": "vae.vae"}}
+    vae = _engine(tmp_path, dtype="fp16").run(document).outputs["vae"]
+    with vae.vae.use() as module:
+        assert module.config.force_upcast is True  # what the SDXL pipelines look at
+        assert needs_upcast(vae, module, "sdxl")
