@@ -50,9 +50,10 @@ def fingerprint(name: str, paths: PathPolicy) -> str:
     loader then says why). Cheap: nothing is read but file metadata and one ref file."""
     name = name.strip()
     if name.startswith(TINY_PREFIX):
-        from graphflow.models.tiny import default_tiny_models_dir
-
-        return _stat_fingerprint(default_tiny_models_dir() / name.removeprefix(TINY_PREFIX))
+        try:  # built here on first use, not in the loader: a fingerprint of files not yet written would change
+            return _stat_fingerprint(_tiny(name).path)  # once they are, and re-run everything the next time
+        except ModelNotFoundError:
+            return ""
     try:
         return _stat_fingerprint(paths.input_path(name, directory=True))
     except PathError:

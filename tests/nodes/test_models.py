@@ -127,9 +127,11 @@ def test_vae_loader_takes_a_vae_folder_or_a_checkpoints_vae(tiny_models: Path) -
 def test_tiny_sources_build_graphflows_own_models_on_first_use(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAPHFLOW_TINY_MODELS", str(tmp_path / "tiny"))
-    outputs = Engine(input_dirs=[tmp_path], models=ModelManager()).run(_loaders("tiny:sd15", "tiny:controlnet-canny"))
+    engine = Engine(input_dirs=[tmp_path], models=ModelManager())
+    outputs = engine.run(_loaders("tiny:sd15", "tiny:controlnet-canny"))
     assert outputs.outputs["model"].family == "sd15"
     assert (tmp_path / "tiny" / "sd15" / "model_index.json").is_file()
+    assert engine.run(_loaders("tiny:sd15", "tiny:controlnet-canny")).ran == []  # building them changed no key
     with pytest.raises(NodeExecutionError, match="tiny:sd15, tiny:sd15-inpaint"):
         Engine(input_dirs=[tmp_path], models=ModelManager()).run(_loaders("tiny:sd3"))
 
