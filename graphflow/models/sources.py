@@ -23,7 +23,7 @@ from graphflow.paths import PathError, PathPolicy
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 TINY_PREFIX = "tiny:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*/[\w.-]+$")  # the hub refuses "--" and ".." in ids
 # what a hub snapshot needs: configs, tokenizers, and the non-variant safetensors weights; the first
 # entry of each is the file that must be there for the snapshot to count as present
 PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",

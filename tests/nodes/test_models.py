@@ -301,3 +301,9 @@ def test_a_vae_config_without_force_upcast_is_upcast_in_fp16_as_diffusers_does(t
     with vae.vae.use() as module:
         assert module.config.force_upcast is True  # what the SDXL pipelines look at
         assert needs_upcast(vae, module, "sdxl")
+
+
+@pytest.mark.parametrize("source", ["models/sd--v1", "models/sd..v1"])
+def test_a_missing_path_that_cannot_be_a_hub_id_is_reported_as_not_found(tiny_models: Path, source: str) -> None:
+    message = _failure(tiny_models, source)
+    assert f"model '{source}' was not found: no such file or folder" in message
