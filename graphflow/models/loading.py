@@ -6,7 +6,6 @@ re-run whose TextEncode is cached never loads the text encoder.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,7 +117,7 @@ def _component(manager: ModelManager, source: ModelSource, subfolder: str, decla
                                  f"does not load (supported: {', '.join(sorted(_COMPONENT_CLASSES))})")
     folder = source.path / subfolder
     require_safetensors(folder, f"'{source.name}' {subfolder or kind}")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = source.read_json(f"{subfolder}/config.json" if subfolder else "config.json")
     load = partial(_from_pretrained, class_name, str(source.path), subfolder, where.dtype)
     return manager.handle(ModelKey(kind or subfolder, source.key, subfolder, where.dtype, where.device), load, config)
 

@@ -96,7 +96,16 @@ class ModelSource:
         return f"{self.path}@{_stat_fingerprint(self.path)}"
 
     def read_json(self, relative: str) -> dict[str, Any]:
-        return json.loads((self.path / relative).read_text(encoding="utf-8"))
+        """A config file of the model; one that is missing or malformed is named, with what is wrong with it."""
+        path = self.path / relative
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelNotFoundError(f"'{self.name}' has no readable {relative}: {path} ({error}); a diffusers folder "
+                                     "holds the same files as the model's hub repository") from error
+        if not isinstance(config, dict):
+            raise ModelNotFoundError(f"'{self.name}': {path} is not a JSON object")
+        return config
 
 
 def locate(name: str, paths: PathPolicy, *, node: str, input: str, pipeline: bool = False,

@@ -307,3 +307,19 @@ def test_a_vae_config_without_force_upcast_is_upcast_in_fp16_as_diffusers_does(t
 def test_a_missing_path_that_cannot_be_a_hub_id_is_reported_as_not_found(tiny_models: Path, source: str) -> None:
     message = _failure(tiny_models, source)
     assert f"model '{source}' was not found: no such file or folder" in message
+
+
+@pytest.mark.parametrize(("broken", "content"), [
+    ("model_index.json", "{not json"), ("scheduler/scheduler_config.json", None), ("unet/config.json", "[1, 2]"),
+])
+def test_a_malformed_checkpoint_folder_names_the_file_that_is_wrong(tiny_models: Path, tmp_path: Path, broken: str,
+                                                                   content: str | None) -> None:
+    import shutil
+
+    shutil.copytree(tiny_models / "sd15", tmp_path / "sd")
+    if content is None:
+        (tmp_path / "sd" / broken).unlink()
+    else:
+        (tmp_path / "sd" / broken).write_text(content)
+    message = _failure(tmp_path, "sd")
+    assert "ModelNotFoundError" in message and str(tmp_path / "sd" / broken) in message
