@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: the current directory; repeatable)")
     run.add_argument("--output", action="append", default=None, metavar="NAME",
                      help="compute only this named output (repeatable; default: all outputs and output nodes)")
-    run.add_argument("--memory-cache-mb", type=int, default=2048, metavar="MB",
+    run.add_argument("--memory-cache-mb", type=_megabytes, default=2048, metavar="MB",
                      help="bound on results kept in memory during the run (default: 2048)")
     run.add_argument("--cache-dir", type=Path, default=os.environ.get("GRAPHFLOW_CACHE_DIR"), metavar="DIR",
                      help="keep expensive results (edge maps, encodings, latents) here across runs "
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                      help="for small GPUs: 'model' keeps each model on the GPU only while a node uses it, "
                           "'sequential' streams weights layer by layer (slowest, least memory)")
-    run.add_argument("--model-memory-mb", type=int, default=None, metavar="MB",
+    run.add_argument("--model-memory-mb", type=_megabytes, default=None, metavar="MB",
                      help="bound on model weights kept on the device; least recently used models leave first "
                           "(default: keep 1 GiB of GPU memory free)")
     run.add_argument("--compile", action="store_true", help="torch.compile UNets and ControlNets (slow first step)")
@@ -91,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of graph documents")
     schema.set_defaults(command=_schema)
     return parser
+
+
+def _megabytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of megabytes, found {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of megabytes, found {value}")
+    return value
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:

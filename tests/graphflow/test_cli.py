@@ -169,3 +169,11 @@ def test_the_readme_demo_renders_offline_on_tiny_models(workspace: Path, tiny_mo
     out = capsys.readouterr().out
     assert "ran 10 nodes, 0 from cache" in out and "image = Tensor [1, 96, 128, 3]" in out
     assert Image.open(workspace / "output" / "demo_00000.png").size == (128, 96)
+
+
+@pytest.mark.parametrize("option", ["--memory-cache-mb", "--model-memory-mb"])
+def test_memory_bounds_must_be_positive(workspace: Path, option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "graphs/canny_blend.json", option, "0"])
+    assert exited.value.code == 2
+    assert "positive number of megabytes" in capsys.readouterr().err
