@@ -61,14 +61,17 @@ def sample_encoded(latent: dict[str, Any], generator: torch.Generator, device: s
     return latent["scaling_factor"] * drawn.to(dtype)
 
 
-def needs_upcast(vae: Autoencoder, module: Any, family: str | None) -> bool:
-    """Whether to run the VAE in fp32: fp16 weights, a config asking for it, and not SD1.5, as the pipelines decide.
+def needs_upcast(vae: Autoencoder, module: Any, family: str | None, *, encoding: bool = False) -> bool:
+    """Whether to run the VAE in fp32, as the pipelines decide: a config asking for it, not SD1.5, and fp16
+    weights, or when encoding, any half precision.
 
-    SDXL pipelines honour `force_upcast`; SD1.5 pipelines never upcast (their VAEs are fine in fp16).
+    SDXL pipelines honour `force_upcast`, decoding only from fp16 but encoding from bf16 too; SD1.5
+    pipelines never upcast (their VAEs are fine in fp16).
     """
     import torch
 
-    return module.dtype == torch.float16 and vae.force_upcast and family != "sd15"
+    upcast_from = (torch.float16, torch.bfloat16) if encoding else (torch.float16,)
+    return module.dtype in upcast_from and vae.force_upcast and family != "sd15"
 
 
 @contextmanager
@@ -87,9 +90,16 @@ def precision(module: Any, upcast: bool) -> Iterator[Any]:
 
 
 def encode(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
-    """The encoder's distribution parameters (mean and log-variance, [B, 8, h, w]) of pixels in -1..1."""
-    with vae.vae.use() as module, precision(module, needs_upcast(vae, module, vae.family)) as model:
-        return model.encode(pixels.to(vae.vae.key.device, model.dtype)).latent_dist.parameters
+    """The encoder's distribution parameters (mean and log-variance, [B, 8, h, w]) of pixels in -1..1.
+
+    The pixels are rounded to the weights' dtype first, even when the VAE runs upcast: the pipelines
+    move the image to the model dtype before their VAE upcast, and half-precision pixels change the result.
+    """
+    from graphflow.models import torch_dtype
+
+    with vae.vae.use() as module, precision(module, needs_upcast(vae, module, vae.family, encoding=True)) as model:
+        rounded = pixels.to(vae.vae.key.device, torch_dtype(vae.vae.key.dtype))
+        return model.encode(rounded.to(model.dtype)).latent_dist.parameters
 
 
 def decode(vae: Autoencoder, latent: dict[str, Any]) -> torch.Tensor:

@@ -206,3 +206,14 @@ def test_fp16_matches_the_pipeline_in_fp16(checkpoint: str, class_name: str, con
     theirs = pipelines.run(pipelines.pipeline(class_name, checkpoint, (control,)), (control,))
     assert_same_pixels(f"{checkpoint} ControlNet txt2img, fp16 on the CPU", engine,
                        sampling_graph(tiny_models, checkpoint, (control,)), theirs)
+
+
+def test_sdxl_img2img_in_bf16_encodes_with_the_upcast_vae_like_the_pipeline(tiny_models: Path,
+                                                                            tmp_path: Path) -> None:
+    engine = make_engine(tiny_models, tmp_path, options={"device": "cpu", "dtype": "bf16"})
+    pipelines = Pipelines(tiny_models, images_of(engine), dtype=torch.bfloat16)
+    pipeline = pipelines.pipeline("StableDiffusionXLControlNetImg2ImgPipeline", "sdxl", (SDXL_CANNY,))
+    theirs = pipelines.run(pipeline, (SDXL_CANNY,), control_key="control_image", image=pipelines.image("init.png"),
+                           strength=0.8, num_inference_steps=4)
+    graph = sampling_graph(tiny_models, "sdxl", (SDXL_CANNY,), init_image="init.png", strength=0.8, steps=4)
+    assert_same_pixels("SDXL ControlNet img2img, bf16 on the CPU", engine, graph, theirs)
