@@ -323,3 +323,45 @@ def test_a_malformed_checkpoint_folder_names_the_file_that_is_wrong(tiny_models:
         (tmp_path / "sd" / broken).write_text(content)
     message = _failure(tmp_path, "sd")
     assert "ModelNotFoundError" in message and str(tmp_path / "sd" / broken) in message
+
+
+def test_a_hub_checkpoint_is_downloaded_once_with_only_its_safetensors_and_configs(
+        tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    remote = tmp_path / "remote"  # what the hub repository holds, pickles and variants included
+    shutil.copytree(tiny_models / "sd15", remote)
+    (remote / "v1-5-pruned.ckpt").write_bytes(b"pickle")
+    (remote / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    calls = []
+
+    def fake_snapshot_download(repo: str, allow_patterns: list[str], local_files_only: bool = False) -> str:
+        calls.append((repo, local_files_only))
+        if local_files_only and not snapshot.exists():
+            raise LocalEntryNotFoundError("not cached")
+        for file in remote.rglob("*"):
+            relative = file.relative_to(remote).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(relative, pattern) for pattern in allow_patterns):
+                (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, snapshot / relative)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    document = {"graphflow": 1, "nodes": {"sd": {"type": "CheckpointLoader", "inputs": {"model": "someone/tiny-sd15"}}},
+                "outputs": {"model": "sd.model"}}
+    model = _engine(tmp_path).run(document).outputs["model"]
+    assert model.family == "sd15" and model.source == "someone/tiny-sd15@abc123"
+    with model.unet.use() as unet:  # the downloaded files are enough to load from
+        assert unet.config.in_channels == 4
+    assert calls == [("someone/tiny-sd15", True), ("someone/tiny-sd15", False)]
+    assert (snapshot / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(snapshot.rglob("*.ckpt")) and not list(snapshot.rglob("*.bin"))
+    _engine(tmp_path).run(document)
+    assert calls[2:] == [("someone/tiny-sd15", True)]  # cached now: no second download
