@@ -106,7 +106,8 @@ def decode(vae: Autoencoder, latent: dict[str, Any]) -> torch.Tensor:
     """IMAGE [B, H, W, 3] float32 on the CPU: `vae.decode(latents / scaling_factor)`, then (x / 2 + 0.5) in 0..1."""
     import torch
 
-    with vae.vae.use() as module, precision(module, needs_upcast(vae, module, latent.get("family"))) as model:
+    family = latent.get("family") or vae.family  # EmptyLatent's latents belong to no family yet
+    with vae.vae.use() as module, precision(module, needs_upcast(vae, module, family)) as model:
         latents = latent["samples"].to(vae.vae.key.device, model.dtype)
         pixels = model.decode(latents / vae.scaling_factor, return_dict=False)[0]
     return (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).to(torch.float32)

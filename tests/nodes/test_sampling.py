@@ -12,6 +12,7 @@ from graphflow import Cancelled, CancelToken, Engine, Graph
 from graphflow.context import RunContext
 from graphflow.errors import NodeExecutionError, NodeInputError
 from graphflow.events import Event, NodeProgress
+from graphflow.models import ModelManager
 from nodes import (
     CheckpointLoader,
     EmptyLatent,
@@ -212,3 +213,22 @@ def test_a_mask_batch_that_does_not_match_the_latents_is_refused(ctx: RunContext
         Sampler().run(ctx, model=outputs["model"], positive=outputs["positive"], negative=None, control=None,
                       latent=outputs["latent"], mask=torch.ones(2, SIZE, SIZE), seed=0, steps=2, cfg=7.5,
                       scheduler="default", strength=1.0, guess_mode=False, width=0, height=0)
+
+
+def test_an_sd15_vae_decodes_empty_latents_in_fp16_like_the_sd15_pipelines(tiny_models: Path, tmp_path: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    document = {"graphflow": 1, "nodes": {
+        "sd": {"type": "CheckpointLoader", "inputs": {"model": "sd15"}},
+        "empty": {"type": "EmptyLatent", "inputs": {"width": 64, "height": 64}},
+        "decode": {"type": "VAEDecode", "inputs": {"vae": {"from": "sd.vae"}, "latent": {"from": "empty.latent"}}},
+    }, "outputs": {"image": "decode.image"}}
+    ours = Engine(input_dirs=[tiny_models], models=ModelManager(),
+                  options={"device": "cpu", "dtype": "fp16"}).run(document).outputs["image"]
+    vae = AutoencoderKL.from_pretrained(tiny_models / "sd15", subfolder="vae", dtype=torch.float16)
+    assert vae.config.force_upcast  # the SD1.5 pipelines ignore it: they decode in fp16
+    with torch.no_grad():
+        decoded = vae.decode(torch.zeros(1, 4, 8, 8, dtype=torch.float16) / vae.config.scaling_factor).sample
+    theirs = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+    assert torch.equal(ours, theirs)
