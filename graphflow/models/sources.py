@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +88,7 @@ class ModelSource:
     kind: Literal["hub", "folder", "file"]
     path: Path
 
-    @property
+    @cached_property
     def key(self) -> str:
         """What identifies the source for the model manager: the hub id at its snapshot's revision, or the
         resolved local path with its files' sizes and times (so replaced weights load anew)."""
@@ -145,7 +146,11 @@ def required_files(patterns: tuple[str, ...], files: tuple[str, ...] | None) -> 
     """The files a located folder must hold: every exact name asked for, else the patterns' marker file."""
     if files is None:
         return [patterns[0]]
-    return [file for file in files if not any(character in file for character in "*?[")]
+    return [file for file in files if not _is_pattern(file)]
+
+
+def _is_pattern(file: str) -> bool:
+    return any(character in file for character in "*?[")
 
 
 def _tiny(name: str) -> ModelSource:
@@ -191,8 +196,8 @@ def _hub_snapshot(repo: str, paths: PathPolicy, patterns: tuple[str, ...], requi
             return folder
     except LocalEntryNotFoundError:
         pass
-    exact = all("*" not in file for file in patterns)
-    wanted = " ".join(patterns) if exact else "--include " + " ".join(f"'{file}'" for file in patterns)
+    patterned = any(map(_is_pattern, patterns))
+    wanted = "--include " + " ".join(f"'{file}'" for file in patterns) if patterned else " ".join(patterns)
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(_not_found(repo, paths, f"it is not in the Hugging Face cache "
                                             f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set", wanted))
