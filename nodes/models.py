@@ -7,15 +7,12 @@ node first needs them, not when the loader runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from graphflow.context import RunContext
 from graphflow.node import Input, Node, Output
 from graphflow.types import CLIP, CONTROLNET, MODEL, STRING, VAE
-
-if TYPE_CHECKING:
-    from graphflow.models.loading import Placement
-    from graphflow.models.sources import ModelSource
 
 _SOURCE = ("A Hugging Face hub id (downloaded to the HF cache on first use), a local diffusers folder, or a single "
            ".safetensors file; local paths are relative to the input directory. Pickle formats (.ckpt, .bin, .pt) "
@@ -24,13 +21,13 @@ _CONFIG = ("Single .safetensors files only: a hub id or local diffusers folder (
            "configs describe the model (empty: diffusers picks the standard one, which needs the hub or the HF cache).")
 
 
-def _locate(ctx: RunContext, name: str, *, pipeline: bool) -> tuple[ModelSource, Placement]:
+def _load(ctx: RunContext, model: str, config: str, load: Callable[..., Any], *, pipeline: bool = False) -> Any:
+    """`load` (a graphflow.models.loading function) applied to the located source, on the engine's device/dtype."""
     from graphflow.models import placement
-    from graphflow.models.loading import Placement
     from graphflow.models.sources import locate
 
-    device, dtype = placement(ctx.options)
-    return locate(name, ctx.paths, node=ctx.node, input="model", pipeline=pipeline), Placement(device, dtype)
+    source = locate(model, ctx.paths, node=ctx.node, input="model", pipeline=pipeline)
+    return load(ctx.models, source, placement(ctx.options), _config(ctx, config))
 
 
 def _config(ctx: RunContext, config: str) -> str:
@@ -67,8 +64,7 @@ class CheckpointLoader(Node):
     def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
         from graphflow.models.loading import load_checkpoint
 
-        source, where = _locate(ctx, model, pipeline=True)
-        checkpoint = load_checkpoint(ctx.models, source, where, _config(ctx, config))
+        checkpoint = _load(ctx, model, config, load_checkpoint, pipeline=True)
         return {"model": checkpoint.model, "clip": checkpoint.clip, "vae": checkpoint.vae}
 
 
@@ -86,8 +82,7 @@ class ControlNetLoader(Node):
     def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
         from graphflow.models.loading import load_controlnet
 
-        source, where = _locate(ctx, model, pipeline=False)
-        return {"controlnet": load_controlnet(ctx.models, source, where, _config(ctx, config))}
+        return {"controlnet": _load(ctx, model, config, load_controlnet)}
 
 
 class VAELoader(Node):
@@ -104,8 +99,7 @@ class VAELoader(Node):
     def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
         from graphflow.models.loading import load_vae
 
-        source, where = _locate(ctx, model, pipeline=False)
-        return {"vae": load_vae(ctx.models, source, where, _config(ctx, config))}
+        return {"vae": _load(ctx, model, config, load_vae)}
 
 
 NODES = (CheckpointLoader, ControlNetLoader, VAELoader)

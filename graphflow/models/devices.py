@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def placement(options: dict[str, object]) -> tuple[str, str]:
-    """The resolved (device, dtype) names a node runs with, from the engine's options."""
+class Placement(NamedTuple):
+    """Where a model runs: resolved device and dtype names, e.g. ("cuda", "fp16")."""
+
+    device: str
+    dtype: str
+
+
+def placement(options: dict[str, object]) -> Placement:
+    """The resolved device and dtype a node runs with, from the engine's options."""
     device = resolve_device(str(options.get("device") or "auto"))
-    return device, resolve_dtype(str(options.get("dtype") or "auto"), device)
+    return Placement(device, resolve_dtype(str(options.get("dtype") or "auto"), device))

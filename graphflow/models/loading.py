@@ -21,7 +21,7 @@ from graphflow.models.components import (
     TextEncoders,
     family_of_unet_config,
 )
-from graphflow.models.devices import torch_dtype
+from graphflow.models.devices import Placement, torch_dtype
 from graphflow.models.manager import ModelHandle, ModelKey, ModelManager
 from graphflow.models.sources import ModelNotFoundError, ModelSource, require_safetensors
 
@@ -35,12 +35,6 @@ _PIPELINE_CLASSES = {
     ("sd15", False): "StableDiffusionPipeline", ("sd15", True): "StableDiffusionInpaintPipeline",
     ("sdxl", False): "StableDiffusionXLPipeline", ("sdxl", True): "StableDiffusionXLInpaintPipeline",
 }
-
-
-@dataclass(frozen=True)
-class Placement:
-    device: str
-    dtype: str
 
 
 @dataclass(frozen=True)
@@ -150,18 +144,19 @@ def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -
 
 
 def _from_single_file(class_name: str, path: str, dtype: str, config: str | None) -> Any:
+    return _convert_single_file(_model_class(class_name), path, dtype, config)
+
+
+def _convert_single_file(model_class: Any, path: str, dtype: str, config: str | None, **extra: Any) -> Any:
+    """diffusers' single-file conversion; a file it cannot convert says what conversion needs."""
     try:
-        return _model_class(class_name).from_single_file(path, config=config, dtype=torch_dtype(dtype))
+        return model_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelNotFoundError(_single_file_failure(path, config, error)) from error
-
-
-def _single_file_failure(path: str, config: str | None, error: BaseException) -> str:
-    needs = (f"the configs in '{config}'" if config else
-             "the standard configs from the Hugging Face hub (or its cache); with the hub out of reach, set the "
-             "loader's config input to a local diffusers folder of the same architecture")
-    return (f"could not load the single-file model {path} ({type(error).__name__}: {error}). Converting a single "
-            f"file needs {needs}.")
+        needs = (f"the configs in '{config}'" if config else
+                 "the standard configs from the Hugging Face hub (or its cache); with the hub out of reach, set the "
+                 "loader's config input to a local diffusers folder of the same architecture")
+        raise ModelNotFoundError(f"could not load the single-file model {path} ({type(error).__name__}: {error}). "
+                                 f"Converting a single file needs {needs}.") from error
 
 
 @lru_cache(maxsize=8)
@@ -197,12 +192,8 @@ def _single_file_pipeline(key: str, path: str, family: Family, inpaint: bool, dt
     two loader nodes naming one file convert it once, and a replaced file is converted anew."""
     import diffusers
 
-    pipeline_class = getattr(diffusers, _PIPELINE_CLASSES[family, inpaint])
     extra = {"safety_checker": None} if family == "sd15" else {}
-    try:
-        return pipeline_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelNotFoundError(_single_file_failure(path, config, error)) from error
+    return _convert_single_file(getattr(diffusers, _PIPELINE_CLASSES[family, inpaint]), path, dtype, config, **extra)
 
 
 def checkpoint_family(path: Path) -> tuple[Family, bool]:

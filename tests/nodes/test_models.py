@@ -197,7 +197,8 @@ def test_replacing_a_single_file_checkpoint_converts_the_new_file(tmp_path: Path
     import torch
     from safetensors.torch import save_file
 
-    from graphflow.models.loading import Placement, load_checkpoint
+    from graphflow.models.devices import Placement
+    from graphflow.models.loading import load_checkpoint
     from graphflow.models.sources import locate
     from graphflow.paths import PathPolicy
 
