@@ -218,11 +218,11 @@ class Engine:
         reported at once, before any node runs (a model that cannot be found is left to its loader to explain)."""
         digests: dict[tuple[str, str], str] = {}
         errors: list[GraphError] = []
+        from graphflow.models.sources import fingerprint  # here, not at import: `import graphflow` stays light
+
         for node_id, name, model in file_inputs:
             value = graph.nodes[node_id].inputs[name]
             if model:
-                from graphflow.models.sources import fingerprint
-
                 digests[node_id, name] = f"{value!r}@{fingerprint(value, self.paths)}"
                 continue
             try:
