@@ -6,7 +6,7 @@ repository in the Hugging Face cache); the controlnet_aux detectors in nodes.ann
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +129,7 @@ class Depth(Node):
         device, dtype = placement(ctx.options)
         handle = ctx.models.handle(ModelKey("depth", key, dtype=dtype, device=device),
                                    partial(_load_depth_model, folder, dtype))
-        processor = _load_depth_processor(folder)
+        processor = _load_depth_processor(key, folder)
         pictures = [Image.fromarray(item) for item in to_uint8(image)]
         pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
         with handle.use() as network, torch.inference_mode():
@@ -157,7 +157,9 @@ def _load_depth_model(folder: Path, dtype: str) -> Any:
         return AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True)
 
 
-def _load_depth_processor(folder: Path) -> Any:
+@lru_cache(maxsize=4)
+def _load_depth_processor(key: str, folder: Path) -> Any:
+    """The model's image processor, read once per source `key` (which changes when the folder's files do)."""
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(folder)
