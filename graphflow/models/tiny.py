@@ -21,16 +21,29 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from graphflow.models.tiny_depth import write_tiny_dpt
 
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "skip_prk_steps": True}
 CONTROLNETS = {"controlnet-canny": 11, "controlnet-depth": 12, "controlnet-pose": 13}
 _VOCAB_SIZE = 514  # 256 byte symbols, the same with "</w>", then start and end of text
 
-
-TINY_NAMES = ("sd15", "sd15-inpaint", "sdxl", "sdxl-vae", "controlnet-sdxl", *CONTROLNETS, "dpt")
+# each tiny model's writer, by name; a writer fills an empty folder (torch and diffusers load only when one runs)
+_WRITERS: dict[str, Callable[[Path], Any]] = {
+    "sd15": lambda folder: _write_sd15(folder, in_channels=4),
+    "sd15-inpaint": lambda folder: _write_sd15(folder, in_channels=9),
+    "sdxl": lambda folder: _write_sdxl(folder),
+    "sdxl-vae": lambda folder: _vae(scaling_factor=0.13025).save_pretrained(folder),
+    "controlnet-sdxl": lambda folder: _controlnet(sdxl=True, seed=14).save_pretrained(folder),
+    **{name: (lambda folder, seed=seed: _controlnet(sdxl=False, seed=seed).save_pretrained(folder))
+       for name, seed in CONTROLNETS.items()},
+    "dpt": write_tiny_dpt,
+}
+TINY_NAMES = tuple(_WRITERS)
 
 
 def make_tiny_models(folder: str | Path) -> Path:
@@ -38,17 +51,10 @@ def make_tiny_models(folder: str | Path) -> Path:
     import torch
 
     from graphflow.models.loading import quiet_progress
-    from graphflow.models.tiny_depth import write_tiny_dpt
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    writers = {"sd15": lambda p: _write_sd15(p, in_channels=4), "sd15-inpaint": lambda p: _write_sd15(p, in_channels=9),
-               "sdxl": _write_sdxl, "sdxl-vae": lambda p: _vae(scaling_factor=0.13025).save_pretrained(p),
-               "controlnet-sdxl": lambda p: _controlnet(sdxl=True, seed=14).save_pretrained(p),
-               "dpt": write_tiny_dpt}
-    writers.update({name: (lambda p, s=seed: _controlnet(sdxl=False, seed=s).save_pretrained(p))
-                    for name, seed in CONTROLNETS.items()})
-    for name, write in writers.items():
+    for name, write in _WRITERS.items():
         target = root / name
         if (target / ".complete").is_file():
             continue
@@ -78,11 +84,6 @@ def default_tiny_models_dir() -> Path:
         return Path(configured).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "graphflow" / "tiny-models"
-
-
-def tiny_models_complete(folder: str | Path) -> bool:
-    root = Path(folder)
-    return all((root / name / ".complete").is_file() for name in TINY_NAMES)
 
 
 def _tokenizer() -> Any:
