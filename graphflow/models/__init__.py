@@ -3,8 +3,8 @@
 Nothing here imports torch at import time.
 """
 
-from graphflow.models.devices import placement, resolve_device, resolve_dtype, torch_dtype
+from graphflow.models.devices import Placement, placement, resolve_device, resolve_dtype, torch_dtype
 from graphflow.models.manager import ModelHandle, ModelKey, ModelManager, shared_manager
 
-__all__ = ["ModelHandle", "ModelKey", "ModelManager", "placement", "resolve_device", "resolve_dtype",
+__all__ = ["ModelHandle", "ModelKey", "ModelManager", "Placement", "placement", "resolve_device", "resolve_dtype",
            "shared_manager", "torch_dtype"]

@@ -125,3 +125,16 @@ def test_memory_cached_by_pytorch_counts_as_free_so_one_eviction_is_enough(monke
     with handles["b"].use():
         pass
     assert models["a"].device == models["b"].device == "cuda"  # a was not offloaded to make room for b
+
+
+def test_clear_forgets_idle_models_but_not_held_ones_and_handles_load_again() -> None:
+    manager = ModelManager()
+    idle, held = manager.handle(_key("idle"), _linear), manager.handle(_key("held"), _linear)
+    with idle.use():
+        pass
+    with held.use():
+        manager.clear()
+        assert manager.loaded() == [_key("held")]
+    with idle.use():
+        pass
+    assert manager.loads[_key("idle")] == 2
