@@ -71,7 +71,7 @@ class Graph:
                    for spec in node.inputs if spec.required and spec.name not in node.values]
         if missing:
             raise ValidationError(missing)
-        if not NODE_ID.match(node_id) or node_id in self._nodes:
+        if not NODE_ID.fullmatch(node_id) or node_id in self._nodes:
             problem = "is already used" if node_id in self._nodes else "may use letters, digits, '_' and '-' only"
             raise ValidationError([GraphError(Code.INVALID_NODE_ID, f"node id '{node_id}' {problem}", node_id,
                                               expected="a new id matching " + NODE_ID.pattern, found=repr(node_id))])

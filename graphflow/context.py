@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphflow.events import CancelToken, EventHandler, NodeProgress
+from graphflow.events import CancelToken, EventHandler, FileWritten, NodeProgress
 from graphflow.models.manager import ModelManager, shared_manager
 from graphflow.paths import PathPolicy
 
@@ -25,6 +25,7 @@ class RunContext:
     on_event: EventHandler | None = None
     written: list[Path] = field(default_factory=list)
     models: ModelManager = field(default_factory=shared_manager)
+    file_bytes: dict[str, bytes] = field(default_factory=dict)  # file input name -> the bytes in the cache key
 
     def progress(self, step: int, total: int) -> None:
         """Report step `step` of `total`, then stop here if the run was cancelled."""
@@ -38,8 +39,18 @@ class RunContext:
     def input_path(self, path: str, input: str = "path", *, directory: bool = False) -> Path:
         return self.paths.input_path(path, node=self.node, input=input, directory=directory)
 
+    def read_file(self, path: str, input: str = "path") -> bytes:
+        """The bytes of file input `input` (whose value is `path`): exactly the bytes the engine hashed into this
+        node's cache key, so a file rewritten after planning can never be stored under the old key. Read from
+        disk only when the node runs outside an engine."""
+        data = self.file_bytes.get(input)
+        return data if data is not None else self.input_path(path, input).read_bytes()
+
     def output_path(self, relative: str, input: str = "prefix") -> Path:
         return self.paths.output_path(relative, node=self.node, input=input)
 
     def wrote(self, path: Path) -> None:
+        """Record a file this node wrote whole; call it once the file is in place, never for one still partial."""
         self.written.append(path)
+        if self.on_event is not None:
+            self.on_event(FileWritten(self.node, self.type, path))

@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from graphflow.paths import atomic_write
+from graphflow.atomic import atomic_write
 
 _FORMAT = 1
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from graphflow.atomic import atomic_write
 from graphflow.errors import Code, GraphError, ValidationError
-from graphflow.paths import atomic_write
 
 FORMAT_VERSION = 1
 # MIGRATIONS[n] turns a format-n document into a format-(n + 1) one; load applies them in turn.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from graphflow.errors import Cancelled
 
@@ -45,13 +46,22 @@ class NodeFinished:
 
 
 @dataclass(frozen=True)
+class FileWritten:
+    """An output node wrote a whole file (sent once the node's files are all in place)."""
+
+    node: str
+    type: str
+    path: Path
+
+
+@dataclass(frozen=True)
 class NodeFailed:
     node: str
     type: str
     error: BaseException
 
 
-Event = RunStarted | NodeStarted | NodeCached | NodeProgress | NodeFinished | NodeFailed
+Event = RunStarted | NodeStarted | NodeCached | NodeProgress | NodeFinished | FileWritten | NodeFailed
 EventHandler = Callable[[Event], None]
 
 

@@ -198,10 +198,14 @@ def missing_input_error(node_type: type[Node], spec: Input, node: str | None) ->
                       node, spec.name, spec.type, "nothing")
 
 
-def file_link_error(node: str | None, input: str, found: str) -> GraphError:
-    """File inputs are keyed by the file's bytes, which a link from another node cannot give."""
-    return GraphError(Code.INVALID_VALUE, "file inputs take a literal path or a param, so that the file's bytes "
-                      "(not a node's output) go into the cache key", node, input, "a path or a param", found)
+def file_link_error(spec: Input, node: str | None, found: str) -> GraphError:
+    """File and model inputs are keyed by what they name (a file's bytes, a model's files), which must be known
+    when the run is planned: a link from another node's output is not."""
+    what = "file inputs" if spec.file else "model sources"
+    keyed = "the file's bytes" if spec.file else "the model's files"
+    return GraphError(Code.INVALID_VALUE, f"{what} take a literal or a param with a literal value, not a link, so "
+                      f"that {keyed} (known before anything runs) go into the cache key", node, spec.name,
+                      "a literal path or source, or a param", found)
 
 
 def check_builder_value(spec: Input, value: Any, node: str | None) -> list[GraphError]:
@@ -210,8 +214,8 @@ def check_builder_value(spec: Input, value: Any, node: str | None) -> list[Graph
         return [error for item in value for error in check_builder_value(
             Input(spec.name, spec.type, min=spec.min, max=spec.max, choices=spec.choices), item, node)]
     if isinstance(value, OutputRef):
-        if spec.file:
-            return [file_link_error(node, spec.name, f"{value.type} from {value.node.type_name}.{value.name}")]
+        if spec.file or spec.model:
+            return [file_link_error(spec, node, f"{value.type} from {value.node.type_name}.{value.name}")]
         if types.is_compatible(value.type, spec.type):
             return []
         return [GraphError(Code.TYPE_MISMATCH, f"cannot connect {value.type} output to {spec.type} input",

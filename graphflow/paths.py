@@ -7,10 +7,7 @@ user widened the roots explicitly.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 from graphflow import types
@@ -51,7 +48,7 @@ class PathPolicy:
         try:
             resolved = candidate.resolve()
             exists = resolved.exists() if directory else resolved.is_file()
-        except (OSError, ValueError) as error:  # a NUL byte, an over-long name
+        except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, an over-long name, a symlink loop
             raise PathError(GraphError(Code.FILE_NOT_FOUND, f"not a usable path: {error}", node, input,
                                        "an existing file", types.show_value(path))) from None
         if not any(resolved.is_relative_to(root) for root in self.input_roots):
@@ -70,7 +67,7 @@ class PathPolicy:
         root = self.output_root
         try:
             resolved = (root / relative).resolve()
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
             raise PathError(GraphError(Code.PATH_OUTSIDE_ROOT, f"not a usable path: {error}", node, input,
                                        f"a relative path inside {root}", types.show_value(relative))) from None
         if Path(relative).is_absolute() or not resolved.is_relative_to(root):
@@ -78,36 +75,3 @@ class PathPolicy:
                 Code.PATH_OUTSIDE_ROOT, "outputs are written under the output directory; "
                 "choose it with --out", node, input, f"a relative path inside {root}", relative))
         return resolved
-
-
-def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part.
-
-    With `exclusive`, an existing file is never replaced: returns False instead.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        if not exclusive:
-            os.replace(temp_name, path)
-            return True
-        try:
-            os.link(temp_name, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-
-
-@cache
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

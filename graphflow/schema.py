@@ -48,7 +48,7 @@ def document_schema(registry: NodeRegistry) -> dict[str, Any]:
             "name": {"type": "string"},
             "description": {"type": "string"},
             "params": {"type": "object", "additionalProperties": {"$ref": "#/$defs/param"}},
-            "nodes": {"type": "object", "propertyNames": {"pattern": NODE_ID.pattern},
+            "nodes": {"type": "object", "propertyNames": {"pattern": f"^{NODE_ID.pattern}$"},
                       "additionalProperties": {"$ref": "#/$defs/node"}},
             "outputs": {"type": "object", "additionalProperties": {"type": "string", "pattern": r"^[^.]+\.[^.]+$"}},
         },
@@ -69,8 +69,8 @@ def _node_schema(node: type[Node]) -> dict[str, Any]:
 
 def input_schema(spec: Input) -> dict[str, Any]:
     """What one input accepts: a literal of its type (scalars only), a link or a param reference."""
-    # file inputs take no links: the file's bytes, not another node's output, key the loader
-    single: list[dict[str, Any]] = [{"$ref": "#/$defs/paramRef"}] if spec.file else \
+    # file and model inputs take no links: what they name is keyed before anything runs
+    single: list[dict[str, Any]] = [{"$ref": "#/$defs/paramRef"}] if spec.file or spec.model else \
         [{"$ref": "#/$defs/link"}, {"$ref": "#/$defs/paramRef"}]
     literal = _literal_schema(spec)
     if literal is not None:

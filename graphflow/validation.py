@@ -30,7 +30,7 @@ class Unbound:
 
 
 ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
-NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+NODE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")  # always fullmatch: "$" would let a trailing newline in
 _NODE_KEYS = {"type", "template", "inputs"}
 _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "nodes", "outputs"}
 
@@ -190,9 +190,9 @@ class _Compiler:
         return resolved
 
     def _node_class(self, node_id: str, entry: Any, base: Path, stack: tuple[Path, ...]) -> type[Node] | None:
-        if not NODE_ID.match(node_id):
+        if not NODE_ID.fullmatch(node_id):
             self.error(Code.INVALID_NODE_ID, "node ids use letters, digits, '_' and '-' only", node_id,
-                       expected=NODE_ID.pattern, found=repr(node_id))
+                       expected=f"an id matching {NODE_ID.pattern}", found=repr(node_id))
             return None
         if not isinstance(entry, dict) or ("type" in entry) == ("template" in entry):
             self.error(Code.INVALID_DOCUMENT, 'a node is an object with either "type" or "template"', node_id,
@@ -261,8 +261,8 @@ class _Compiler:
               params: ParamValues, prefix: str) -> Any:
         if isinstance(value, dict):
             if set(value) == {"from"} and isinstance(value["from"], str):
-                if spec.file:
-                    self.errors.append(file_link_error(node_id, spec.name, repr(value)))
+                if spec.file or spec.model:
+                    self.errors.append(file_link_error(spec, node_id, repr(value)))
                     return None
                 return self._link(node_id, spec.name, spec.type, value["from"], classes, prefix)
             if set(value) == {"param"} and isinstance(value["param"], str):
@@ -313,8 +313,8 @@ class _Compiler:
         if isinstance(value, Unbound):
             return None  # no value to check; a missing one is reported once, on the param
         if links_in(value):
-            if spec.file:
-                self.errors.append(file_link_error(node_id, spec.name, f"param '{name}' linked to {value}"))
+            if spec.file or spec.model:
+                self.errors.append(file_link_error(spec, node_id, f"param '{name}' linked to {value}"))
                 return None
             return value
         self.errors.extend(spec.check_literal(value, node_id))

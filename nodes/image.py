@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from graphflow.atomic import atomic_write
 from graphflow.context import RunContext
 from graphflow.document import dumps
 from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
-from graphflow.paths import atomic_write
 from graphflow.types import FLOAT, IMAGE, INT, MASK, PATHS, STRING
 from nodes.imaging import INTERPOLATIONS, grey_to_rgb, pil_to_tensor, resize_pad, to_uint8
 
