@@ -1,11 +1,14 @@
-"""Tests never reach a model hub: without this each hub lookup waits ~23 s before failing."""
+"""Tests never reach a model hub (without HF_HUB_OFFLINE each hub lookup waits ~23 s before failing), and never
+write graphflow's own caches into the user's home."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["GRAPHFLOW_CACHE_HOME"] = tempfile.mkdtemp(prefix="graphflow-test-cache-home-")
 
 
 @pytest.fixture(scope="session")
