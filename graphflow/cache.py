@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,8 +55,16 @@ def _encode(value: Any, upstream: Mapping[str, str]) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def estimate_bytes(value: Any) -> int:
     """Approximate memory held by a result: exact for tensors and arrays, rough for the rest."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return sys.getsizeof(value)
+    if kind is dict:
+        return 64 + sum(map(estimate_bytes, value.values()))
     if hasattr(value, "element_size") and hasattr(value, "nelement"):
         return int(value.element_size() * value.nelement())
     if hasattr(value, "nbytes"):
@@ -79,47 +88,62 @@ class CacheStats:
 class MemoryCache:
     """Node results by key, least recently used evicted first once `max_bytes` is exceeded.
 
-    A result larger than the whole budget is not stored.
+    A result larger than the whole budget is not stored. Safe to share between threads: every
+    operation holds one lock, so `bytes` is always exactly the sum of the sizes of what it holds.
     """
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
         self.stats = CacheStats()
+        self._bytes = 0
         self._entries: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def get(self, key: str) -> dict[str, Any] | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.stats.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.stats.hits += 1
-        return entry[0]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.stats.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            return entry[0]
 
     def put(self, key: str, outputs: dict[str, Any]) -> None:
-        size = estimate_bytes(outputs)
-        self.discard(key)
-        if size > self.max_bytes:
-            return
-        self._entries[key] = (outputs, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.bytes -= evicted
-            self.stats.evictions += 1
+        size = estimate_bytes(outputs)  # outside the lock: it may walk a large result
+        with self._lock:
+            self._discard(key)
+            if size > self.max_bytes:
+                return
+            self._entries[key] = (outputs, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
+                self.stats.evictions += 1
 
     def discard(self, key: str) -> None:
+        with self._lock:
+            self._discard(key)
+
+    def _discard(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.bytes -= entry[1]
+            self._bytes -= entry[1]
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        with self._lock:
+            return key in self._entries
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +68,15 @@ class CancelToken:
     """Set from any thread to stop a run at the next node boundary or sampler step."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._cancelled = False  # one flag, written once: reading it needs no lock
 
     def cancel(self) -> None:
-        self._event.set()
+        self._cancelled = True
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self._cancelled:
             raise Cancelled("the run was cancelled")
