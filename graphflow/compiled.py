@@ -33,6 +33,10 @@ class CompiledNode:
     node_type: type[Node]
     inputs: dict[str, Any]
     sources: tuple[str, ...] = ()
+    # the last cache key made for this node and what it was made from (upstream keys, file digests, options): a
+    # node kept by an incremental compile keeps its key while those are unchanged. One tuple, replaced whole, so
+    # threads sharing the node never see the parts of two different keys.
+    key_memo: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str] | None = None
 
 
 @dataclass
@@ -42,10 +46,16 @@ class CompiledGraph:
     nodes: dict[str, CompiledNode]
     outputs: dict[str, Link]
     params: dict[str, Any] = field(default_factory=dict)
-    document: dict[str, Any] | None = None
+    document: dict[str, Any] | None = None  # a private copy of what was compiled, safe from the caller's later edits
     order: tuple[str, ...] = ()  # every node, sources before consumers
     template_files: dict[Path, str] = field(default_factory=dict)  # template file -> content digest
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # plans and keys per target set
+    # what the next compile of this document may keep (graphflow.incremental): the param values with their
+    # declared types, the top-level nodes that use a param, and the values the caller gave
+    param_values: dict[str, tuple[Any, str]] = field(default_factory=dict, repr=False, compare=False)
+    param_users: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    given_params: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # as passed to compile
+    registry: Any = field(default=None, repr=False, compare=False)  # the NodeRegistry it was compiled against
 
     def output_nodes(self) -> list[str]:
         return [node.id for node in self.nodes.values() if node.node_type.is_output]

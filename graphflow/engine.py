@@ -1,13 +1,15 @@
 """The executor: validate, plan, look up cached results, run the rest, report what happened.
 
-One Engine serves many runs and keeps its cache between them. Results already cached are
-reused without touching their upstream nodes; a failing node leaves everything before it
-cached, so the next run resumes there.
+One Engine serves many runs and keeps its cache between them, from one thread or several at
+once. Results already cached are reused without touching their upstream nodes; a failing node
+leaves everything before it cached, so the next run resumes there; two runs that need the same
+uncached node at the same time compute it once.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
@@ -15,17 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphflow.cache import MemoryCache, cache_key, file_digest, key_parts
-from graphflow.compiled import CompiledGraph, CompiledNode, Link
+from graphflow.cache import MemoryCache
+from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
 from graphflow.context import RunContext
 from graphflow.disk_cache import DiskCache
 from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
 from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
+from graphflow.incremental import templates_unchanged
 from graphflow.models.manager import ModelManager, shared_manager
-from graphflow.paths import PathError, PathPolicy
-from graphflow.planning import Plan, plan_execution
+from graphflow.node import Node
+from graphflow.paths import PathPolicy
+from graphflow.planning import KeyedPlan, plan_run
 from graphflow.registry import NodeRegistry, default_registry
+from graphflow.types import SCALAR_TYPES
 from graphflow.validation import compile_document
 
 
@@ -48,12 +53,15 @@ class RunResult:
 _COMPILED_GRAPHS_KEPT = 32
 
 
-@dataclass
-class _PlanMemo:
-    plan: Plan
-    file_inputs: list[tuple[str, str, bool]]  # (node, input, is a model source)
-    digests: dict[tuple[str, str], str] = field(default_factory=dict)
-    keys: dict[str, str] | None = None
+class _Flight:
+    """One node result being computed by some run; other runs that need the same key wait for it to land."""
+
+    __slots__ = ("landed", "outputs", "signal")
+
+    def __init__(self) -> None:
+        self.landed = False
+        self.outputs: dict[str, Any] | None = None  # None when the computing run failed or was cancelled
+        self.signal: threading.Event | None = None  # made by the first run that waits: most flights have none
 
 
 class Engine:
@@ -75,45 +83,57 @@ class Engine:
         self.paths = PathPolicy.create(input_dirs, output_dir)
         self.options = dict(options or {})
         self.models = models if models is not None else shared_manager()
-        self._instances: dict[type, Any] = {}
-        self._compiled: OrderedDict[tuple[str, str | None, Path], CompiledGraph] = OrderedDict()
+        self._lock = threading.Lock()  # guards the memos and instances below, and waiting for flights
+        self._instances: dict[type[Node], Node] = {}
+        self._compiled: OrderedDict[Any, CompiledGraph] = OrderedDict()  # by document text, params and folder
+        self._lineages: OrderedDict[Any, CompiledGraph] = OrderedDict()  # the last compile of each document
+        self._flights: dict[str, _Flight] = {}
 
     def compile(self, graph: Any, params: Mapping[str, Any] | None = None) -> CompiledGraph:
         """Validate a graph (path, document dict, builder Graph) with param values; raise on problems.
 
-        Compiled graphs are remembered by document text, params and template contents, so running
-        the same document again skips validation.
+        A document file already compiled with these params, and unchanged since, is not validated
+        again; an edited document (or the same one with other params) re-validates only the nodes
+        that changed, keeping the rest from its last compile (see graphflow.incremental).
         """
         if isinstance(graph, CompiledGraph):
             return graph
+        values = dict(params or {})
         if isinstance(graph, (str, Path)):
             base_dir = Path(graph).resolve().parent
             text = read_document_text(graph)
+            memo_key = (text, _params_text(values), base_dir)
+            compiled = self._remembered(self._compiled, memo_key)
+            if compiled is not None and templates_unchanged(compiled):
+                return compiled
+            document = parse_document(text, str(graph))
         else:
             base_dir = Path.cwd().resolve()  # where templates named by a dict document resolve
-            graph_document = graph if isinstance(graph, dict) else graph.to_document()
-            try:
-                text = json.dumps(graph_document, ensure_ascii=False)
-            except (TypeError, ValueError):
-                return compile_document(graph_document, self.registry, params, base_dir=base_dir,
-                                        roots=self.paths.input_roots)
-        try:
-            params_text = json.dumps(dict(params or {}), sort_keys=True)
-        except (TypeError, ValueError):
-            params_text = None
-        memo_key = (text, params_text, base_dir)
-        compiled = self._compiled.get(memo_key) if params_text is not None else None
-        if compiled is not None and all(path.is_file() and file_digest(path.read_bytes()) == digest
-                                        for path, digest in compiled.template_files.items()):
-            self._compiled.move_to_end(memo_key)
-            return compiled
-        document = parse_document(text, str(graph)) if isinstance(graph, (str, Path)) else graph_document
-        compiled = compile_document(document, self.registry, params, base_dir=base_dir, roots=self.paths.input_roots)
-        if params_text is not None:
-            self._compiled[memo_key] = compiled
-            if len(self._compiled) > _COMPILED_GRAPHS_KEPT:
-                self._compiled.popitem(last=False)
+            document = graph if isinstance(graph, dict) else graph.to_document()
+            memo_key = None
+        name = document.get("name") if isinstance(document, dict) else None
+        lineage = (base_dir, name if isinstance(name, str) else None)
+        previous = self._remembered(self._lineages, lineage)
+        compiled = compile_document(document, self.registry, values, base_dir=base_dir,
+                                    roots=self.paths.input_roots, previous=previous)
+        self._remember(self._lineages, lineage, compiled)
+        if memo_key is not None and memo_key[1] is not None:
+            self._remember(self._compiled, memo_key, compiled)
         return compiled
+
+    def _remembered(self, memo: OrderedDict[Any, CompiledGraph], key: Any) -> CompiledGraph | None:
+        with self._lock:
+            compiled = memo.get(key)
+            if compiled is not None:
+                memo.move_to_end(key)
+            return compiled
+
+    def _remember(self, memo: OrderedDict[Any, CompiledGraph], key: Any, compiled: CompiledGraph) -> None:
+        with self._lock:
+            memo[key] = compiled
+            memo.move_to_end(key)
+            if len(memo) > _COMPILED_GRAPHS_KEPT:
+                memo.popitem(last=False)
 
     def run(self, graph: Any, params: Mapping[str, Any] | None = None, *, outputs: list[str] | None = None,
             on_event: EventHandler | None = None, cancel: CancelToken | None = None,
@@ -125,51 +145,19 @@ class Engine:
         started = time.perf_counter()
         compiled = self.compile(graph, params)
         run_options = {**self.options, **options} if options else self.options
-        plan, keys = self._plan(compiled, outputs, run_options)
-        live, to_run, cached = self._reuse(compiled, plan.order, plan.targets, keys)
+        keyed = plan_run(compiled, self._targets(compiled, outputs), run_options, self.paths)
+        live, to_run, cached = self._reuse(compiled, keyed)
         if on_event is not None:
             on_event(RunStarted(len(to_run), len(cached)))
             for node_id in cached:
                 on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
         result = RunResult({}, [], cached, {})
-        self._run_nodes(compiled, plan, keys, live, to_run, result, on_event, cancel or CancelToken(), run_options)
+        run = _Run(self, compiled, keyed, live, result, on_event, cancel or CancelToken(), run_options)
+        run.execute(to_run)
         result.outputs = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
                           if outputs is None or name in outputs}
         result.seconds = time.perf_counter() - started
         return result
-
-    def _run_nodes(self, graph: CompiledGraph, plan: Plan, keys: dict[str, str], live: dict[str, dict[str, Any]],
-                   to_run: list[str], result: RunResult, on_event: EventHandler | None, cancel: CancelToken,
-                   options: dict[str, Any]) -> None:
-        """Execute `to_run` in order, caching each result and freeing inputs after their last consumer."""
-        remaining = {node_id: 0 for node_id in live}
-        for node_id in to_run:
-            for source in graph.nodes[node_id].sources:
-                remaining[source] = remaining.get(source, 0) + 1
-        # Identical nodes under different ids share a key: run the first, hand its result to the rest.
-        repeated = {key for key, count in Counter(keys[node_id] for node_id in to_run).items() if count > 1}
-        shared: dict[str, dict[str, Any]] = {}
-        for node_id in to_run:
-            cancel.check()
-            node = graph.nodes[node_id]
-            key = keys[node_id]
-            if key in shared:
-                live[node_id] = shared[key]
-                result.cached.append(node_id)
-                if on_event is not None:
-                    on_event(NodeCached(node_id, node.node_type.type_name))
-            else:
-                ctx = RunContext(node_id, node.node_type.type_name, self.paths, cancel, graph.document,
-                                 graph.params, options, on_event, result.files, self.models)
-                live[node_id], result.timings[node_id] = self._execute(node, ctx, live, on_event)
-                result.ran.append(node_id)
-                self._store(node, key, live[node_id])
-                if key in repeated:
-                    shared[key] = live[node_id]
-            for source in node.sources:
-                remaining[source] -= 1
-                if remaining[source] == 0 and source not in plan.targets:
-                    del live[source]  # freed after its last consumer; the cache may still hold it
 
     def _targets(self, graph: CompiledGraph, outputs: list[str] | None) -> list[str]:
         if outputs is None:
@@ -181,81 +169,18 @@ class Engine:
                                               found=repr(name)) for name in unknown])
         return list(dict.fromkeys(graph.outputs[name].node for name in outputs))
 
-    def _plan(self, graph: CompiledGraph, outputs: list[str] | None,
-              options: dict[str, Any]) -> tuple[Plan, dict[str, str]]:
-        """The plan and cache keys for these outputs, remembered until an input file's bytes change."""
-        memo_key = ("plan", tuple(outputs) if outputs is not None else None, repr(sorted(options.items())))
-        memo: _PlanMemo | None = graph.memo.get(memo_key)
-        if memo is None:
-            plan = plan_execution(graph, self._targets(graph, outputs))
-            self._check_output_paths(graph, plan)
-            file_inputs = [(node_id, spec.name, spec.model) for node_id in plan.order
-                           for spec in graph.nodes[node_id].node_type.inputs
-                           if (spec.file or spec.model) and isinstance(graph.nodes[node_id].inputs.get(spec.name), str)]
-            memo = graph.memo[memo_key] = _PlanMemo(plan, file_inputs)
-        digests = self._file_digests(graph, memo.file_inputs)
-        if memo.keys is None or digests != memo.digests:
-            memo.digests, memo.keys = digests, self._keys(graph, memo.plan.order, digests, options)
-        return memo.plan, memo.keys
-
-    def _check_output_paths(self, graph: CompiledGraph, plan: Plan) -> None:
-        """Refuse, before anything runs, output paths that would leave the output root."""
-        errors: list[GraphError] = []
-        for node_id in plan.order:
-            node = graph.nodes[node_id]
-            for spec in node.node_type.inputs:
-                if spec.output_path and isinstance(node.inputs.get(spec.name), str):
-                    try:
-                        self.paths.output_path(node.inputs[spec.name], node=node_id, input=spec.name)
-                    except PathError as error:
-                        errors.append(error.error)
-        if errors:
-            raise ValidationError(errors)
-
-    def _file_digests(self, graph: CompiledGraph,
-                      file_inputs: list[tuple[str, str, bool]]) -> dict[tuple[str, str], str]:
-        """Content digests of every file input and fingerprints of model sources; every unreadable file is
-        reported at once, before any node runs (a model that cannot be found is left to its loader to explain)."""
-        digests: dict[tuple[str, str], str] = {}
-        errors: list[GraphError] = []
-        from graphflow.models.sources import fingerprint  # here, not at import: `import graphflow` stays light
-
-        for node_id, name, model in file_inputs:
-            value = graph.nodes[node_id].inputs[name]
-            if model:
-                digests[node_id, name] = f"{value!r}@{fingerprint(value, self.paths)}"
-                continue
-            try:
-                path = self.paths.input_path(value, node=node_id, input=name)
-                digests[node_id, name] = file_digest(path.read_bytes())
-            except PathError as error:
-                errors.append(error.error)
-        if errors:
-            raise ValidationError(errors)
-        return digests
-
-    def _keys(self, graph: CompiledGraph, order: tuple[str, ...], digests: dict[tuple[str, str], str],
-              options: dict[str, Any]) -> dict[str, str]:
-        files: dict[str, dict[str, str]] = {}
-        for (owner, name), digest in digests.items():
-            files.setdefault(owner, {})[name] = digest
-        keys: dict[str, str] = {}
-        for node_id in order:
-            keys[node_id] = cache_key(key_parts(graph.nodes[node_id], keys, files.get(node_id, {}), options))
-        return keys
-
-    def _reuse(self, graph: CompiledGraph, order: tuple[str, ...], targets: frozenset[str],
-               keys: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+    def _reuse(self, graph: CompiledGraph,
+               keyed: KeyedPlan) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
         """Walk back from the targets: a cached node's upstream is not needed at all."""
-        needed = set(targets)
+        needed = set(keyed.plan.targets)
         live: dict[str, dict[str, Any]] = {}
         to_run: list[str] = []
         cached: list[str] = []
-        for node_id in reversed(order):
+        for node_id in reversed(keyed.plan.order):
             if node_id not in needed:
                 continue
             node = graph.nodes[node_id]
-            hit = self._lookup(node, keys[node_id])
+            hit = self.lookup(node, keyed.keys[node_id])
             if hit is not None:
                 live[node_id] = hit  # held here, so later evictions cannot take it from this run
                 cached.append(node_id)
@@ -266,50 +191,193 @@ class Engine:
         cached.reverse()
         return live, to_run, cached
 
-    def _lookup(self, node: CompiledNode, key: str) -> dict[str, Any] | None:
-        """A reusable cached result: from memory, else from disk for node types that keep one there."""
+    def lookup(self, node: CompiledNode, key: str, *, disk: bool = True) -> dict[str, Any] | None:
+        """A reusable cached result: from memory, else (with `disk`) from disk for node types that keep one there."""
         hit = self.cache.get(key)
-        if hit is None and node.node_type.disk_cache and self.disk_cache is not None:
+        if hit is None and disk and node.node_type.disk_cache and self.disk_cache is not None:
             hit = self.disk_cache.get(key)
             if hit is not None:
                 self.cache.put(key, hit)
-        if hit is not None and self._instance(node.node_type).outputs_still_valid(hit):
+        if hit is not None and (not _checks_outputs(node.node_type)
+                                or self.instance(node.node_type).outputs_still_valid(hit)):
             return hit
         return None
 
-    def _store(self, node: CompiledNode, key: str, outputs: dict[str, Any]) -> None:
+    def store(self, node: CompiledNode, key: str, outputs: dict[str, Any]) -> None:
         self.cache.put(key, outputs)
         if node.node_type.disk_cache and self.disk_cache is not None:
             self.disk_cache.put(key, outputs)
 
-    def _execute(self, node: CompiledNode, ctx: RunContext, live: dict[str, dict[str, Any]],
-                 on_event: EventHandler | None) -> tuple[dict[str, Any], float]:
+    def instance(self, node_type: type[Node]) -> Node:
+        """The one instance of a node type that runs all its nodes (node types keep no state between runs)."""
+        instance = self._instances.get(node_type)
+        if instance is None:
+            with self._lock:
+                instance = self._instances.setdefault(node_type, node_type())
+        return instance
+
+    # Claiming and landing take no lock: dict.setdefault and dict.pop are atomic, and a waiter that misses the
+    # signal still sees `landed` within one wait. Only waiters (rare) lock, to share one Event per flight.
+
+    def claim(self, key: str) -> _Flight | None:
+        """None when this run is now the one computing `key`; else the flight of the run already computing it."""
+        mine = _Flight()
+        flight = self._flights.setdefault(key, mine)
+        return None if flight is mine else flight
+
+    def await_landing(self, flight: _Flight, cancel: CancelToken) -> dict[str, Any] | None:
+        """Wait until `flight` lands (checking `cancel` meanwhile); its outputs, None if its run failed."""
+        with self._lock:
+            if flight.signal is None:
+                flight.signal = threading.Event()
+            signal = flight.signal
+        while not flight.landed:
+            signal.wait(0.05)
+            cancel.check()
+        return flight.outputs
+
+    def land(self, key: str, outputs: dict[str, Any] | None) -> None:
+        """End this run's flight for `key`, handing `outputs` (None: it failed) to the runs waiting for it."""
+        flight = self._flights.pop(key)
+        flight.outputs = outputs
+        flight.landed = True
+        if flight.signal is not None:
+            flight.signal.set()
+
+
+def _checks_outputs(node_type: type[Node]) -> bool:
+    """Whether the node type re-checks cached results (output nodes check their files still exist)."""
+    return node_type.outputs_still_valid is not Node.outputs_still_valid
+
+
+def _params_text(values: dict[str, Any]) -> str | None:
+    try:
+        return json.dumps(values, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):  # not JSON data: such a compile is not remembered by text
+        return None
+
+
+class _Run:
+    """One run's execution of its planned nodes, in order, caching each result and freeing inputs early."""
+
+    def __init__(self, engine: Engine, graph: CompiledGraph, keyed: KeyedPlan, live: dict[str, dict[str, Any]],
+                 result: RunResult, on_event: EventHandler | None, cancel: CancelToken,
+                 options: dict[str, Any]) -> None:
+        self.engine = engine
+        self.graph = graph
+        self.keyed = keyed
+        self.live = live
+        self.result = result
+        self.on_event = on_event
+        self.cancel = cancel
+        self.options = options
+
+    def execute(self, to_run: list[str]) -> None:
+        graph, live = self.graph, self.live
+        remaining = {node_id: 0 for node_id in live}
+        for node_id in to_run:
+            for source in graph.nodes[node_id].sources:
+                remaining[source] = remaining.get(source, 0) + 1
+        # identical nodes under different ids share a key: run the first, hand its result to the rest
+        repeated = {key for key, count in Counter(self.keyed.keys[node_id] for node_id in to_run).items()
+                    if count > 1}
+        shared: dict[str, dict[str, Any]] = {}
+        for node_id in to_run:
+            self.cancel.check()
+            node = graph.nodes[node_id]
+            key = self.keyed.keys[node_id]
+            outputs = shared.get(key)
+            if outputs is None:
+                outputs = self._obtain(node, key)
+                if key in repeated:
+                    shared[key] = outputs
+            else:
+                self._reused(node)
+            live[node_id] = outputs
+            for source in node.sources:
+                remaining[source] -= 1
+                if remaining[source] == 0 and source not in self.keyed.plan.targets:
+                    del live[source]  # freed after its last consumer; the cache may still hold it
+
+    def _obtain(self, node: CompiledNode, key: str) -> dict[str, Any]:
+        """The node's outputs: computed here, or taken from another run computing the same key right now."""
+        engine = self.engine
+        while True:
+            flight = engine.claim(key)
+            if flight is None:
+                break
+            outputs = engine.await_landing(flight, self.cancel)
+            if outputs is not None:
+                self._reused(node)
+                return outputs
+            # the other run failed or was cancelled: compute it here (claiming it first)
+        outputs = None
+        try:
+            hit = engine.lookup(node, key, disk=False)  # another run may have made it since this one was planned
+            if hit is not None:
+                self._reused(node)
+                outputs = hit
+                return hit
+            outputs = self._execute(node)
+            engine.store(node, key, outputs)
+            return outputs
+        finally:
+            engine.land(key, outputs)
+
+    def _reused(self, node: CompiledNode) -> None:
+        self.result.cached.append(node.id)
+        if self.on_event is not None:
+            self.on_event(NodeCached(node.id, node.node_type.type_name))
+
+    def _execute(self, node: CompiledNode) -> dict[str, Any]:
         type_name = node.node_type.type_name
-        values = {name: _resolve(value, live) for name, value in node.inputs.items()}
-        if on_event is not None:
-            on_event(NodeStarted(node.id, type_name))
+        live = self.live
+        values = {name: live[value.node][value.output] if type(value) is Link else
+                  _resolve(value, live) if type(value) is list else value for name, value in node.inputs.items()}
+        problems = _linked_value_errors(node, values)
+        if problems:
+            error = ValidationError(problems)
+            if self.on_event is not None:
+                self.on_event(NodeFailed(node.id, type_name, error))
+            raise error
+        ctx = RunContext(node.id, type_name, self.engine.paths, self.cancel, self.graph.document, self.graph.params,
+                         self.options, self.on_event, self.result.files, self.engine.models,
+                         self.keyed.file_bytes.get(node.id, {}))
+        if self.on_event is not None:
+            self.on_event(NodeStarted(node.id, type_name))
         started = time.perf_counter()
         try:
-            result = self._instance(node.node_type).run(ctx, **values)
-            if not isinstance(result, dict) or not result.keys() >= node.node_type.output_map.keys():
-                missing = [name for name in node.node_type.output_map if name not in (result or {})]
+            outputs = self.engine.instance(node.node_type).run(ctx, **values)
+            if not isinstance(outputs, dict) or not outputs.keys() >= node.node_type.output_map.keys():
+                missing = [name for name in node.node_type.output_map if name not in (outputs or {})]
                 raise TypeError(f"{type_name}.run returned no value for outputs {missing}")
         except Cancelled:
             raise
         except Exception as error:
-            if on_event is not None:
-                on_event(NodeFailed(node.id, type_name, error))
+            if self.on_event is not None:
+                self.on_event(NodeFailed(node.id, type_name, error))
             raise NodeExecutionError(node.id, type_name, error) from error
-        seconds = time.perf_counter() - started
-        if on_event is not None:
-            on_event(NodeFinished(node.id, type_name, seconds))
-        return result, seconds
+        seconds = self.result.timings[node.id] = time.perf_counter() - started
+        self.result.ran.append(node.id)
+        if self.on_event is not None:
+            self.on_event(NodeFinished(node.id, type_name, seconds))
+        return outputs
 
-    def _instance(self, node_type: type) -> Any:
-        instance = self._instances.get(node_type)
-        if instance is None:
-            instance = self._instances[node_type] = node_type()
-        return instance
+
+def _linked_value_errors(node: CompiledNode, values: dict[str, Any]) -> list[GraphError]:
+    """Ranges and choices hold for values that arrive through links too: checked before the node runs."""
+    problems: list[GraphError] = []
+    input_map = node.node_type.input_map
+    for name, value in node.inputs.items():
+        if type(value) is not Link and not (type(value) is list and links_in(value)):
+            continue
+        spec = input_map[name]
+        if spec.type not in SCALAR_TYPES:
+            continue
+        for error in spec.check_literal(values[name], node.id):  # literals were checked at compile, again here
+            problems.append(GraphError(error.code, f"the value that arrived through a link: {error.message}",
+                                       error.node, error.input, error.expected, error.found))
+    return problems
 
 
 def _resolve(value: Any, live: dict[str, dict[str, Any]]) -> Any:

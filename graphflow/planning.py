@@ -1,10 +1,25 @@
-"""Which nodes a run needs, in the graph's deterministic topological order."""
+"""What a run needs: the nodes its targets depend on, the bytes of their input files, and every node's cache key.
+
+A cache key is made from what is known before anything runs: the node's literal inputs, the keys of
+the nodes it reads from, the digests of the files it reads (and the fingerprints of the model
+sources it loads), and the engine options it uses. The bytes hashed into a key are the bytes the
+node is handed (`RunContext.read_file`), so a file rewritten after planning cannot be stored under
+the old key. Keys are remembered per node: a run recomputes only the keys downstream of what
+changed, whether in the document or in a file.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
 
-from graphflow.compiled import CompiledGraph
+from graphflow.cache import cache_key, file_digest, key_parts
+from graphflow.compiled import CompiledGraph, CompiledNode
+from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.node import Node
+from graphflow.paths import PathError, PathPolicy
 
 
 @dataclass(frozen=True)
@@ -13,6 +28,15 @@ class Plan:
 
     order: tuple[str, ...]
     targets: frozenset[str]
+
+
+@dataclass(frozen=True)
+class KeyedPlan:
+    """One run's plan: the nodes, their cache keys, and the bytes of the files they read, by node and input."""
+
+    plan: Plan
+    keys: dict[str, str]
+    file_bytes: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
 
 def plan_execution(graph: CompiledGraph, targets: list[str]) -> Plan:
@@ -26,3 +50,201 @@ def plan_execution(graph: CompiledGraph, targets: list[str]) -> Plan:
             stack.extend(graph.nodes[node_id].sources)
     order = graph.order if len(needed) == len(graph.nodes) else tuple(n for n in graph.order if n in needed)
     return Plan(order, frozenset(targets))
+
+
+Digests = dict[tuple[str, str], str]  # (node, input) -> digest of the file, or fingerprint of the model source
+
+
+@dataclass
+class _PlanMemo:
+    """One plan of a graph, and what its last run computed, for the next run of it (or of an edit of it)."""
+
+    plan: Plan
+    keyed_inputs: tuple[tuple[str, str, bool], ...]  # (node, input, is a model source) of every file and model input
+    # the digests of the last run, the keys made from them, and the nodes whose keys have gone stale since (their
+    # entries were edited): one tuple, replaced whole, because threads share the memo
+    state: tuple[Digests, dict[str, str], frozenset[str]] | None = None
+    unchecked: frozenset[str] = frozenset()  # nodes whose output paths are still to be checked
+    consumers: dict[str, list[str]] | None = None  # planned node -> the planned nodes reading it (made on first need)
+    position: dict[str, int] | None = None  # planned node -> its place in the order (made on first need)
+
+    def positions(self) -> dict[str, int]:
+        if self.position is None:
+            self.position = {node_id: index for index, node_id in enumerate(self.plan.order)}
+        return self.position
+
+
+def plan_run(graph: CompiledGraph, targets: list[str], options: Mapping[str, Any], paths: PathPolicy) -> KeyedPlan:
+    """The plan for `targets`, with every input file read (and every model source fingerprinted) now, and keys.
+
+    Raises ValidationError listing every output path outside the output root, every unreadable input file and
+    every model source outside the input roots, before any node runs.
+    """
+    memo_key = ("plan", tuple(targets), repr(sorted(options.items())), paths)
+    memo: _PlanMemo | None = graph.memo.get(memo_key)
+    if memo is None:
+        plan = plan_execution(graph, targets)
+        _check_output_paths(graph, plan.order, paths)
+        keyed = tuple(entry for node_id in plan.order if _keyed_inputs(graph.nodes[node_id].node_type)
+                      for entry in _keyed(graph, node_id))
+        memo = graph.memo.setdefault(memo_key, _PlanMemo(plan, keyed))
+    if memo.unchecked:
+        _check_output_paths(graph, [node_id for node_id in memo.plan.order if node_id in memo.unchecked], paths)
+        memo.unchecked = frozenset()
+    digests, file_bytes = _read_inputs(graph, memo.keyed_inputs, paths)
+    state = memo.state
+    if state is None:
+        keys = node_keys(graph, memo.plan.order, digests, options)
+    else:
+        before, keys, stale = state
+        if before != digests:  # a file changed: its readers' keys are stale too
+            stale = stale | {owner for (owner, name), digest in digests.items() if before.get((owner, name)) != digest}
+        if stale:
+            keys = _rekeyed(graph, memo, keys, stale, digests, options)
+    memo.state = (digests, keys, frozenset())
+    return KeyedPlan(memo.plan, keys, file_bytes)
+
+
+def inherit_plans(graph: CompiledGraph, previous: CompiledGraph, changed: frozenset[str]) -> None:
+    """Give `graph` the plans of `previous`, a graph of the same nodes and links in which the nodes `changed` had
+    other entries: their output paths are checked again at the next run, and only their keys (and those downstream)
+    are computed again."""
+    for memo_key, memo in list(previous.memo.items()):
+        if not isinstance(memo, _PlanMemo):
+            continue
+        position = memo.positions()
+        edited = frozenset(node_id for node_id in changed if node_id in position)
+        keyed = tuple(entry for entry in memo.keyed_inputs if entry[0] not in edited) + \
+            tuple(entry for node_id in edited for entry in _keyed(graph, node_id))
+        state = memo.state
+        graph.memo[memo_key] = _PlanMemo(memo.plan, keyed, (state[0], state[1], state[2] | edited) if state else None,
+                                         memo.unchecked | edited, memo.consumers, position)
+
+
+def _keyed(graph: CompiledGraph, node_id: str) -> tuple[tuple[str, str, bool], ...]:
+    node = graph.nodes[node_id]
+    return tuple((node_id, name, model) for name, model in _keyed_inputs(node.node_type)
+                 if isinstance(node.inputs.get(name), str))
+
+
+def _rekeyed(graph: CompiledGraph, memo: _PlanMemo, keys: dict[str, str], stale: frozenset[str] | set[str],
+             digests: Digests, options: Mapping[str, Any]) -> dict[str, str]:
+    """`keys` with the keys of the `stale` nodes and of every node downstream of them made again."""
+    if memo.consumers is None:
+        consumers: dict[str, list[str]] = {}
+        for node_id in memo.plan.order:
+            for source in graph.nodes[node_id].sources:
+                consumers.setdefault(source, []).append(node_id)
+        memo.consumers = consumers
+    cone: set[str] = set()
+    pending = list(stale)
+    while pending:
+        node_id = pending.pop()
+        if node_id not in cone:
+            cone.add(node_id)
+            pending.extend(memo.consumers.get(node_id, ()))
+    position = memo.positions()
+    keys = dict(keys)
+    files = _files_by_node(digests)
+    for node_id in sorted(cone, key=position.__getitem__):
+        keys[node_id] = _node_key(graph.nodes[node_id], keys, files.get(node_id), options)
+    return keys
+
+
+@cache
+def _keyed_inputs(node_type: type[Node]) -> tuple[tuple[str, bool], ...]:
+    return tuple((spec.name, spec.model) for spec in node_type.inputs if spec.file or spec.model)
+
+
+@cache
+def _output_paths(node_type: type[Node]) -> tuple[str, ...]:
+    return tuple(spec.name for spec in node_type.inputs if spec.output_path)
+
+
+def _check_output_paths(graph: CompiledGraph, node_ids: Sequence[str], paths: PathPolicy) -> None:
+    """Refuse, before anything runs, output paths that would leave the output root."""
+    errors: list[GraphError] = []
+    for node_id in node_ids:
+        node = graph.nodes[node_id]
+        for name in _output_paths(node.node_type):
+            if isinstance(node.inputs.get(name), str):
+                try:
+                    paths.output_path(node.inputs[name], node=node_id, input=name)
+                except PathError as error:
+                    errors.append(error.error)
+    if errors:
+        raise ValidationError(errors)
+
+
+def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...],
+                 paths: PathPolicy) -> tuple[dict[tuple[str, str], str], dict[str, dict[str, bytes]]]:
+    """The digest of every input file and the fingerprint of every model source, and the files' bytes.
+
+    Every problem is reported at once. A model that cannot be found is left to its loader to explain (it knows
+    which files it needs and how to get them); one outside the input roots is refused here.
+    """
+    digests: dict[tuple[str, str], str] = {}
+    file_bytes: dict[str, dict[str, bytes]] = {}
+    errors: list[GraphError] = []
+    if not keyed:
+        return digests, file_bytes
+    from graphflow.models.sources import fingerprint  # here, not at import: `import graphflow` stays light
+
+    for node_id, name, model in keyed:
+        value = graph.nodes[node_id].inputs[name]
+        try:
+            if model:
+                digests[node_id, name] = f"{value!r}@{fingerprint(value, paths)}"
+                continue
+            data = _read(paths, value, node_id, name)
+        except PathError as error:
+            errors.append(error.error)
+            continue
+        digests[node_id, name] = file_digest(data)
+        file_bytes.setdefault(node_id, {})[name] = data
+    if errors:
+        raise ValidationError(errors)
+    return digests, file_bytes
+
+
+def _read(paths: PathPolicy, value: str, node_id: str, name: str) -> bytes:
+    path = paths.input_path(value, node=node_id, input=name)
+    try:
+        return path.read_bytes()
+    except OSError as error:  # unreadable, or gone since it was found
+        raise PathError(GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: {error.strerror or error}", node_id,
+                                   name, "a readable file", value)) from None
+
+
+def node_keys(graph: CompiledGraph, order: tuple[str, ...], digests: Digests,
+              options: Mapping[str, Any]) -> dict[str, str]:
+    """Every planned node's cache key."""
+    files = _files_by_node(digests)
+    keys: dict[str, str] = {}
+    nodes = graph.nodes
+    for node_id in order:
+        keys[node_id] = _node_key(nodes[node_id], keys, files.get(node_id) if files else None, options)
+    return keys
+
+
+def _files_by_node(digests: Digests) -> dict[str, dict[str, str]]:
+    files: dict[str, dict[str, str]] = {}
+    for (owner, name), digest in digests.items():
+        files.setdefault(owner, {})[name] = digest
+    return files
+
+
+def _node_key(node: CompiledNode, keys: dict[str, str], files: dict[str, str] | None,
+              options: Mapping[str, Any]) -> str:
+    """The node's cache key, given its sources' `keys`. A node whose upstream keys, file digests and options are
+    those its last key was made from (in this graph or in an earlier compile sharing the node) keeps that key."""
+    upstream = tuple(map(keys.__getitem__, node.sources))
+    file_part = tuple(files.values()) if files else ()
+    uses = node.node_type.uses_options
+    option_part = tuple([repr(options.get(name)) for name in uses]) if uses else ()  # repr: 1 and True differ
+    memo = node.key_memo
+    if memo is not None and memo[0] == upstream and memo[1] == file_part and memo[2] == option_part:
+        return memo[3]
+    key = cache_key(key_parts(node, keys, files or {}, options))
+    node.key_memo = (upstream, file_part, option_part, key)
+    return key

@@ -6,6 +6,7 @@ builds the executable graph at the same time, so what validates is exactly what 
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from graphflow import types
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
 from graphflow.document import migrate
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
+from graphflow.incremental import Reuse, snapshot
 from graphflow.node import REQUIRED, Input, Node, file_link_error, missing_input_error, unknown_input_error
+from graphflow.planning import inherit_plans
 from graphflow.registry import NodeRegistry
 from graphflow.templates import TemplateLoader, TemplateNode, inside_template, parse_params, unknown_param_error
 
@@ -37,7 +40,8 @@ _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "node
 
 def compile_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
                      *, base_dir: Path | None = None, roots: tuple[Path, ...] = (),
-                     as_template: bool = False, loader: TemplateLoader | None = None) -> CompiledGraph:
+                     as_template: bool = False, loader: TemplateLoader | None = None,
+                     previous: CompiledGraph | None = None) -> CompiledGraph:
     """Validate `document` with the given param values and return the graph to run.
 
     Raises ValidationError listing every problem. Templates resolve against `base_dir` (the
@@ -45,20 +49,32 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     params may stay unbound (checked by type where they are used), as when checking a template
     before its values are known; the result is then for checking only, not for running. A
     `loader` passed in keeps the template node types it loads, for the caller to reuse.
+    `previous`, an earlier compile of this document (same registry, base and roots), lends
+    every node whose entry is unchanged (graphflow.incremental), and is itself the result when
+    nothing changed at all.
     """
     document = migrate(dict(document))  # documents built in Python skip load_document
+    values = dict(params or {})
+    reuse = Reuse(previous, document, values, registry) if previous is not None and not as_template else None
+    if reuse is not None and reuse.unchanged(document):
+        return reuse.previous
     base = (base_dir or Path.cwd()).resolve()
     loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
-    compiler = _Compiler(registry, loader, as_template)
-    graph = compiler.compile(document, dict(params or {}), base, prefix="", stack=())
+    compiler = _Compiler(registry, loader, as_template, reuse)
+    graph = compiler.compile(document, values, base, prefix="", stack=())
     if not compiler.errors and not graph.outputs and not graph.output_nodes():
         compiler.errors.append(GraphError(
             Code.NO_OUTPUTS, "nothing would run: add an output node such as SaveImage, or name results "
             'under "outputs"', expected='an output node or an "outputs" entry', found="neither"))
-    graph.order = _topological_order(graph, compiler.errors)
+    order = reuse.order(graph) if reuse is not None and not compiler.errors else None
+    graph.order = order if order is not None else _topological_order(graph, compiler.errors)
     if compiler.errors:
         raise ValidationError(compiler.errors)
-    graph.document = document
+    graph.document, graph.param_users = snapshot(document, reuse)
+    if order is not None and reuse is not None:  # the same nodes and links: the plans carry over
+        inherit_plans(graph, reuse.previous, frozenset(graph.nodes.keys() - reuse.kept.keys()))
+    graph.given_params = copy.deepcopy(values)
+    graph.registry = registry
     graph.template_files = loader.files()
     return graph
 
@@ -100,10 +116,12 @@ def validate_document(document: dict[str, Any], registry: NodeRegistry, params: 
 
 
 class _Compiler:
-    def __init__(self, registry: NodeRegistry, loader: TemplateLoader, as_template: bool) -> None:
+    def __init__(self, registry: NodeRegistry, loader: TemplateLoader, as_template: bool,
+                 reuse: Reuse | None = None) -> None:
         self.registry = registry
         self.loader = loader
         self.as_template = as_template
+        self.reuse = reuse  # what the top level takes from the previous compile (graphflow.incremental)
         self.errors: list[GraphError] = []
         self._placed: set[int] = set()  # ids of errors already placed inside a template
 
@@ -143,10 +161,18 @@ class _Compiler:
             self.error(Code.INVALID_DOCUMENT, '"nodes" maps node ids to nodes', input="nodes",
                        expected="an object", found=types.describe_literal(entries))
             entries = {}
-        classes = {node_id: self._node_class(node_id, entry, base, stack) for node_id, entry in entries.items()}
+        reuse = self.reuse if not stack else None
+        kept = reuse.kept if reuse is not None else {}
+        classes = {node_id: kept[node_id].node_type if node_id in kept else
+                   self._node_class(node_id, entry, base, stack) for node_id, entry in entries.items()}
+        if reuse is not None:
+            kept = reuse.settle(classes)
         compiled: dict[str, CompiledNode] = {}
         aliases: dict[Link, Link] = {}
         for node_id, node_type in classes.items():
+            if node_id in kept:
+                compiled[node_id] = kept[node_id]
+                continue
             if node_type is None:
                 continue
             known_errors = len(self.errors)
@@ -157,12 +183,15 @@ class _Compiler:
                 self._expand(node_id, node_type, inputs, compiled, aliases, prefix, stack)
             else:
                 compiled[prefix + node_id] = CompiledNode(prefix + node_id, node_type, inputs)
-        outputs = self._outputs(document, classes, prefix)
+        outputs = self._outputs(document, classes, prefix, reuse.outputs(document, classes) if reuse else {})
         if aliases:
             self._redirect(compiled, outputs, aliases)
-        for node in compiled.values():
-            node.sources = tuple(dict.fromkeys(link.node for value in node.inputs.values() for link in links_in(value)))
-        return CompiledGraph(compiled, outputs, {name: value for name, (value, _) in param_values.items()})
+        for node_id, node in compiled.items():
+            if node_id not in kept:  # a kept node is shared with the previous graph, sources and all
+                node.sources = tuple(dict.fromkeys(link.node for value in node.inputs.values()
+                                                   for link in links_in(value)))
+        return CompiledGraph(compiled, outputs, {name: value for name, (value, _) in param_values.items()},
+                             param_values=param_values)
 
     def _param_values(self, document: dict[str, Any], values: dict[str, Any]) -> ParamValues:
         """Each param's value (given, default, or Unbound) with its declared type."""
@@ -331,7 +360,8 @@ class _Compiler:
             aliases[Link(prefix + node_id, name)] = target
 
     def _outputs(self, document: dict[str, Any], classes: dict[str, type[Node] | None],
-                 prefix: str) -> dict[str, Link]:
+                 prefix: str, kept: dict[str, Link]) -> dict[str, Link]:
+        """The graph outputs; those in `kept` are known valid, from the previous compile."""
         raw = document.get("outputs", {})
         if not isinstance(raw, dict):
             self.error(Code.INVALID_DOCUMENT, '"outputs" maps result names to "node.output"', input="outputs",
@@ -339,6 +369,9 @@ class _Compiler:
             return {}
         outputs: dict[str, Link] = {}
         for name, target in raw.items():
+            if name in kept:
+                outputs[name] = kept[name]
+                continue
             if not isinstance(target, str):
                 self.error(Code.BAD_LINK, "a graph output names a node output", input=name,
                            expected='"node.output"', found=types.describe_literal(target))
@@ -358,6 +391,8 @@ class _Compiler:
             return value
 
         for node in compiled.values():
-            node.inputs = {name: follow(value) for name, value in node.inputs.items()}
+            inputs = {name: follow(value) for name, value in node.inputs.items()}
+            if inputs != node.inputs:  # nodes kept from a previous compile link to no template: left untouched
+                node.inputs = inputs
         for name, link in outputs.items():
             outputs[name] = follow(link)

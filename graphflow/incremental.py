@@ -1,0 +1,185 @@
+"""What a compile keeps from the previous compile of the same document: every node whose entry is the same.
+
+Recompiling a 1,000-node document because one value changed would validate 999 unchanged nodes
+again. Instead the compiler compares each top-level entry with a private copy of the entry the
+previous compile validated, and keeps that compile's node when nothing it was checked against
+changed: its entry (compared strictly: in Python `True == 1` and `1 == 1.0`, here they differ),
+the params it uses, and the node types of the nodes it links to.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphflow.cache import file_digest
+
+if TYPE_CHECKING:
+    from graphflow.compiled import CompiledGraph, CompiledNode, Link
+    from graphflow.node import Node
+    from graphflow.registry import NodeRegistry
+
+
+class Reuse:
+    """What one compile takes from `previous`, the last compile of the same document.
+
+    `kept` starts as the plain top-level nodes whose entries (and params, if they use any) are
+    unchanged; `settle` then drops those linked to a node whose type changed, since their links
+    were checked against the old type. Nodes are kept by identity, so their remembered cache keys
+    (`CompiledNode.key_memo`) come along.
+    """
+
+    def __init__(self, previous: CompiledGraph, document: dict[str, Any], values: dict[str, Any],
+                 registry: NodeRegistry) -> None:
+        self.previous = previous
+        self.kept: dict[str, CompiledNode] = {}
+        self.retyped: set[str] = set()  # previous node ids now absent, of another type, or inside a template
+        self._params_same = (same_values(values, previous.given_params) and previous.document is not None
+                             and same_values(document.get("params", {}), previous.document.get("params", {})))
+        entries = document.get("nodes")
+        if previous.document is None or type(entries) is not dict:
+            return
+        before, kept, nodes = previous.document["nodes"], self.kept, previous.nodes
+        # a registry maps a name to one class for good (it refuses redefinitions): the same registry needs no lookup
+        same_registry = previous.registry is registry
+        blocked = frozenset() if self._params_same else previous.param_users
+        for node_id, entry in entries.items():
+            node = nodes.get(node_id)  # top-level ids hold no "/": this is a plain top-level node
+            if (node is not None and node_id not in blocked and same_entry(entry, before[node_id])
+                    and (same_registry or registry.get(entry["type"]) is node.node_type)):
+                kept[node_id] = node
+
+    def unchanged(self, document: dict[str, Any]) -> bool:
+        """Whether `document` (with the values given to __init__) is exactly what `previous` was compiled from."""
+        previous, before = self.previous, self.previous.document or {}
+        nodes, kept_entries = document.get("nodes"), before.get("nodes", {})
+        if (not self._params_same or document.keys() != before.keys() or type(nodes) is not dict
+                or list(nodes) != list(kept_entries) or document.get("outputs") != before.get("outputs")):
+            return False  # outputs map names to strings, which only strings equal: == is exact there
+        if not all(same_values(value, before[key]) for key, value in document.items()
+                   if key not in ("nodes", "outputs", "params")):
+            return False
+        if len(self.kept) != len(nodes) and not all(node_id in self.kept or same_entry(entry, kept_entries[node_id])
+                                                    for node_id, entry in nodes.items()):
+            return False  # a template node's entry is compared here: only plain nodes are kept
+        return templates_unchanged(previous)
+
+    def settle(self, classes: dict[str, type[Node] | None]) -> dict[str, CompiledNode]:
+        """Drop the kept nodes linked to a node whose type changed; `classes` are the new top-level node types."""
+        previous = self.previous.nodes
+        self.retyped = {node_id for node_id in previous.keys() - self.kept.keys()
+                        if "/" in node_id or classes.get(node_id) is not previous[node_id].node_type}
+        if self.retyped:
+            self.kept = {node_id: node for node_id, node in self.kept.items() if self.retyped.isdisjoint(node.sources)}
+        return self.kept
+
+    def outputs(self, document: dict[str, Any], classes: dict[str, type[Node] | None]) -> dict[str, Link]:
+        """The previous graph outputs written as before that name a node of the same type as before."""
+        previous = self.previous
+        before = previous.document.get("outputs", {}) if previous.document is not None else {}
+        raw = document.get("outputs")
+        if type(raw) is not dict:
+            return {}
+        if not self.retyped and raw == before:
+            return dict(previous.outputs)
+        return {name: link for name, target in raw.items() if (link := previous.outputs.get(name)) is not None
+                and target == before.get(name) and "/" not in link.node
+                and classes.get(link.node) is previous.nodes[link.node].node_type}
+
+    def order(self, graph: CompiledGraph) -> tuple[str, ...] | None:
+        """The previous topological order, when the nodes and their links are those of the previous graph."""
+        previous = self.previous
+        if self.retyped or list(graph.nodes) != list(previous.nodes):
+            return None
+        if any(graph.nodes[node_id].sources != previous.nodes[node_id].sources
+               for node_id in graph.nodes.keys() - self.kept.keys()):
+            return None
+        return previous.order
+
+def templates_unchanged(graph: CompiledGraph) -> bool:
+    """Whether every template file the graph was compiled from still holds the same bytes."""
+    return all(_digest_of(path) == digest for path, digest in graph.template_files.items())
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        return file_digest(path.read_bytes())
+    except OSError:
+        return None
+
+
+def snapshot(document: dict[str, Any], reuse: Reuse | None = None) -> tuple[dict[str, Any], frozenset[str]]:
+    """A private copy of the (valid) top-level document, and the ids of its nodes that use a param; the copies of
+    entries kept by `reuse` are shared with its previous graph (equal, and never changed)."""
+    kept = reuse.kept if reuse is not None else {}
+    before = reuse.previous.document["nodes"] if reuse is not None and reuse.previous.document is not None else {}
+    users = set(reuse.previous.param_users & kept.keys()) if reuse is not None else set()
+    nodes: dict[str, Any] = {}
+    for node_id, entry in document["nodes"].items():
+        if node_id in kept:
+            nodes[node_id] = before[node_id]
+            continue
+        nodes[node_id], uses = copy_entry(entry)
+        if uses:
+            users.add(node_id)
+    rest = {key: copy.deepcopy(value) for key, value in document.items() if key not in ("nodes", "outputs")}
+    return {**rest, "nodes": nodes, "outputs": dict(document.get("outputs", {}))}, frozenset(users)
+
+
+def copy_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A private copy of a validated node entry (so later changes to the caller's dict cannot reach it), and
+    whether the entry uses a param."""
+    inputs = entry.get("inputs")
+    if inputs is None:
+        return dict(entry), False
+    uses_params = False
+    copied: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if type(value) is list:
+            value = [dict(item) if type(item) is dict else item for item in value]
+            uses_params = uses_params or any(type(item) is dict and "param" in item for item in value)
+        elif type(value) is dict:
+            value = dict(value)
+            uses_params = uses_params or "param" in value
+        copied[name] = value
+    return {**entry, "inputs": copied}, uses_params
+
+
+def same_entry(entry: Any, kept: dict[str, Any]) -> bool:
+    """Whether `entry` is exactly the validated entry `kept`: equal, with every input value of the same type."""
+    if entry != kept:  # equality first: it is fast, and false for nearly every changed entry
+        return False
+    old = kept.get("inputs")
+    if not old:
+        return True
+    for name, value in entry["inputs"].items():
+        before = old[name]
+        kind = type(value)
+        if kind is not type(before):
+            return False
+        if kind is float:
+            if value == 0.0 and math.copysign(1.0, value) != math.copysign(1.0, before):
+                return False
+        elif kind is list and not all(map(_same_scalar, value, before)):
+            return False
+    return True
+
+
+def _same_scalar(value: Any, old: Any) -> bool:
+    """Equal values of one type, -0.0 apart from 0.0 (links and params are dicts of strings: equal is enough)."""
+    if type(value) is not type(old):
+        return False
+    return type(value) is not float or value != 0.0 or math.copysign(1.0, value) == math.copysign(1.0, old)
+
+
+def same_values(value: Any, old: Any) -> bool:
+    """Strict equality of small JSON-like values (param values): types must match at every level."""
+    if type(value) is not type(old):
+        return False
+    if isinstance(value, dict):
+        return value.keys() == old.keys() and all(same_values(value[key], old[key]) for key in value)
+    if isinstance(value, (list, tuple)):
+        return len(value) == len(old) and all(map(same_values, value, old))
+    return value == old and _same_scalar(value, old)
