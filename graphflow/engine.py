@@ -100,8 +100,8 @@ class Engine:
             return graph
         values = dict(params or {})
         if isinstance(graph, (str, Path)):
+            text = read_document_text(graph)  # first: it explains a path that cannot be read (or resolved)
             base_dir = Path(graph).resolve().parent
-            text = read_document_text(graph)
             memo_key = (text, _params_text(values), base_dir)
             compiled = self._remembered(self._compiled, memo_key)
             if compiled is not None and templates_unchanged(compiled):

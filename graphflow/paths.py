@@ -31,8 +31,8 @@ class PathPolicy:
 
     def __post_init__(self) -> None:
         # resolved once here, so every check below compares against real directories without re-resolving
-        object.__setattr__(self, "input_roots", tuple(Path(root).resolve() for root in self.input_roots))
-        object.__setattr__(self, "output_root", Path(self.output_root).resolve())
+        object.__setattr__(self, "input_roots", tuple(_resolved_root(root, "input") for root in self.input_roots))
+        object.__setattr__(self, "output_root", _resolved_root(self.output_root, "output"))
 
     @classmethod
     def create(cls, input_dirs: list[str | Path] | None = None, output_dir: str | Path | None = None) -> PathPolicy:
@@ -75,3 +75,13 @@ class PathPolicy:
                 Code.PATH_OUTSIDE_ROOT, "outputs are written under the output directory; "
                 "choose it with --out", node, input, f"a relative path inside {root}", relative))
         return resolved
+
+
+def _resolved_root(root: str | Path, kind: str) -> Path:
+    """A root directory, resolved; one that cannot be (a symlink loop, a NUL byte) is refused by name."""
+    try:
+        return Path(root).resolve()
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise PathError(GraphError(Code.FILE_NOT_FOUND, f"the {kind} directory cannot be used: {error}",
+                                   input=f"{kind} directory", expected="a directory", found=types.show_value(str(root)))
+                        ) from None
