@@ -15,11 +15,12 @@ plain containers and refuses anything else, so a checkpoint cannot run code; see
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 
 ANNOTATORS = "lllyasviel/Annotators"
 _RESOLUTION = {"min": 64, "max": 4096, "default": 512}
+_IMAGE = Input("image", IMAGE, "The image to annotate.")
+_DETECT_RESOLUTION = Input("detect_resolution", INT, "The image's short side is resized to this (sides rounded to "
+                           "multiples of 64) before detection; larger finds finer detail, slower.", **_RESOLUTION)
+_IMAGE_RESOLUTION = Input("image_resolution", INT, "The map's short side (sides rounded to multiples of 64). Fit it "
+                          "to the render's size with ResizePad.", **_RESOLUTION)
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,6 @@ class Detector:
     weights: dict[str, str] = field(default_factory=dict)  # from_pretrained keyword -> file in the repository
     options: tuple[Option, ...] = ()
     image_resolution: bool = True
-    seeded: bool = False  # draws from numpy's global random generator: seed it, and key the seed
 
 
 class WeightsRefusedError(GraphflowError):
@@ -92,11 +97,8 @@ class Annotator(Node):
         spec = self.spec
         arguments = {option.keyword: values[option.input.name] for option in spec.options}
         arguments.update({name: values[name] for name in ("detect_resolution", "image_resolution") if name in values})
-        maps = []
         with _detector(ctx, spec, values.get("model")) as detect:
-            for item in to_uint8(image):
-                with _seeded(values.get("seed")):  # each image of a batch gets the same pattern
-                    maps.append(_rgb(detect(item, output_type="np", **arguments)))
+            maps = [_rgb(detect(item, output_type="np", **arguments)) for item in to_uint8(image)]
         return {"image": from_uint8(np.stack(maps), image.device)}
 
 
@@ -105,22 +107,6 @@ def _rgb(detected: np.ndarray) -> np.ndarray:
     import numpy as np
 
     return np.repeat(detected[..., None], 3, axis=-1) if detected.ndim == 2 else detected
-
-
-@contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Seed numpy's global generator inside the block (content shuffle draws from it), then restore its state."""
-    if seed is None:
-        yield
-        return
-    import numpy as np
-
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 @contextmanager
@@ -154,14 +140,25 @@ def load_detector(spec: Detector, folder: Path) -> torch.nn.Module:
     return networks
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def detector_class(spec: Detector) -> Any:
-    """The spec's controlnet_aux class. Importing the package warns about its own internals (timm's moved modules,
-    re-registered models, mediapipe missing), nothing a user can act on; those warnings are silenced."""
+    """The spec's controlnet_aux class."""
+    with _IMPORT_LOCK:
+        return getattr(_controlnet_aux(), spec.detector)
+
+
+@cache
+def _controlnet_aux() -> Any:
+    """controlnet_aux, imported once. Importing it warns about its own internals (timm's moved modules, re-registered
+    models, mediapipe missing), nothing a user can act on; those warnings are silenced. Silencing swaps the process's
+    warning filters (`catch_warnings` is not thread-safe), hence once, under `_IMPORT_LOCK`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import controlnet_aux
 
-    return getattr(controlnet_aux, spec.detector)
+    return controlnet_aux
 
 
 def _networks(detector: Any) -> list[torch.nn.Module]:
@@ -179,23 +176,18 @@ def _networks(detector: Any) -> list[torch.nn.Module]:
 
 def detector_node(spec: Detector) -> type[Annotator]:
     """A node type for `spec`: image, the model source (weighted detectors), resolutions, the detector's options."""
-    inputs = [Input("image", IMAGE, "The image to annotate.")]
+    inputs = [_IMAGE]
     if spec.weights:
         files = ", ".join(spec.weights.values())
         inputs.append(Input("model", STRING, f"Where the weights ({files}) come from: a Hugging Face hub repository "
                             "(read from the HF cache, downloaded there first when the hub is reachable) or a local "
                             "folder holding those files, relative to the input directory.", default=ANNOTATORS,
                             model=True))
-    inputs.append(Input("detect_resolution", INT, "The image's short side is resized to this (sides rounded to "
-                        "multiples of 64) before detection; larger finds finer detail, slower.", **_RESOLUTION))
+    inputs.append(_DETECT_RESOLUTION)
     if spec.image_resolution:
-        inputs.append(Input("image_resolution", INT, "The map's short side (sides rounded to multiples of 64). Fit "
-                            "it to the render's size with ResizePad.", **_RESOLUTION))
+        inputs.append(_IMAGE_RESOLUTION)
     output = spec.output if spec.image_resolution else spec.output + " At the input's size."
     inputs.extend(option.input for option in spec.options)
-    if spec.seeded:
-        inputs.append(Input("seed", INT, "Seed of the random pattern; the same seed gives the same map, and every "
-                            "image of a batch gets the same pattern.", default=0, min=0, max=2**32 - 1))
     namespace = {"__doc__": spec.doc, "__qualname__": spec.node, "spec": spec, "inputs": tuple(inputs),
                  "outputs": (Output("image", IMAGE, output),),
                  "uses_options": ("device",) if spec.weights else ()}
@@ -250,11 +242,80 @@ ZoeDepth = detector_node(Detector(
     "ZoeDepth", "ZoeDetector", "Depth from ZoeDepth (metric depth), for depth ControlNets.",
     "Depth map: near is bright.", {"filename": "ZoeD_M12_N.pt"},
     (Option(_flag("gamma_corrected", "Apply gamma 2.2 to the depth values."), "gamma_corrected"),)))
-ContentShuffle = detector_node(Detector(
-    "ContentShuffle", "ContentShuffleDetector", "The image's content shuffled by a smooth random warp, for the shuffle "
-    "ControlNet (style and colours without layout).", "The warped image.",
-    options=(Option(Input("granularity", INT, "Size in pixels of the warp's random features; smaller shuffles "
-                          "finer.", default=256, min=8, max=4096), "f"),), seeded=True))
+
+
+class ContentShuffle(Node):
+    """The image's content shuffled by a smooth random warp, for the shuffle ControlNet (style and colours without
+    layout). controlnet_aux's ContentShuffleDetector, drawing from a generator of its own rather than numpy's global
+    one, so runs on several threads at once cannot disturb each other's patterns."""
+
+    category = "preprocess"
+    disk_cache = True
+    inputs = (
+        _IMAGE, _DETECT_RESOLUTION, _IMAGE_RESOLUTION,
+        Input("granularity", INT, "Size in pixels of the warp's random features; smaller shuffles finer.",
+              default=256, min=8, max=4096),
+        Input("seed", INT, "Seed of the random pattern; the same seed gives the same map, and every image of a batch "
+              "gets the same pattern.", default=0, min=0, max=2**32 - 1),
+    )
+    outputs = (Output("image", IMAGE, "The warped image."),)
+
+    def run(self, ctx: RunContext, image: torch.Tensor, detect_resolution: int, image_resolution: int,
+            granularity: int, seed: int) -> dict[str, Any]:
+        import numpy as np
+
+        maps = [content_shuffle(item, detect_resolution, image_resolution, granularity, seed)
+                for item in to_uint8(image)]
+        return {"image": from_uint8(np.stack(maps), image.device)}
+
+
+def content_shuffle(rgb: np.ndarray, detect_resolution: int, image_resolution: int, granularity: int,
+                    seed: int) -> np.ndarray:
+    """ContentShuffleDetector's map of one uint8 RGB image [H, W, 3], its noise drawn from `RandomState(seed)`:
+    the MT19937 stream numpy's legacy global functions draw from after `np.random.seed(seed)`, so the maps equal
+    controlnet_aux's seeded that way."""
+    import cv2
+    import numpy as np
+
+    random = np.random.RandomState(seed)
+    detected = _resize_sides_to_64(rgb, detect_resolution)
+    rows, columns = detected.shape[:2]
+    x = _noise_disk(random, rows, columns, granularity) * float(columns - 1)
+    y = _noise_disk(random, rows, columns, granularity) * float(rows - 1)
+    warped = cv2.remap(detected, np.concatenate([x, y], axis=2).astype(np.float32), None, cv2.INTER_LINEAR)
+    out_rows, out_columns = _sides_at(rows, columns, image_resolution)
+    return cv2.resize(warped, (out_columns, out_rows), interpolation=cv2.INTER_LINEAR)
+
+
+def _sides_at(rows: int, columns: int, resolution: int) -> tuple[int, int]:
+    """controlnet_aux's `resize_image` sizes: the short side at `resolution`, both rounded to multiples of 64."""
+    import numpy as np
+
+    scale = float(resolution) / min(rows, columns)
+    return int(np.round(rows * scale / 64.0)) * 64, int(np.round(columns * scale / 64.0)) * 64
+
+
+def _resize_sides_to_64(rgb: np.ndarray, resolution: int) -> np.ndarray:
+    """controlnet_aux's `resize_image`: Lanczos up, area down, to `_sides_at`."""
+    import cv2
+
+    rows, columns = _sides_at(*rgb.shape[:2], resolution)
+    upscaling = float(resolution) / min(rgb.shape[:2]) > 1
+    return cv2.resize(rgb, (columns, rows), interpolation=cv2.INTER_LANCZOS4 if upscaling else cv2.INTER_AREA)
+
+
+def _noise_disk(random: np.random.RandomState, rows: int, columns: int, size: int) -> np.ndarray:
+    """controlnet_aux's `make_noise_disk` with one channel: smooth noise in [0, 1], [rows, columns, 1]."""
+    import cv2
+
+    noise = random.uniform(low=0, high=1, size=((rows // size) + 2, (columns // size) + 2, 1))
+    noise = cv2.resize(noise, (columns + 2 * size, rows + 2 * size), interpolation=cv2.INTER_CUBIC)
+    noise = noise[size: size + rows, size: size + columns]
+    noise -= noise.min()
+    noise /= noise.max()
+    return noise[:, :, None]
+
+
 LineartStandard = detector_node(Detector(
     "LineartStandard", "LineartStandardDetector", "Line drawing from local darkness (a blur-difference filter, no "
     "model), for lineart ControlNets.", "White lines on black.",

@@ -18,32 +18,20 @@ _SOURCE = ("A Hugging Face hub id (downloaded to the HF cache on first use), a l
            ".safetensors file; local paths are relative to the input directory. Pickle formats (.ckpt, .bin, .pt) "
            "are refused.")
 _CONFIG = ("Single .safetensors files only: a hub id or local diffusers folder (relative to the input directory) whose "
-           "configs describe the model (empty: diffusers picks the standard one, which needs the hub or the HF cache).")
+           "configs describe the model (a checkpoint's for CheckpointLoader, the model's config.json otherwise; "
+           "empty: diffusers picks the standard one, which needs the hub or the HF cache).")
 
 
 def _load(ctx: RunContext, model: str, config: str, load: Callable[..., Any], *, pipeline: bool = False) -> Any:
-    """`load` (a graphflow.models.loading function) applied to the located source, on the engine's device/dtype."""
+    """`load` (a graphflow.models.loading function) applied to the located source and config source, on the engine's
+    device/dtype. The config is located like a model (its files too stay inside the roots), configs only."""
     from graphflow.models import placement
-    from graphflow.models.sources import locate
+    from graphflow.models.sources import MODEL_CONFIG_FILES, PIPELINE_CONFIG_FILES, locate
 
     source = locate(model, ctx.paths, node=ctx.node, input="model", pipeline=pipeline)
-    return load(ctx.models, source, placement(ctx.options), _config(ctx, config))
-
-
-def _config(ctx: RunContext, config: str) -> str:
-    """The config input as diffusers takes it: a local folder inside the input directories (relative to the input
-    directory, like every other path), else a hub id; "" for none."""
-    from graphflow.errors import Code
-    from graphflow.paths import PathError
-
-    if not config.strip():
-        return ""
-    try:
-        return str(ctx.input_path(config.strip(), "config", directory=True))
-    except PathError as error:
-        if error.error.code == Code.PATH_OUTSIDE_ROOT:
-            raise
-        return config.strip()
+    files = PIPELINE_CONFIG_FILES if pipeline else MODEL_CONFIG_FILES
+    configs = locate(config, ctx.paths, node=ctx.node, input="config", files=files) if config.strip() else None
+    return load(ctx.models, source, placement(ctx.options), configs)
 
 
 class CheckpointLoader(Node):
@@ -53,7 +41,7 @@ class CheckpointLoader(Node):
     uses_options = ("device", "dtype")
     inputs = (
         Input("model", STRING, _SOURCE, model=True),
-        Input("config", STRING, _CONFIG, default=""),
+        Input("config", STRING, _CONFIG, default="", model=True),
     )
     outputs = (
         Output("model", MODEL, "The UNet and its scheduler settings, for Sampler."),
@@ -75,7 +63,7 @@ class ControlNetLoader(Node):
     uses_options = ("device", "dtype")
     inputs = (
         Input("model", STRING, _SOURCE, model=True),
-        Input("config", STRING, _CONFIG, default=""),
+        Input("config", STRING, _CONFIG, default="", model=True),
     )
     outputs = (Output("controlnet", CONTROLNET, "The ControlNet, for ControlApply."),)
 
@@ -92,7 +80,7 @@ class VAELoader(Node):
     uses_options = ("device", "dtype")
     inputs = (
         Input("model", STRING, _SOURCE + " A checkpoint folder gives its vae/ subfolder.", model=True),
-        Input("config", STRING, _CONFIG, default=""),
+        Input("config", STRING, _CONFIG, default="", model=True),
     )
     outputs = (Output("vae", VAE, "The autoencoder, for VAEEncode and VAEDecode."),)
 

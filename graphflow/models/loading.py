@@ -1,7 +1,9 @@
 """Turn a located source into the MODEL / CLIP / VAE / CONTROLNET values, registering weights with the manager.
 
 Loaders only read configs and tokenizers; weights load at a node's first `handle.use()`, so a
-re-run whose TextEncode is cached never loads the text encoder.
+re-run whose TextEncode is cached never loads the text encoder. Whatever is read from a source's
+files is checked afterwards to come from the files its key names (`ModelSource.check_unchanged`),
+before it is registered or remembered under that key.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from graphflow.models.components import (
     family_of_unet_config,
 )
 from graphflow.models.devices import Placement, torch_dtype
-from graphflow.models.manager import ModelHandle, ModelKey, ModelManager
-from graphflow.models.sources import ModelNotFoundError, ModelSource, require_safetensors
+from graphflow.models.manager import LOAD_LOCK, ModelHandle, ModelKey, ModelManager
+from graphflow.models.sources import ModelNotFoundError, ModelSource, require_safetensors, verified
 
 # model_index.json names classes; only these are ever instantiated from it (a document is data, not code)
 _COMPONENT_CLASSES = {
@@ -44,8 +46,10 @@ class Checkpoint:
     vae: Autoencoder
 
 
-def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> Checkpoint:
-    """A checkpoint's MODEL, CLIP and VAE from a diffusers folder or a single .safetensors file."""
+def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement,
+                    config: ModelSource | None = None) -> Checkpoint:
+    """A checkpoint's MODEL, CLIP and VAE from a diffusers folder or a single .safetensors file (converted with the
+    configs of `config`, a diffusers checkpoint folder, when given)."""
     if source.kind == "file":
         return _single_file_checkpoint(manager, source, where, config)
     if not (source.path / "model_index.json").is_file():
@@ -57,24 +61,27 @@ def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement
     if missing:
         raise ModelNotFoundError(f"'{source.name}' lacks {', '.join(sorted(missing))}: graphflow loads SD1.5 and SDXL "
                                  "checkpoints (UNet, VAE, CLIP text encoders)")
-    handles = {part: _component(manager, source, part, index[part], where) for part in parts}
+    configs = {part: source.read_json(f"{part}/config.json") for part in parts}
+    scheduler = source.read_json("scheduler/scheduler_config.json")
+    tokenizers = tuple(_tokenizer(source, name) for name in ("tokenizer", "tokenizer_2") if name in index)
+    source.check_unchanged()
+    handles = {part: _component(manager, source, part, index[part], configs[part], where) for part in parts}
     family = family_of_unet_config(handles["unet"].config)
-    tokenizers = tuple(_tokenizer(source.key, str(source.path), name) for name in ("tokenizer", "tokenizer_2")
-                       if name in index)
     clip = TextEncoders(family, source.key, tokenizers,
                         tuple(handles[name] for name in ("text_encoder", "text_encoder_2") if name in handles),
                         bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
-    scheduler = source.read_json("scheduler/scheduler_config.json")
     return Checkpoint(DiffusionModel(family, source.key, handles["unet"], scheduler), clip,
                       Autoencoder(family, source.key, handles["vae"]))
 
 
-def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> ControlNet:
+def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement,
+                    config: ModelSource | None = None) -> ControlNet:
     handle = _single_model(manager, source, where, "controlnet", "ControlNetModel", "controlnet", config)
     return ControlNet(family_of_unet_config(handle.config), source.key, handle)
 
 
-def load_vae(manager: ModelManager, source: ModelSource, where: Placement, config: str = "") -> Autoencoder:
+def load_vae(manager: ModelManager, source: ModelSource, where: Placement,
+             config: ModelSource | None = None) -> Autoencoder:
     handle = _single_model(manager, source, where, "vae", "AutoencoderKL", "vae", config)
     return Autoencoder(vae_family(handle.config), source.key, handle)
 
@@ -86,11 +93,12 @@ def vae_family(config: dict[str, Any]) -> Family | None:
 
 
 def _single_model(manager: ModelManager, source: ModelSource, where: Placement, kind: str, class_name: str,
-                  subfolder: str, config: str) -> ModelHandle:
+                  subfolder: str, config: ModelSource | None) -> ModelHandle:
     """A ControlNet or VAE: its own folder, the matching subfolder of a checkpoint folder, or a single file."""
     if source.kind == "file":
-        load = partial(_from_single_file, class_name, str(source.path), where.dtype, config or None)
-        handle = manager.handle(ModelKey(kind, source.key, "", where.dtype, where.device), load)
+        load = verified(partial(_from_single_file, class_name, str(source.path), where.dtype,
+                                str(config.path) if config else None), source, *_sources(config))
+        handle = manager.handle(ModelKey(kind, _with_config(source, config), "", where.dtype, where.device), load)
         # a single file carries no config.json: load now, so the config (family, scaling factor) is known
         # and a file that cannot be converted fails in its loader node rather than in a later Sampler
         with handle.use() as module:
@@ -100,19 +108,30 @@ def _single_model(manager: ModelManager, source: ModelSource, where: Placement, 
     if not (source.path / sub / "config.json").is_file():
         raise ModelNotFoundError(f"'{source.name}' is not a diffusers {kind} folder: no config.json in "
                                  f"{source.path / sub}")
-    return _component(manager, source, sub, ["diffusers", class_name], where, kind=kind)
+    config_json = source.read_json(f"{sub}/config.json" if sub else "config.json")
+    source.check_unchanged()
+    return _component(manager, source, sub, ["diffusers", class_name], config_json, where, kind=kind)
 
 
-def _component(manager: ModelManager, source: ModelSource, subfolder: str, declared: Any, where: Placement,
-               kind: str | None = None) -> ModelHandle:
+def _sources(config: ModelSource | None) -> tuple[ModelSource, ...]:
+    return () if config is None else (config,)
+
+
+def _with_config(source: ModelSource, config: ModelSource | None) -> str:
+    """The key of a single-file model converted with `config`'s configs: a different config is a different model."""
+    return source.key if config is None else f"{source.key} with config {config.key}"
+
+
+def _component(manager: ModelManager, source: ModelSource, subfolder: str, declared: Any, config: dict[str, Any],
+               where: Placement, kind: str | None = None) -> ModelHandle:
+    """The handle of one diffusers component; `config` is its config.json, read (and checked) by the caller."""
     class_name = declared[1] if isinstance(declared, list) and len(declared) == 2 else None
     if class_name not in _COMPONENT_CLASSES:
         raise ModelNotFoundError(f"'{source.name}': component '{subfolder}' is a {class_name!r}, which graphflow "
                                  f"does not load (supported: {', '.join(sorted(_COMPONENT_CLASSES))})")
     folder = source.path / subfolder
     require_safetensors(folder, f"'{source.name}' {subfolder or kind}")
-    config = source.read_json(f"{subfolder}/config.json" if subfolder else "config.json")
-    load = partial(_from_pretrained, class_name, str(source.path), subfolder, where.dtype)
+    load = verified(partial(_from_pretrained, class_name, str(source.path), subfolder, where.dtype), source)
     return manager.handle(ModelKey(kind or subfolder, source.key, subfolder, where.dtype, where.device), load, config)
 
 
@@ -124,16 +143,19 @@ def _model_class(class_name: str) -> Any:
 
 @contextmanager
 def quiet_progress() -> Iterator[None]:
-    """Hide transformers' per-file progress bars; graphflow reports progress per node instead."""
+    """Hold while a library builds or loads a model: one build at a time in the process (they patch process globals,
+    see LOAD_LOCK), with transformers' per-file progress bars hidden (graphflow reports progress per node instead).
+    Taking turns is also what keeps the progress-bar flag, one global, right."""
     from transformers.utils import logging as transformers_logging
 
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
+    with LOAD_LOCK:
+        was_enabled = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                transformers_logging.enable_progress_bar()
 
 
 def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -> Any:
@@ -150,7 +172,8 @@ def _from_single_file(class_name: str, path: str, dtype: str, config: str | None
 def _convert_single_file(model_class: Any, path: str, dtype: str, config: str | None, **extra: Any) -> Any:
     """diffusers' single-file conversion; a file it cannot convert says what conversion needs."""
     try:
-        return model_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
+        with quiet_progress():
+            return model_class.from_single_file(path, config=config, dtype=torch_dtype(dtype), **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         needs = (f"the configs in '{config}'" if config else
                  "the standard configs from the Hugging Face hub (or its cache); with the hub out of reach, set the "
@@ -160,21 +183,25 @@ def _convert_single_file(model_class: Any, path: str, dtype: str, config: str | 
 
 
 @lru_cache(maxsize=8)
-def _tokenizer(key: str, folder: str, subfolder: str) -> Any:
-    """A checkpoint's tokenizer, remembered by the source's `key`, which changes when its files do."""
+def _tokenizer(source: ModelSource, subfolder: str) -> Any:
+    """A checkpoint's tokenizer, remembered by its source (whose fingerprint changes when its files do)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(source.path), subfolder=subfolder)
+    source.check_unchanged()
+    return tokenizer
 
 
-def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: Placement, config: str) -> Checkpoint:
+def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: Placement,
+                            config: ModelSource | None) -> Checkpoint:
     """An original-layout (LDM) .safetensors checkpoint, converted by diffusers' single-file loader."""
     family, inpaint = checkpoint_family(source.path)
-    pipeline = _single_file_pipeline(source.key, str(source.path), family, inpaint, where.dtype, config or None)
+    pipeline = _single_file_pipeline(source, family, inpaint, where.dtype, config)
+    key = _with_config(source, config)
 
     def handle(kind: str, part: str) -> ModelHandle:
         module = getattr(pipeline, part)
-        return manager.handle(ModelKey(kind, source.key, part, where.dtype, where.device), lambda: module,
+        return manager.handle(ModelKey(kind, key, part, where.dtype, where.device), lambda: module,
                               dict(module.config))
 
     encoders = tuple(handle("text_encoder", name) for name in ("text_encoder", "text_encoder_2")
@@ -187,13 +214,16 @@ def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: P
 
 
 @lru_cache(maxsize=2)
-def _single_file_pipeline(key: str, path: str, family: Family, inpaint: bool, dtype: str, config: str | None) -> Any:
-    """The converted pipeline, remembered by the source's `key` (which changes with the file's size and time), so
-    two loader nodes naming one file convert it once, and a replaced file is converted anew."""
+def _single_file_pipeline(source: ModelSource, family: Family, inpaint: bool, dtype: str,
+                          config: ModelSource | None) -> Any:
+    """The converted pipeline, remembered by its sources (whose fingerprints change with their contents), so two
+    loader nodes naming one file convert it once, and a replaced file is converted anew."""
     import diffusers
 
     extra = {"safety_checker": None} if family == "sd15" else {}
-    return _convert_single_file(getattr(diffusers, _PIPELINE_CLASSES[family, inpaint]), path, dtype, config, **extra)
+    convert = partial(_convert_single_file, getattr(diffusers, _PIPELINE_CLASSES[family, inpaint]), str(source.path),
+                      dtype, str(config.path) if config else None, **extra)
+    return verified(convert, source, *_sources(config))()
 
 
 def checkpoint_family(path: Path) -> tuple[Family, bool]:

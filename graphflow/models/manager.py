@@ -4,6 +4,11 @@ Nodes never hold raw weights in the result cache: loader nodes output handles, a
 needs the weights holds them only inside `with handle.use() as model:`. While any node holds a
 model it is never evicted; between uses the least recently used models leave the device first
 (moved to the CPU when the device is a GPU, dropped when it is the CPU) once the budget is full.
+
+Safe under threads: a model several threads ask for at once loads once (the others wait for that
+load and share its error, if any); using a loaded model never waits for another one's load, and
+models move on and off their devices concurrently. Loads themselves take turns (`LOAD_LOCK`): the
+libraries that build models are not safe to run twice at once in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 COMPILED_KINDS = frozenset({"unet", "controlnet"})
+# diffusers, transformers and accelerate patch process globals while they build a model (accelerate's empty-weights
+# init swaps nn.Module.register_parameter; transformers swaps torch.nn.init's functions and the default dtype). Two
+# builds at once can leave a patch in place for good: every module made afterwards lands on the meta device. So every
+# load in the process, whichever manager runs it, holds this lock (graphflow.models.loading.quiet_progress does too).
+LOAD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -55,9 +65,21 @@ class ModelHandle:
 class _Entry:
     model: Any
     bytes: int
-    on_device: bool = False
+    on_device: bool = False  # where the model is meant to be, as the budget counts it (decided under the lock)
+    placed: bool = False  # where it is (changed only while holding `moving`)
     holders: int = 0
     streamed: bool = False  # sequential offload: accelerate moves each layer in and out by itself
+    moving: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+@dataclass(eq=False)
+class _Loading:
+    """A load in progress; the threads that ask for the same model meanwhile wait for it instead of loading it too."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    waiters: int = 0
+    entry: _Entry | None = None
+    error: BaseException | None = None
 
 
 def module_bytes(model: Any) -> int:
@@ -89,7 +111,9 @@ class ModelManager:
         self.loads: Counter[ModelKey] = Counter()
         self._handles: dict[ModelKey, ModelHandle] = {}
         self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()
-        self._lock = threading.RLock()
+        self._loading: dict[ModelKey, _Loading] = {}
+        # guards the dicts, counts and placement decisions above; never held while a model loads or moves
+        self._lock = threading.Lock()
 
     def handle(self, key: ModelKey, load: Callable[[], Any], config: dict[str, Any] | None = None) -> ModelHandle:
         """The one handle for `key`; `load()` returns the model on the CPU in the key's dtype, and runs
@@ -102,28 +126,35 @@ class ModelManager:
 
     @contextmanager
     def use(self, handle: ModelHandle) -> Iterator[Any]:
-        with self._lock:
-            entry = self._entries.get(handle.key) or self._load(handle)
-            self._entries.move_to_end(handle.key)
-            entry.holders += 1
+        """The handle's model, loaded once however many threads ask for it at once, on its device while held."""
+        entry = self._hold(handle)
         try:
-            with self._lock:
-                self._place(handle.key, entry)
+            self._place(handle.key, entry)
             yield entry.model
         finally:
             with self._lock:
                 entry.holders -= 1
-                if self.offload == "model" and entry.holders == 0 and entry.on_device:
-                    entry.model.to("cpu")
+                offload = self.offload == "model" and entry.holders == 0 and entry.on_device
+                if offload:
                     entry.on_device = False
+            if offload:
+                self._settle(handle.key, entry)
 
     @property
     def device_bytes(self) -> int:
         """Bytes of the models now on their devices (counting CPU-device models as on device)."""
-        return sum(entry.bytes for entry in self._entries.values() if entry.on_device)
+        with self._lock:
+            return sum(entry.bytes for entry in self._entries.values() if entry.on_device)
 
     def loaded(self) -> list[ModelKey]:
-        return list(self._entries)
+        with self._lock:
+            return list(self._entries)
+
+    def holders(self, key: ModelKey) -> int:
+        """How many `use` blocks hold the model of `key` now."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.holders if entry is not None else 0
 
     def clear(self) -> None:
         """Forget every loaded model (handles stay valid and load again on their next use)."""
@@ -132,10 +163,50 @@ class ModelManager:
                 if entry.holders == 0:
                     del self._entries[key]
 
-    def _load(self, handle: ModelHandle) -> _Entry:
+    def _hold(self, handle: ModelHandle) -> _Entry:
+        """The handle's entry, with this caller counted among its holders. The first caller loads it, outside the
+        lock (so other models load meanwhile); callers arriving during the load wait for it, and share its error."""
+        with self._lock:
+            entry = self._entries.get(handle.key)
+            if entry is not None:
+                entry.holders += 1
+                return entry
+            loading = self._loading.get(handle.key)
+            if loading is None:
+                loading = self._loading[handle.key] = _Loading()
+                first = True
+            else:
+                loading.waiters += 1
+                first = False
+        if first:
+            return self._load(handle, loading)
+        loading.done.wait()
+        if loading.error is not None:
+            raise loading.error
+        assert loading.entry is not None  # set with `done` whenever no error is
+        return loading.entry
+
+    def _load(self, handle: ModelHandle, loading: _Loading) -> _Entry:
+        try:
+            entry = self._prepare(handle)
+        except BaseException as error:
+            with self._lock:
+                del self._loading[handle.key]  # a later use tries again
+                loading.error = error
+            loading.done.set()
+            raise
+        with self._lock:
+            entry.holders = 1 + loading.waiters  # counted before anyone can see the entry, so none can evict it
+            self._entries[handle.key] = loading.entry = entry
+            self.loads[handle.key] += 1
+            del self._loading[handle.key]
+        loading.done.set()
+        return entry
+
+    def _prepare(self, handle: ModelHandle) -> _Entry:
         log.info("loading %s", handle.key)
-        model = handle.load()
-        self.loads[handle.key] += 1
+        with LOAD_LOCK:
+            model = handle.load()
         if hasattr(model, "eval"):
             model.eval()  # gradients stay as loaded: nodes run under no_grad, and freezing fp16 weights
             # would change which CPU kernels run, and so the pixels, against a stock diffusers pipeline
@@ -147,34 +218,53 @@ class ModelManager:
 
             cpu_offload(model, execution_device=handle.key.device)
             entry.streamed = True
-        self._entries[handle.key] = entry
         return entry
 
     def _place(self, key: ModelKey, entry: _Entry) -> None:
-        if entry.on_device or entry.streamed:
-            return
-        self._make_room(key, entry.bytes)
-        if key.device != "cpu" and hasattr(entry.model, "to"):
-            entry.model.to(key.device)
-        entry.on_device = True
+        """Put a held model on its device, first moving idle ones off when the budget says there is no room."""
+        with self._lock:
+            self._entries.move_to_end(key)
+            if entry.on_device or entry.streamed:
+                victims = []
+            else:
+                victims = self._make_room(key, entry.bytes)
+                entry.on_device = True
+        for other, evicted in victims:
+            self._settle(other, evicted)
+        self._settle(key, entry)
 
-    def _make_room(self, key: ModelKey, needed: int) -> None:
-        """Evict least recently used models nobody holds until `needed` more bytes fit on `key.device`."""
+    def _settle(self, key: ModelKey, entry: _Entry) -> None:
+        """Move a model to where it is meant to be now. Moves of one model are serialised, and each applies the
+        latest decision, so the last one leaves it where the budget counts it."""
+        if key.device == "cpu" or entry.streamed or not hasattr(entry.model, "to"):
+            return
+        with entry.moving:
+            with self._lock:
+                wanted = entry.on_device
+            if entry.placed != wanted:
+                entry.model.to(key.device if wanted else "cpu")
+                entry.placed = wanted
+
+    def _make_room(self, key: ModelKey, needed: int) -> list[tuple[ModelKey, _Entry]]:
+        """Mark least recently used models nobody holds as off the device until `needed` more bytes fit on
+        `key.device`; returns those to move off (on the CPU device they are dropped instead). Under the lock."""
+        victims = []
         for other, entry in list(self._entries.items()):
             if not self._short_of(key.device, needed):
-                return
+                return victims
             if other == key or entry.holders or not entry.on_device or entry.streamed or other.device != key.device:
                 continue
+            entry.on_device = False
             if other.device == "cpu":
                 log.info("unloading %s to stay within the memory budget", other)
                 del self._entries[other]
             else:
                 log.info("offloading %s to the CPU to make room on %s", other, other.device)
-                entry.model.to("cpu")
-                entry.on_device = False
+                victims.append((other, entry))
         if self._short_of(key.device, needed):
             log.warning("%s does not fit in the model memory budget even after evicting every idle model; "
                         "loading it anyway (try --offload model)", key)
+        return victims
 
     def _short_of(self, device: str, needed: int) -> bool:
         if self.budget_bytes is not None:

@@ -61,7 +61,8 @@ def make_tiny_models(folder: str | Path) -> Path:
         # written beside the target and renamed into place, so an interrupted run leaves no half model
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
-            with torch.random.fork_rng(devices=[]), quiet_progress():
+            # quiet_progress first: it holds the load lock, so two builds never interleave saving and restoring the RNG
+            with quiet_progress(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 write(staging)
             (staging / ".complete").write_text("written by graphflow make-tiny-models\n")

@@ -88,6 +88,62 @@ def test_content_shuffle_is_controlnet_aux_seeded_and_leaves_numpy_random_alone(
     assert not torch.equal(maps, other)
 
 
+def _shuffled_by_controlnet_aux(image: np.ndarray, seed: int, **arguments: int) -> np.ndarray:
+    np.random.seed(seed)  # how controlnet_aux's detector is made reproducible: the global generator
+    return controlnet_aux.ContentShuffleDetector()(image, output_type="np", **arguments)
+
+
+@pytest.mark.parametrize(("rows", "columns", "detect", "resolution", "granularity", "seed"), [
+    (48, 40, 64, 128, 32, 0), (100, 60, 128, 64, 8, 2**32 - 1), (64, 64, 64, 64, 256, 12345), (37, 91, 96, 192, 17, 5),
+])
+def test_content_shuffle_maps_are_pixel_equal_to_controlnet_aux_seeded_globally(
+        ctx: RunContext, rows: int, columns: int, detect: int, resolution: int, granularity: int, seed: int) -> None:
+    image = photo_like(1, rows, columns)
+
+    shuffled = run_node(ContentShuffle, ctx, image=image, detect_resolution=detect, image_resolution=resolution,
+                        granularity=granularity, seed=seed)["image"]
+
+    expected = _shuffled_by_controlnet_aux(as_uint8(image[0]), seed, f=granularity, detect_resolution=detect,
+                                           image_resolution=resolution)
+    np.testing.assert_array_equal(as_uint8(shuffled[0]), expected)
+
+
+def test_content_shuffles_on_many_threads_do_not_disturb_each_other(ctx: RunContext) -> None:
+    import threading
+
+    image = photo_like(1, 48, 48)
+    expected = {seed: _shuffled_by_controlnet_aux(as_uint8(image[0]), seed, f=16, detect_resolution=64,
+                                                  image_resolution=64) for seed in range(8)}
+    start, stop = threading.Barrier(9), threading.Event()
+    maps: dict[int, list[np.ndarray]] = {seed: [] for seed in range(8)}
+
+    def shuffle(seed: int) -> None:
+        start.wait()
+        for _ in range(5):
+            result = run_node(ContentShuffle, ctx, image=image, detect_resolution=64, image_resolution=64,
+                              granularity=16, seed=seed)["image"]
+            maps[seed].append(as_uint8(result[0]))
+
+    def reseed() -> None:  # other code in the process drawing from numpy's global generator meanwhile
+        start.wait()
+        while not stop.is_set():
+            np.random.seed(99)
+            np.random.uniform(size=100)
+
+    threads = [threading.Thread(target=shuffle, args=(seed,)) for seed in range(8)]
+    meddler = threading.Thread(target=reseed)
+    for thread in [*threads, meddler]:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    meddler.join()
+    for seed in range(8):
+        assert len(maps[seed]) == 5
+        for shuffled in maps[seed]:
+            np.testing.assert_array_equal(shuffled, expected[seed])
+
+
 @pytest.mark.parametrize("sigma, threshold", [(6.0, 8), (2.0, 0)])
 def test_lineart_standard_is_controlnet_aux_at_the_input_size(ctx: RunContext, sigma: float, threshold: int) -> None:
     image = photo_like(1, 40, 56)

@@ -10,7 +10,7 @@ import torch
 
 from graphflow import Engine
 from graphflow.context import RunContext
-from graphflow.errors import NodeExecutionError
+from graphflow.errors import ValidationError
 from graphflow.models import ModelManager
 from graphflow.models.sources import ModelNotFoundError
 from graphflow.models.tiny_depth import write_tiny_dpt
@@ -102,8 +102,9 @@ def test_a_model_folder_outside_the_input_directories_is_refused(tmp_path: Path,
     from PIL import Image
 
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "photo.png")
-    with pytest.raises(NodeExecutionError, match="path_outside_root"):
+    with pytest.raises(ValidationError) as raised:  # refused at planning, before any node runs
         Engine(input_dirs=[tmp_path], models=ModelManager()).run(depth_graph(str(dpt)))
+    assert [(error.code, error.input) for error in raised.value.errors] == [("path_outside_root", "model")]
 
 
 def test_a_local_folder_missing_a_file_says_which(model_ctx: RunContext, dpt: Path) -> None:

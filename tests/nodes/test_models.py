@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from graphflow import Engine
-from graphflow.errors import NodeExecutionError
+from graphflow.errors import NodeExecutionError, ValidationError
 from graphflow.models import ModelManager
 
 
@@ -96,9 +96,13 @@ def test_a_folder_with_only_pickle_weights_is_refused(tiny_models: Path, tmp_pat
     assert "pickle" in _failure(tmp_path, "cn", "ControlNetLoader")
 
 
-def test_a_local_path_outside_the_input_directories_is_refused(tiny_models: Path, tmp_path: Path) -> None:
-    message = _failure(tmp_path / "inside", str(tiny_models / "sd15"))
-    assert "outside the input directories" in message
+def test_a_local_path_outside_the_input_directories_is_refused_before_anything_runs(tiny_models: Path,
+                                                                                   tmp_path: Path) -> None:
+    document = {"graphflow": 1, "nodes": {"load": {"type": "CheckpointLoader", "inputs": {"model": str(tiny_models)}}},
+                "outputs": {"out": "load.vae"}}
+    with pytest.raises(ValidationError, match="outside the input directories") as raised:
+        _engine(tmp_path / "inside").run(document)
+    assert raised.value.codes == ["path_outside_root"]
 
 
 def test_a_controlnet_folder_is_not_a_checkpoint(tiny_models: Path) -> None:
@@ -213,13 +217,13 @@ def test_replacing_a_single_file_checkpoint_converts_the_new_file(tmp_path: Path
     paths = PathPolicy.create([tmp_path])
     checkpoint = tmp_path / "model.safetensors"
 
-    def load(time: int) -> str:
-        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 1, 1)}, checkpoint)
-        os.utime(checkpoint, ns=(time, time))
+    def load(value: float) -> str:
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.full((2, 4, 1, 1), value)}, checkpoint)
+        os.utime(checkpoint, ns=(1, 1))  # the same size and time every time: only the bytes tell the files apart
         source = locate("model.safetensors", paths, node="sd", input="model", pipeline=True)
         return load_checkpoint(ModelManager(), source, Placement("cpu", "fp32")).model.unet.key.source
 
-    first, same, replaced = load(1), load(1), load(2)
+    first, same, replaced = load(0.0), load(0.0), load(1.0)
     assert first == same and replaced != first
     assert len(converted) == 2
 
@@ -246,42 +250,69 @@ def test_replacing_any_weights_file_of_a_local_folder_changes_its_fingerprint(tm
     assert before[0] != after[0] and before[1] != after[1]
 
 
-@pytest.mark.parametrize(("config", "expected"), [("configs/cn", "in/configs/cn"), ("org/some-controlnet", None)])
-def test_the_config_input_is_a_folder_in_the_input_directory_or_a_hub_id(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, expected: str | None) -> None:
+def _config_document(config: str) -> dict:
+    return {"graphflow": 1, "nodes": {"cn": {"type": "ControlNetLoader",
+                                             "inputs": {"model": "cn.safetensors", "config": config}}},
+            "outputs": {"controlnet": "cn.controlnet"}}
+
+
+@pytest.fixture
+def converted_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The config each ControlNet single-file conversion was given (diffusers' conversion needs the hub without one);
+    in/cn.safetensors is the file, in/configs/cn a config folder, and a hub repository org/some-controlnet's configs
+    are in the Hugging Face cache."""
     from types import SimpleNamespace
 
     import diffusers
     import torch
+    from huggingface_hub import constants
     from safetensors.torch import save_file
 
-    given: list[str] = []
+    given: list[str | None] = []
 
-    def from_single_file(path: str, config: str, **_: object) -> SimpleNamespace:  # needs no hub with a config
+    def from_single_file(path: str, config: str | None, **_: object) -> SimpleNamespace:
         given.append(config)
         return SimpleNamespace(config={"addition_embed_type": None})
 
     monkeypatch.setattr(diffusers.ControlNetModel, "from_single_file", staticmethod(from_single_file))
     (tmp_path / "in" / "configs" / "cn").mkdir(parents=True)
+    (tmp_path / "in" / "configs" / "cn" / "config.json").write_text("{}")
     save_file({"weight": torch.zeros(2)}, tmp_path / "in" / "cn.safetensors")
-    document = {"graphflow": 1, "nodes": {"cn": {"type": "ControlNetLoader",
-                                                 "inputs": {"model": "cn.safetensors", "config": config}}},
-                "outputs": {"controlnet": "cn.controlnet"}}
-    Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(document)
-    assert given == [str(tmp_path / expected) if expected else config]
+    repository = tmp_path / "hub" / "models--org--some-controlnet"
+    (repository / "snapshots" / ("1" * 40)).mkdir(parents=True)
+    (repository / "snapshots" / ("1" * 40) / "config.json").write_text("{}")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return given
 
 
-def test_a_config_folder_outside_the_input_directories_is_refused(tmp_path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
+@pytest.mark.parametrize(("config", "expected"), [
+    ("configs/cn", "in/configs/cn"), ("org/some-controlnet", "hub/models--org--some-controlnet/snapshots/" + "1" * 40),
+    ("", None), ("  ", None)])
+def test_the_config_input_is_a_folder_in_the_input_directory_or_a_hub_id_in_the_cache(
+        tmp_path: Path, converted_with: list[str | None], config: str, expected: str | None) -> None:
+    Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(_config_document(config))
+    assert converted_with == [str(tmp_path / expected) if expected else None]
 
-    (tmp_path / "in").mkdir()
+
+def test_a_config_folder_outside_the_input_directories_is_refused_before_anything_runs(
+        tmp_path: Path, converted_with: list[str | None]) -> None:
     (tmp_path / "elsewhere").mkdir()
-    save_file({"weight": torch.zeros(2)}, tmp_path / "in" / "cn.safetensors")
-    document = {"graphflow": 1, "nodes": {"cn": {"type": "ControlNetLoader", "inputs": {
-        "model": "cn.safetensors", "config": str(tmp_path / "elsewhere")}}}, "outputs": {"controlnet": "cn.controlnet"}}
-    with pytest.raises(NodeExecutionError, match="outside the input directories"):
-        Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(document)
+    with pytest.raises(ValidationError, match="outside the input directories") as raised:
+        Engine(input_dirs=[tmp_path / "in"], models=ModelManager()).run(_config_document(str(tmp_path / "elsewhere")))
+    assert raised.value.codes == ["path_outside_root"] and converted_with == []
+
+
+def test_a_changed_config_folder_reruns_the_loader_and_converts_again(tmp_path: Path,
+                                                                      converted_with: list[str | None]) -> None:
+    engine = Engine(input_dirs=[tmp_path / "in"], models=ModelManager())
+    first = engine.run(_config_document("configs/cn")).outputs["controlnet"]
+    assert engine.run(_config_document("configs/cn")).ran == []
+    (tmp_path / "in" / "configs" / "cn" / "config.json").write_text('{"changed": 1}')
+    second = engine.run(_config_document("configs/cn")).outputs["controlnet"]
+    assert len(converted_with) == 2  # a new handle: the model key names the config's contents too
+    assert second.controlnet is not first.controlnet and second.controlnet.key != first.controlnet.key
 
 
 def test_a_vae_config_without_force_upcast_is_upcast_in_fp16_as_diffusers_does(tiny_models: Path,
@@ -339,7 +370,7 @@ def test_a_hub_checkpoint_is_downloaded_once_with_only_its_safetensors_and_confi
     shutil.copytree(tiny_models / "sd15", remote)
     (remote / "v1-5-pruned.ckpt").write_bytes(b"pickle")
     (remote / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
-    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    snapshot = tmp_path / "cache" / "models--someone--tiny-sd15" / "snapshots" / "abc123"
     calls = []
 
     def fake_snapshot_download(repo: str, allow_patterns: list[str], local_files_only: bool = False) -> str:
@@ -355,6 +386,7 @@ def test_a_hub_checkpoint_is_downloaded_once_with_only_its_safetensors_and_confi
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     document = {"graphflow": 1, "nodes": {"sd": {"type": "CheckpointLoader", "inputs": {"model": "someone/tiny-sd15"}}},
                 "outputs": {"model": "sd.model"}}
     model = _engine(tmp_path).run(document).outputs["model"]
