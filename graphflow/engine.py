@@ -26,9 +26,10 @@ from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, Va
 from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
 from graphflow.incremental import templates_unchanged
 from graphflow.models.manager import ModelManager, shared_manager
+from graphflow.models.sources import ModelChangedError
 from graphflow.node import Node
 from graphflow.paths import PathPolicy
-from graphflow.planning import KeyedPlan, plan_run
+from graphflow.planning import KeyedPlan, changed_sources, plan_run
 from graphflow.registry import NodeRegistry, default_registry
 from graphflow.types import SCALAR_TYPES
 from graphflow.validation import compile_document
@@ -176,11 +177,12 @@ class Engine:
         live: dict[str, dict[str, Any]] = {}
         to_run: list[str] = []
         cached: list[str] = []
+        nodes, keys, lookup = graph.nodes, keyed.keys, self.lookup
         for node_id in reversed(keyed.plan.order):
             if node_id not in needed:
                 continue
-            node = graph.nodes[node_id]
-            hit = self.lookup(node, keyed.keys[node_id])
+            node = nodes[node_id]
+            hit = lookup(node, keys[node_id])
             if hit is not None:
                 live[node_id] = hit  # held here, so later evictions cannot take it from this run
                 cached.append(node_id)
@@ -194,14 +196,17 @@ class Engine:
     def lookup(self, node: CompiledNode, key: str, *, disk: bool = True) -> dict[str, Any] | None:
         """A reusable cached result: from memory, else (with `disk`) from disk for node types that keep one there."""
         hit = self.cache.get(key)
-        if hit is None and disk and node.node_type.disk_cache and self.disk_cache is not None:
+        node_type = node.node_type
+        if hit is None and disk and node_type.disk_cache and self.disk_cache is not None:
             hit = self.disk_cache.get(key)
             if hit is not None:
                 self.cache.put(key, hit)
-        if hit is not None and (not _checks_outputs(node.node_type)
-                                or self.instance(node.node_type).outputs_still_valid(hit)):
-            return hit
-        return None
+        if hit is None:
+            return None
+        checks = _CHECKS_OUTPUTS.get(node_type)
+        if checks is None:  # output nodes re-check cached results (that their files still exist); most types don't
+            checks = _CHECKS_OUTPUTS[node_type] = node_type.outputs_still_valid is not Node.outputs_still_valid
+        return hit if not checks or self.instance(node_type).outputs_still_valid(hit) else None
 
     def store(self, node: CompiledNode, key: str, outputs: dict[str, Any]) -> None:
         self.cache.put(key, outputs)
@@ -245,9 +250,17 @@ class Engine:
             flight.signal.set()
 
 
-def _checks_outputs(node_type: type[Node]) -> bool:
-    """Whether the node type re-checks cached results (output nodes check their files still exist)."""
-    return node_type.outputs_still_valid is not Node.outputs_still_valid
+_CHECKS_OUTPUTS: dict[type[Node], bool] = {}  # node type -> whether it overrides Node.outputs_still_valid
+
+
+_READS_MODELS: dict[type[Node], bool] = {}  # node type -> whether it has model inputs
+
+
+def _reads_models(node_type: type[Node]) -> bool:
+    reads = _READS_MODELS.get(node_type)
+    if reads is None:
+        reads = _READS_MODELS[node_type] = any(spec.model for spec in node_type.inputs)
+    return reads
 
 
 def _params_text(values: dict[str, Any]) -> str | None:
@@ -274,10 +287,7 @@ class _Run:
 
     def execute(self, to_run: list[str]) -> None:
         graph, live = self.graph, self.live
-        remaining = {node_id: 0 for node_id in live}
-        for node_id in to_run:
-            for source in graph.nodes[node_id].sources:
-                remaining[source] = remaining.get(source, 0) + 1
+        remaining = Counter(source for node_id in to_run for source in graph.nodes[node_id].sources)
         # identical nodes under different ids share a key: run the first, hand its result to the rest
         repeated = {key for key, count in Counter(self.keyed.keys[node_id] for node_id in to_run).items()
                     if count > 1}
@@ -319,7 +329,8 @@ class _Run:
                 outputs = hit
                 return hit
             outputs = self._execute(node)
-            engine.store(node, key, outputs)
+            if node.id not in self.keyed.uncached:
+                engine.store(node, key, outputs)
             return outputs
         finally:
             engine.land(key, outputs)
@@ -357,6 +368,13 @@ class _Run:
             if self.on_event is not None:
                 self.on_event(NodeFailed(node.id, type_name, error))
             raise NodeExecutionError(node.id, type_name, error) from error
+        changed = changed_sources(node, self.keyed, self.engine.paths) if _reads_models(node.node_type) else []
+        if changed:  # what it read is not what its key says: fail rather than cache it
+            error = ModelChangedError(f"the files of {', '.join(map(repr, changed))} changed while the node ran, so "
+                                      "what it loaded may not be what the run was planned with; run it again")
+            if self.on_event is not None:
+                self.on_event(NodeFailed(node.id, type_name, error))
+            raise NodeExecutionError(node.id, type_name, error)
         seconds = self.result.timings[node.id] = time.perf_counter() - started
         self.result.ran.append(node.id)
         if self.on_event is not None:

@@ -21,6 +21,8 @@ from graphflow.errors import Code, GraphError, ValidationError
 from graphflow.node import Node
 from graphflow.paths import PathError, PathPolicy
 
+Digests = dict[tuple[str, str], str]  # (node, input) -> digest of the file, or fingerprint of the model source
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -32,11 +34,14 @@ class Plan:
 
 @dataclass(frozen=True)
 class KeyedPlan:
-    """One run's plan: the nodes, their cache keys, and the bytes of the files they read, by node and input."""
+    """One run's plan: the nodes, their cache keys, the bytes of the files they read (by node and input), the
+    digests those keys were made from, and the nodes whose results must not be cached (`unknown_sources`)."""
 
     plan: Plan
     keys: dict[str, str]
     file_bytes: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    digests: Digests = field(default_factory=dict)
+    uncached: frozenset[str] = frozenset()
 
 
 def plan_execution(graph: CompiledGraph, targets: list[str]) -> Plan:
@@ -50,9 +55,6 @@ def plan_execution(graph: CompiledGraph, targets: list[str]) -> Plan:
             stack.extend(graph.nodes[node_id].sources)
     order = graph.order if len(needed) == len(graph.nodes) else tuple(n for n in graph.order if n in needed)
     return Plan(order, frozenset(targets))
-
-
-Digests = dict[tuple[str, str], str]  # (node, input) -> digest of the file, or fingerprint of the model source
 
 
 @dataclass
@@ -102,7 +104,7 @@ def plan_run(graph: CompiledGraph, targets: list[str], options: Mapping[str, Any
         if stale:
             keys = _rekeyed(graph, memo, keys, stale, digests, options)
     memo.state = (digests, keys, frozenset())
-    return KeyedPlan(memo.plan, keys, file_bytes)
+    return KeyedPlan(memo.plan, keys, file_bytes, digests, unknown_sources(graph, memo.plan, digests))
 
 
 def inherit_plans(graph: CompiledGraph, previous: CompiledGraph, changed: frozenset[str]) -> None:
@@ -156,6 +158,16 @@ def _keyed_inputs(node_type: type[Node]) -> tuple[tuple[str, bool], ...]:
     return tuple((spec.name, spec.model) for spec in node_type.inputs if spec.file or spec.model)
 
 
+def changed_sources(node: CompiledNode, keyed: KeyedPlan, paths: PathPolicy) -> list[str]:
+    """The model sources of `node` whose files no longer match the fingerprints its key was made from."""
+    changed = []
+    for name, model in _keyed_inputs(node.node_type):
+        planned = keyed.digests.get((node.id, name))
+        if model and planned is not None and model_digest(node.inputs[name], paths, node.id, name) != planned:
+            changed.append(str(node.inputs[name]))
+    return changed
+
+
 @cache
 def _output_paths(node_type: type[Node]) -> tuple[str, ...]:
     return tuple(spec.name for spec in node_type.inputs if spec.output_path)
@@ -186,15 +198,11 @@ def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...],
     digests: dict[tuple[str, str], str] = {}
     file_bytes: dict[str, dict[str, bytes]] = {}
     errors: list[GraphError] = []
-    if not keyed:
-        return digests, file_bytes
-    from graphflow.models.sources import fingerprint  # here, not at import: `import graphflow` stays light
-
     for node_id, name, model in keyed:
         value = graph.nodes[node_id].inputs[name]
         try:
             if model:
-                digests[node_id, name] = f"{value!r}@{fingerprint(value, paths)}"
+                digests[node_id, name] = model_digest(value, paths, node_id, name)
                 continue
             data = _read(paths, value, node_id, name)
         except PathError as error:
@@ -205,6 +213,28 @@ def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...],
     if errors:
         raise ValidationError(errors)
     return digests, file_bytes
+
+
+def model_digest(value: str, paths: PathPolicy, node_id: str, name: str) -> str:
+    """What a model input contributes to its node's key: the source as written and the fingerprint of its files
+    (nothing after the "@" when no loadable source has that name yet: see `unknown_sources`)."""
+    from graphflow.models.sources import fingerprint  # here, not at import: `import graphflow` stays light
+
+    return f"{value!r}@{fingerprint(value, paths, node=node_id, input=name)}"
+
+
+def unknown_sources(graph: CompiledGraph, plan: Plan, digests: Digests) -> frozenset[str]:
+    """The nodes whose keys rest on a named model source with no fingerprint (a hub model that its loader will
+    download, say), and every node downstream of them: their results are not cached, since their keys cannot
+    tell which files they used. (A blank source, such as an empty config input, names nothing: it is known.)"""
+    unknown = {owner for (owner, name), digest in digests.items() if digest.endswith("@")
+               and str(graph.nodes[owner].inputs[name]).strip()}
+    if not unknown:
+        return frozenset()
+    for node_id in plan.order:
+        if node_id not in unknown and not unknown.isdisjoint(graph.nodes[node_id].sources):
+            unknown.add(node_id)
+    return frozenset(unknown)
 
 
 def _read(paths: PathPolicy, value: str, node_id: str, name: str) -> bytes:

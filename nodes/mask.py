@@ -128,7 +128,7 @@ class ImageToMask(Node):
     def run(self, ctx: RunContext, image: torch.Tensor, channel: str) -> dict[str, Any]:
         import torch
 
-        return {"mask": image @ torch.tensor(CHANNEL_WEIGHTS[channel], device=image.device)}
+        return {"mask": image @ torch.tensor(CHANNEL_WEIGHTS[channel], dtype=torch.float32, device=image.device)}
 
 
 class ColorToMask(Node):
@@ -262,7 +262,7 @@ class PasteCrop(Node):
                                  f"({crop.shape[2]}x{crop.shape[1]}) or the pasted area ({width}x{height})")
         _check_batches(image=image, crop=crop, **({} if mask is None else {"mask": mask}))
         crop = _sized(crop, width, height, "lanczos").to(image.device)
-        weight = torch.ones((1, height, width), device=image.device) if mask is None \
+        weight = torch.ones((1, height, width), dtype=torch.float32, device=image.device) if mask is None \
             else feather_mask(_sized(mask, width, height, "bilinear"), feather).to(image.device)
         weight = weight.unsqueeze(-1)
         region = (slice(None), slice(y, y + height), slice(x, x + width))

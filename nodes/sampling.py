@@ -39,7 +39,8 @@ class EmptyLatent(Node):
         import torch
 
         check_size(width, height, "the size")
-        samples = torch.zeros(batch, 4, height // LATENT_SCALE, width // LATENT_SCALE)
+        # explicit dtype: a model loading in another thread may switch torch's process-wide default for a while
+        samples = torch.zeros(batch, 4, height // LATENT_SCALE, width // LATENT_SCALE, dtype=torch.float32)
         return {"latent": {"samples": samples, "family": None, "empty": True}}
 
 
