@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from graphflow import Engine, Graph, ValidationError, default_registry
+from graphflow import Engine, Graph, NodeExecutionError, ValidationError, default_registry
 from graphflow.context import RunContext
 from graphflow.node import Input, Node, Output
 from graphflow.registry import NodeRegistry
@@ -203,3 +203,45 @@ def test_file_digests_are_of_the_bytes_read(tmp_path: Path, registry: NodeRegist
                  "b": {"type": "ReadText", "inputs": {"path": "b.txt"}}}, {"a": "a.text", "b": "b.text"})
     result = engine.run(graph)
     assert result.ran == ["a"] and result.cached == ["b"]  # identical bytes, one result
+
+
+class ReadModel(Node):
+    """Reads a model folder's config; with `touch`, rewrites it while running (as a second writer would)."""
+
+    inputs = (Input("model", STRING, model=True), Input("touch", STRING, default=""))
+    outputs = (Output("text", STRING),)
+
+    def run(self, ctx: RunContext, model: str, touch: str) -> dict[str, Any]:
+        RUNS.append("model")
+        folder = ctx.input_path(model, "model", directory=True) if (ctx.paths.input_roots[0] / model).exists() \
+            else None
+        if folder is not None and touch:
+            (folder / "config.json").write_text(touch)
+        return {"text": (folder / "config.json").read_text() if folder is not None else "none"}
+
+
+@pytest.fixture
+def model_engine(registry: NodeRegistry, tmp_path: Path) -> Engine:
+    registry.register(ReadModel)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"a": 1}')
+    return Engine(registry, input_dirs=[tmp_path])
+
+
+def test_a_model_whose_files_change_while_its_node_runs_fails_the_node(model_engine: Engine) -> None:
+    graph = doc({"m": {"type": "ReadModel", "inputs": {"model": "model", "touch": '{"a": 2}'}}}, {"t": "m.text"})
+    with pytest.raises(NodeExecutionError) as caught:
+        model_engine.run(graph)
+    assert type(caught.value.cause).__name__ == "ModelChangedError" and "'model'" in str(caught.value)
+    untouched = doc({"m": {"type": "ReadModel", "inputs": {"model": "model"}}}, {"t": "m.text"})
+    assert model_engine.run(untouched).outputs["t"] == '{"a": 2}'
+
+
+def test_results_resting_on_a_source_without_fingerprint_are_not_cached(model_engine: Engine) -> None:
+    graph = doc({"m": {"type": "ReadModel", "inputs": {"model": "someone/not-downloaded"}},
+                 "n": {"type": "JoinText", "inputs": {"texts": [{"from": "m.text"}]}}}, {"t": "n.text"})
+    assert model_engine.run(graph).ran == ["m", "n"]
+    assert model_engine.run(graph).ran == ["m", "n"]  # nothing was kept: the next run may find the files
+    known = doc({"m": {"type": "ReadModel", "inputs": {"model": "model"}}}, {"t": "m.text"})
+    model_engine.run(known)
+    assert model_engine.run(known).ran == []
