@@ -80,7 +80,7 @@ def test_the_memory_cache_stays_exact_under_contention() -> None:
                     cache.get(key)
                 else:
                     cache.discard(key)
-        except BaseException as error:  # noqa: BLE001 - any failure in a thread is the test's failure
+        except BaseException as error:  # any failure in a thread is the test's failure
             failures.append(error)
 
     in_threads(8, hammer)
