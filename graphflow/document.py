@@ -8,14 +8,22 @@ order, structural keys take a canonical order, and the text is two-space indente
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from graphflow.atomic import atomic_write
 from graphflow.errors import Code, GraphError, ValidationError
+from graphflow.paths import file_kind
 
 FORMAT_VERSION = 1
+# Node ids and param names; always fullmatch, since "$" would let a trailing newline in.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+MAX_DEPTH = 64  # containers inside containers; real documents nest about six deep
+MAX_VALUES = 1_000_000  # containers and what they hold, counted as a JSON writer would: a shared container twice
+MAX_DOCUMENT_BYTES = 64 << 20
 # MIGRATIONS[n] turns a format-n document into a format-(n + 1) one; load applies them in turn.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
@@ -66,19 +74,42 @@ def load_document(path: str | Path) -> dict[str, Any]:
 
 
 def read_document_text(path: str | Path) -> str:
+    """The text of a document file. Only regular files are read: a FIFO or a device would block or never end."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValidationError([GraphError(Code.INVALID_JSON, f"{path} is not UTF-8 text: {error.reason} at byte "
-                                          f"{error.start}", expected="UTF-8 JSON", found=str(path))]) from None
+        with open(path, "rb", opener=_open_nonblocking) as file:
+            kind = file_kind(os.fstat(file.fileno()).st_mode)
+            data = file.read(MAX_DOCUMENT_BYTES + 1) if kind is None else b""
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
         reason = error.strerror if isinstance(error, OSError) else str(error)
         raise ValidationError([GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: {reason}",
                                           expected="a readable graph document", found=str(path))]) from None
+    if kind is not None:
+        raise ValidationError([GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: it is {kind}",
+                                          expected="a regular file holding a graph document", found=kind)])
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ValidationError([GraphError(Code.INVALID_JSON, f"{path} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB",
+                                          expected="a graph document of ordinary size", found="a larger file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValidationError([GraphError(Code.INVALID_JSON, f"{path} is not UTF-8 text: {error.reason} at byte "
+                                          f"{error.start}", expected="UTF-8 JSON", found=str(path))]) from None
 
 
-def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring a document of an older format to FORMAT_VERSION; refuse formats we do not know."""
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait for a writer
+
+
+def migrate(data: dict[str, Any], *, check_shape: bool = True) -> dict[str, Any]:
+    """Bring a document of an older format to FORMAT_VERSION; refuse formats we do not know.
+
+    Everything must be JSON data first: objects with text keys, lists, text, numbers, true, false and null,
+    at most MAX_DEPTH containers deep, so that nothing downstream recurses into an absurd structure. A caller
+    that has already checked the parts it will read (see `compile_document`) passes `check_shape=False`.
+    """
+    problems = shape_errors(data) if check_shape else []
+    if problems:
+        raise ValidationError(problems)
     version = data.get("graphflow")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ValidationError([GraphError(
@@ -98,12 +129,85 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def shape_errors(data: Any) -> list[GraphError]:
+    """Everything in `data` that is not JSON data, nested too deep or too large; found without recursion.
+
+    A container shared by two places is walked in each, as a JSON writer would write it twice, so depth is
+    measured along every path and the walk stops after MAX_VALUES values (a document that contains itself, or
+    shares its way to an astronomic size, ends there or at MAX_DEPTH).
+    """
+    errors: list[GraphError] = []
+    stack: list[tuple[dict[Any, Any] | list[Any], tuple[Any, ...]]] = [(data, ())]
+    walked = 0
+    while stack and len(errors) < 100:
+        value, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            error = _shape_error(path, f"nests containers more than {MAX_DEPTH} levels deep (or contains itself)",
+                                 f"at most {MAX_DEPTH} levels", "deeper nesting")
+            if not any((known.node, known.input) == (error.node, error.input) for known in errors):
+                errors.append(error)  # once per node input: its other deep places say nothing new
+            continue
+        walked += 1 + len(value)
+        if walked > MAX_VALUES:
+            errors.append(_shape_error((), f"holds more than {MAX_VALUES:,} values", f"at most {MAX_VALUES:,} values",
+                                       "a larger document"))
+            break
+        stack.extend((item, (*path, key)) for key, item in _containers_in(value, path, errors))
+    return errors
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None), dict, list})
+
+
+def _containers_in(value: dict[Any, Any] | list[Any], path: tuple[Any, ...],
+                   errors: list[GraphError]) -> list[tuple[Any, Any]]:
+    """The (key, container) pairs directly inside `value`; what is not JSON data goes to `errors`."""
+    containers = []
+    is_dict = isinstance(value, dict)
+    for key, item in value.items() if is_dict else enumerate(value):
+        kind = type(item)
+        if (is_dict and type(key) is not str) or kind not in _PLAIN:  # the usual case skips the closer look
+            problems = _item_errors(value, path, key, item)
+            errors.extend(problems)
+            if not problems and isinstance(item, (dict, list)):
+                containers.append((key, item))
+        elif kind is dict or kind is list:
+            containers.append((key, item))
+    return containers
+
+
+def _item_errors(container: Any, path: tuple[Any, ...], key: Any, item: Any) -> list[GraphError]:
+    if isinstance(container, dict) and not isinstance(key, str):
+        return [_shape_error(path, "has a key that is not text", "text keys", f"{type(key).__name__} key")]
+    if item is None or isinstance(item, (str, int, float, dict, list)):
+        return []
+    return [_shape_error((*path, key), f"holds a Python {type(item).__name__} value, which JSON cannot write",
+                         "objects, lists, text, numbers, true, false or null", f"{type(item).__name__} value")]
+
+
+def _shape_error(path: tuple[Any, ...], problem: str, expected: str, found: str) -> GraphError:
+    """An error about the value at `path`, placed on its node and input when it lies in one."""
+    node = input = None
+    if len(path) > 1 and path[0] == "nodes":
+        node = path[1]
+        input = path[3] if len(path) > 3 and path[2] == "inputs" else None
+    elif path:
+        input = path[0]
+    shown = "/".join(str(part) for part in path[:8]) + ("/..." if len(path) > 8 else "")
+    return GraphError(Code.INVALID_DOCUMENT, f"the document {problem}" + (f" at /{shown}" if path else ""),
+                      node if isinstance(node, str) else None, input if isinstance(input, str) else None,
+                      expected, found)
+
+
 def dumps(document: dict[str, Any]) -> str:
     """Canonical text of a document: fixed order for structural keys, user order elsewhere.
 
     Two-space indent, one line per node and per param; any object or list that fits on one line
     of LINE_WIDTH is written on one line, as people write links (`{"from": "photo.image"}`).
     """
+    problems = shape_errors(document)  # what JSON cannot write, or nesting that would exhaust the stack
+    if problems:
+        raise ValidationError(problems)
     return _format(canonical(document), 0, 0, expand=True, expand_members=frozenset({"nodes", "params"})) + "\n"
 
 

@@ -66,6 +66,13 @@ class Reuse:
             return False  # a template node's entry is compared here: only plain nodes are kept
         return templates_unchanged(previous)
 
+    def unkept(self, document: dict[str, Any]) -> dict[str, Any]:
+        """The document without the node entries kept from the previous compile (which were checked then)."""
+        nodes = document.get("nodes")
+        if type(nodes) is not dict or not self.kept:
+            return document
+        return {**document, "nodes": {node_id: entry for node_id, entry in nodes.items() if node_id not in self.kept}}
+
     def settle(self, classes: dict[str, type[Node] | None]) -> dict[str, CompiledNode]:
         """Drop the kept nodes linked to a node whose type changed; `classes` are the new top-level node types."""
         previous = self.previous.nodes

@@ -8,6 +8,7 @@ checks its arguments at once and returns one use of the node, ready for `Graph.a
 from __future__ import annotations
 
 import inspect
+import keyword
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -119,6 +120,9 @@ class ParamRef:
     type: str = field(default="", compare=False)
 
 
+INSTANCE_ATTRIBUTES = frozenset({"values"})  # set on each use of a node in the builder: no output may take the name
+
+
 class Node:
     """Base class of every node type. Subclasses declare, they do not register themselves."""
 
@@ -141,18 +145,13 @@ class Node:
         cls.output_map = {spec.name: spec for spec in cls.outputs}
         if len(cls.input_map) != len(cls.inputs) or len(cls.output_map) != len(cls.outputs):
             raise TypeError(f"{cls.type_name}: input and output names must be unique")
-        shadowed = [name for name in cls.output_map if hasattr(cls, name)]
+        shadowed = [name for name in cls.output_map if hasattr(cls, name) or name in INSTANCE_ATTRIBUTES]
         if shadowed:
             raise TypeError(f"{cls.type_name}: output names {shadowed} clash with Node attributes")
         unknown = [spec.type for spec in (*cls.inputs, *cls.outputs) if spec.type not in types.ALL_TYPES]
         if unknown:
             raise TypeError(f"{cls.type_name}: unknown types {unknown}")
-        # the builder call's signature, for help() and editors: Canny(*, image: IMAGE, low: INT = 100, ...)
-        cls.__signature__ = inspect.Signature([
-            inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, annotation=spec.type,
-                              default=inspect.Parameter.empty if spec.required else
-                              (None if spec.default is REQUIRED else spec.default))
-            for spec in cls.inputs])
+        cls.__signature__ = builder_signature(cls.inputs)
 
     def __init__(self, **values: Any) -> None:
         errors: list[GraphError] = []
@@ -182,6 +181,19 @@ class Node:
     def outputs_still_valid(self, outputs: dict[str, Any]) -> bool:
         """Whether a cached result may be reused (output nodes check their files still exist)."""
         return True
+
+
+def builder_signature(inputs: tuple[Input, ...]) -> inspect.Signature:
+    """The builder call's signature, for help() and editors: Canny(*, image: IMAGE, low: INT = 100, ...).
+
+    Inputs whose names cannot be Python keyword arguments (template params "my-param", "class") are left out;
+    the call still takes them as `**{"my-param": 3}`.
+    """
+    return inspect.Signature([
+        inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, annotation=spec.type,
+                          default=inspect.Parameter.empty if spec.required else
+                          (None if spec.default is REQUIRED else spec.default))
+        for spec in inputs if spec.name.isidentifier() and not keyword.iskeyword(spec.name)])
 
 
 def unknown_input_error(node_type: type[Node], name: str, node: str | None) -> GraphError:

@@ -7,6 +7,7 @@ user widened the roots explicitly.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,9 @@ class PathPolicy:
                 "add its directory with --input-dir to allow it", node, input, f"a path inside {roots}", path))
         if not exists:
             what = "file or folder" if directory else "file"
-            raise PathError(GraphError(
-                Code.FILE_NOT_FOUND, f"no such {what}: {resolved}", node, input, f"an existing {what}", path))
+            kind = _kind_of(resolved)
+            problem = f"{resolved} is {kind}, not a {what}" if kind else f"no such {what}: {resolved}"
+            raise PathError(GraphError(Code.FILE_NOT_FOUND, problem, node, input, f"an existing {what}", path))
         return resolved
 
     def output_path(self, relative: str, *, node: str | None = None, input: str | None = None) -> Path:
@@ -85,3 +87,20 @@ def _resolved_root(root: str | Path, kind: str) -> Path:
         raise PathError(GraphError(Code.FILE_NOT_FOUND, f"the {kind} directory cannot be used: {error}",
                                    input=f"{kind} directory", expected="a directory", found=types.show_value(str(root)))
                         ) from None
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a directory", "a FIFO", ...), from its stat mode; else None."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _kind_of(path: Path) -> str | None:
+    """What stands at `path` when it is not a regular file, or None (also when nothing is there)."""
+    try:
+        return file_kind(path.stat().st_mode)
+    except (OSError, ValueError):
+        return None

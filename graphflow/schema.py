@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphflow import types
-from graphflow.document import FORMAT_VERSION
+from graphflow.document import FORMAT_VERSION, NAME_PATTERN
 from graphflow.node import REQUIRED, Input, Node
 from graphflow.registry import NodeRegistry
 from graphflow.validation import NODE_ID
@@ -25,7 +25,8 @@ def document_schema(registry: NodeRegistry) -> dict[str, Any]:
                  "properties": {"from": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_\-]*\.[^.]+$"}},
                  "additionalProperties": False},
         "paramRef": {"type": "object", "description": "Value of a template parameter.", "required": ["param"],
-                     "properties": {"param": {"type": "string"}}, "additionalProperties": False},
+                     "properties": {"param": {"type": "string", "pattern": _whole(NAME_PATTERN.pattern)}},
+                     "additionalProperties": False},
         "param": _param_schema(),
         "templateNode": {"type": "object", "description": "Another graph document used as one node.",
                          "required": ["template"], "additionalProperties": False,
@@ -47,13 +48,20 @@ def document_schema(registry: NodeRegistry) -> dict[str, Any]:
             "graphflow": {"const": FORMAT_VERSION, "description": "Document format version."},
             "name": {"type": "string"},
             "description": {"type": "string"},
-            "params": {"type": "object", "additionalProperties": {"$ref": "#/$defs/param"}},
-            "nodes": {"type": "object", "propertyNames": {"pattern": f"^{NODE_ID.pattern}$"},
+            "params": {"type": "object", "propertyNames": {"pattern": _whole(NAME_PATTERN.pattern)},
+                       "additionalProperties": {"$ref": "#/$defs/param"}},
+            "nodes": {"type": "object", "propertyNames": {"pattern": _whole(NODE_ID.pattern)},
                       "additionalProperties": {"$ref": "#/$defs/node"}},
             "outputs": {"type": "object", "additionalProperties": {"type": "string", "pattern": r"^[^.]+\.[^.]+$"}},
         },
         "$defs": definitions,
     }
+
+
+def _whole(pattern: str) -> str:
+    """A pattern the whole text must match, in ECMA-262 and in Python's re (whose "$" also matches before a final
+    newline: the lookahead refuses one)."""
+    return f"^{pattern}$(?!\\n)"
 
 
 def _node_schema(node: type[Node]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ outputs are its named `outputs`. Parameter values are data only; nothing is eval
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,14 @@ from typing import Any
 from graphflow import types
 from graphflow.cache import file_digest
 from graphflow.compiled import Link
-from graphflow.document import parse_document, read_document_text
+from graphflow.document import NAME_PATTERN, migrate, parse_document, read_document_text, shape_errors
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
-from graphflow.node import REQUIRED, Input, Node, Output
+from graphflow.node import INSTANCE_ATTRIBUTES, REQUIRED, Input, Node, Output
+from graphflow.paths import file_kind
 from graphflow.registry import NodeRegistry
 
 _PARAM_KEYS = {"type", "default", "description", "min", "max", "choices"}
+MAX_TEMPLATE_DEPTH = 32  # templates used inside templates; real graphs nest two or three
 
 
 def parse_params(document: dict[str, Any]) -> tuple[dict[str, Input], list[GraphError]]:
@@ -27,6 +31,9 @@ def parse_params(document: dict[str, Any]) -> tuple[dict[str, Input], list[Graph
     if not isinstance(raw, dict):
         return {}, [GraphError(Code.INVALID_DOCUMENT, '"params" maps names to declarations',
                                input="params", expected="an object", found=types.describe_literal(raw))]
+    unwritable = shape_errors({"params": raw})  # checked again for callers that skip migrate, such as Graph.param
+    if unwritable:
+        return {}, unwritable
     specs: dict[str, Input] = {}
     errors: list[GraphError] = []
     for name, declaration in raw.items():
@@ -38,6 +45,11 @@ def parse_params(document: dict[str, Any]) -> tuple[dict[str, Input], list[Graph
 
 
 def _param_spec(name: str, declaration: Any) -> tuple[Input | None, list[GraphError]]:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        # the rule of node ids: a name --set NAME=VALUE can write and a link or JSON Schema can name
+        return None, [GraphError(Code.INVALID_PARAM, "param names use letters, digits, '_' and '-' only",
+                                 input=name if isinstance(name, str) else None,
+                                 expected=f"a name matching {NAME_PATTERN.pattern}", found=types.show_value(name))]
     problems = _declaration_problems(declaration)
     if problems:
         message, expected, found = problems
@@ -110,18 +122,13 @@ class TemplateLoader:
         return dict(self._digests)
 
     def resolve(self, reference: str, base_dir: Path, node: str) -> Path:
-        try:
-            path = (base_dir / reference).resolve()
-            found = path.is_file()
-        except (OSError, ValueError):  # a NUL byte or an over-long name
-            path, found = base_dir / "?", False
-        if found and not any(path.is_relative_to(root) for root in self.roots):
+        """The template file `reference` names, relative to `base_dir`: a regular file inside the roots."""
+        path = _resolved(base_dir / reference, node, reference)
+        if not any(path.is_relative_to(root) for root in self.roots):  # checked first: says nothing of what is there
             raise ValidationError([GraphError(
                 Code.PATH_OUTSIDE_ROOT, "templates must lie inside the input directories or beside the graph",
                 node, "template", "a path inside " + ", ".join(map(str, self.roots)), reference)])
-        if not found:
-            raise ValidationError([GraphError(Code.TEMPLATE_NOT_FOUND, f"no template file at {path}",
-                                              node, "template", "an existing graph document", reference)])
+        _require_file(path, node, reference)
         return path
 
     def node_class(self, path: Path, stack: tuple[Path, ...], node: str) -> type[TemplateNode]:
@@ -130,21 +137,32 @@ class TemplateLoader:
             chain = " -> ".join(p.name for p in (*stack, path))
             raise ValidationError([GraphError(Code.RECURSIVE_TEMPLATE, f"templates include each other: {chain}",
                                               node, "template", "a template that does not use itself", chain)])
+        if len(stack) >= MAX_TEMPLATE_DEPTH:  # each level is a few frames of recursion, here and in validation
+            raise ValidationError([GraphError(
+                Code.RECURSIVE_TEMPLATE, f"templates nest more than {MAX_TEMPLATE_DEPTH} deep: {stack[0].name} -> "
+                f"... -> {path.name}", node, "template", f"at most {MAX_TEMPLATE_DEPTH} templates inside each other",
+                f"{len(stack) + 1} levels")])
         cached = self._classes.get(path)
         if cached is not None:
             return cached
-        text = read_document_text(path)
-        self._digests[path] = file_digest(text.encode("utf-8"))  # the same bytes: the file decoded as UTF-8
-        document = parse_document(text, str(path))
+        try:
+            text = read_document_text(path)
+            self._digests[path] = file_digest(text.encode("utf-8"))  # the same bytes: the file decoded as UTF-8
+            document = parse_document(text, str(path))
+        except ValidationError as error:  # unreadable or not a document: placed on the node that uses it
+            raise ValidationError([dataclasses.replace(problem, node=node, input="template")
+                                   for problem in error.errors]) from None
         params, errors = parse_params(document)
         targets = document.get("outputs", {})
         if not isinstance(document.get("nodes"), dict) or not isinstance(targets, dict):
             errors.append(GraphError(Code.INVALID_DOCUMENT, '"nodes" and "outputs" must be objects',
                                      expected="objects", found="something else"))
-        elif clashes := [name for name in targets if not isinstance(targets[name], str) or hasattr(TemplateNode, name)]:
+        elif clashes := [name for name, target in targets.items() if not isinstance(target, str)
+                         or not NAME_PATTERN.fullmatch(name) or hasattr(TemplateNode, name)
+                         or name in INSTANCE_ATTRIBUTES]:
             errors.append(GraphError(Code.INVALID_DOCUMENT, f"outputs {clashes} cannot be template outputs: each must "
-                                     'be a "node.output" text, named other than a Node attribute such as run',
-                                     expected="other output names", found=str(clashes)))
+                                     'be a "node.output" text, named like a param and other than a Node attribute '
+                                     "such as run", expected="other output names", found=types.show_value(clashes)))
         if errors:
             raise ValidationError([inside_template(error, path, f"{node}/{error.node}" if error.node else node)
                                    for error in errors])
@@ -174,6 +192,32 @@ class TemplateLoader:
         return spec.type
 
 
+def _resolved(path: Path, node: str, reference: str) -> Path:
+    """`path` made absolute with every symlink followed."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop (RuntimeError before 3.13), a NUL byte
+        raise ValidationError([GraphError(Code.TEMPLATE_NOT_FOUND, f"the template path cannot be resolved: "
+                                          f"{_reason(error)}", node, "template", "an existing graph document",
+                                          reference)]) from None
+
+
+def _require_file(path: Path, node: str, reference: str) -> None:
+    """Refuse a template path that names nothing, a directory, a FIFO or a device."""
+    try:
+        kind = file_kind(os.stat(path).st_mode)
+        problem = f"the template at {path} is {kind}, not a file" if kind else None
+    except OSError as error:
+        problem = f"no template file at {path}: {_reason(error)}"
+    if problem:
+        raise ValidationError([GraphError(Code.TEMPLATE_NOT_FOUND, problem, node, "template",
+                                          "an existing graph document file", reference)])
+
+
+def _reason(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
 def inside_template(error: GraphError, path: Path, node: str) -> GraphError:
     """An error found in the template at `path`, placed on `node` (e.g. "user_node/inner_node")."""
     return GraphError(error.code, f"in template {path.name}: {error.message}", node, error.input,
@@ -191,15 +235,18 @@ def parse_assignments(document: dict[str, Any], assignments: list[str]) -> dict[
 
     Raises ValidationError listing every bad assignment.
     """
-    specs, _ = parse_params(document)
+    specs, declaration_errors = parse_params(migrate(dict(document)))
     values: dict[str, Any] = {}
     errors: list[GraphError] = []
     for assignment in assignments:
         name, equals, text = assignment.partition("=")
         spec = specs.get(name)
+        declared_badly = [error for error in declaration_errors if error.input == name]
         if not equals:
             errors.append(GraphError(Code.INVALID_VALUE, "write --set NAME=VALUE", input=assignment,
                                      expected="NAME=VALUE", found=repr(assignment)))
+        elif declared_badly:
+            errors.extend(declared_badly)
         elif spec is None:
             errors.append(unknown_param_error(name, specs))
         else:
@@ -224,8 +271,9 @@ class Template:
     def __init__(self, path: str | Path, registry: NodeRegistry | None = None) -> None:
         from graphflow.registry import default_registry
 
-        self.path = Path(path).resolve()
         self.registry = registry if registry is not None else default_registry()
+        self.path = _resolved(Path(path), Path(path).name, str(path))
+        _require_file(self.path, self.path.name, str(path))
         self.node_type = TemplateLoader(self.registry, (self.path.parent,)).node_class(self.path, (), self.path.name)
 
     @property

@@ -7,7 +7,6 @@ builds the executable graph at the same time, so what validates is exactly what 
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from graphflow import types
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
-from graphflow.document import migrate
+from graphflow.document import NAME_PATTERN, migrate, shape_errors
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 from graphflow.incremental import Reuse, snapshot
 from graphflow.node import REQUIRED, Input, Node, file_link_error, missing_input_error, unknown_input_error
@@ -33,7 +32,7 @@ class Unbound:
 
 
 ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
-NODE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")  # always fullmatch: "$" would let a trailing newline in
+NODE_ID = NAME_PATTERN  # always fullmatch: "$" would let a trailing newline in
 _NODE_KEYS = {"type", "template", "inputs"}
 _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "nodes", "outputs"}
 
@@ -53,11 +52,23 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     every node whose entry is unchanged (graphflow.incremental), and is itself the result when
     nothing changed at all.
     """
-    document = migrate(dict(document))  # documents built in Python skip load_document
     values = dict(params or {})
-    reuse = Reuse(previous, document, values, registry) if previous is not None and not as_template else None
-    if reuse is not None and reuse.unchanged(document):
-        return reuse.previous
+    problems = shape_errors({"params": values})  # values given in Python skip every parser
+    if problems:
+        raise ValidationError(problems)
+    reuse = None
+    if previous is None or as_template:
+        document = migrate(dict(document))  # documents built in Python skip load_document
+    else:
+        # entries equal to the previous compile's (checked) ones need no shape check: it walks every value,
+        # which would cost an unchanged node more than everything else a re-run does for it
+        document = migrate(dict(document), check_shape=False)
+        reuse = Reuse(previous, document, values, registry)
+        if reuse.unchanged(document):
+            return reuse.previous
+        problems = shape_errors(reuse.unkept(document))
+        if problems:
+            raise ValidationError(problems)
     base = (base_dir or Path.cwd()).resolve()
     loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
     compiler = _Compiler(registry, loader, as_template, reuse)
