@@ -9,32 +9,41 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphflow.document import load_document
-from graphflow.errors import GraphError, GraphflowError, NodeExecutionError, ValidationError
+from graphflow.errors import GraphError, GraphflowError, NodeExecutionError, ValidationError, printable
 from graphflow.node import REQUIRED, Input, Node
 from graphflow.registry import NodeRegistry, RegistryError, default_registry
 from graphflow.templates import parse_assignments, parse_params
 
 if TYPE_CHECKING:
     from graphflow.engine import RunResult
+    from graphflow.events import Event, EventHandler
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # a name from a document that this terminal's encoding cannot show is escaped, never a UnicodeEncodeError
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         registry = default_registry(args.plugin)
+        return args.command(args, registry)
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    try:
-        return args.command(args, registry)
+    except KeyboardInterrupt:  # before a run started (importing plugins, say): nothing was written
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
@@ -49,17 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a graph document or template")
     run.add_argument("graph", type=Path)
     _add_set(run)
-    run.add_argument("--out", type=Path, default=Path("output"), help="output directory (default: ./output)")
-    run.add_argument("--input-dir", action="append", type=Path, default=None, metavar="DIR",
+    run.add_argument("--out", type=_output_directory, default=Path("output"),
+                     help="output directory (default: ./output)")
+    run.add_argument("--input-dir", action="append", type=_input_directory, default=None, metavar="DIR",
                      help="directory input files may come from; relative paths resolve against the first "
                           "(default: the current directory; repeatable)")
     run.add_argument("--output", action="append", default=None, metavar="NAME",
                      help="compute only this named output (repeatable; default: all outputs and output nodes)")
     run.add_argument("--memory-cache-mb", type=_megabytes, default=2048, metavar="MB",
                      help="bound on results kept in memory during the run (default: 2048)")
-    run.add_argument("--cache-dir", type=Path, default=os.environ.get("GRAPHFLOW_CACHE_DIR"), metavar="DIR",
+    run.add_argument("--cache-dir", type=_output_directory, default=os.environ.get("GRAPHFLOW_CACHE_DIR"),
+                     metavar="DIR",
                      help="keep expensive results (edge maps, encodings, latents) here across runs "
                           "(default: $GRAPHFLOW_CACHE_DIR; none when unset)")
+    run.add_argument("--max-image-pixels", type=_positive("pixels"), default=None, metavar="N",
+                     help="refuse input images of more than N pixels before decoding them "
+                          "(default: 67108864, i.e. 8192 x 8192)")
     run.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
     run.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
@@ -93,14 +107,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _megabytes(text: str) -> int:
+def _positive(unit: str) -> Callable[[str], int]:
+    """An argparse type: a positive whole number of `unit`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {unit}, found {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, found {value}")
+        return value
+
+    return parse
+
+
+_megabytes = _positive("megabytes")
+
+
+def _input_directory(text: str) -> Path:
+    """An argparse type: an existing directory this process can list and read."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of megabytes, found {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of megabytes, found {value}")
-    return value
+        resolved = Path(text).resolve(strict=True)
+        problem = None if resolved.is_dir() else "is a file, not a directory"
+        if problem is None and not os.access(resolved, os.R_OK | os.X_OK):
+            problem = "cannot be read (permission denied)"
+    except FileNotFoundError:
+        problem = "does not exist"
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        problem = f"is not a usable path ({error})"
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
+    return Path(text)
+
+
+def _output_directory(text: str) -> Path:
+    """An argparse type: a directory this process can write in, or a path where one can be made."""
+    try:
+        resolved = Path(text).resolve()
+        existing = next(path for path in (resolved, *resolved.parents) if path.exists())
+        problem = None if existing.is_dir() else f"cannot be made: {existing} is a file, not a directory"
+        if problem is None and not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"cannot be written: {existing} is not writable (permission denied)"
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        problem = f"is not a usable path ({error})"
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text} {problem}")
+    return Path(text)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -125,48 +178,64 @@ def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
         print(json.dumps({"valid": not errors, "errors": [error.to_json() for error in errors],
                           "params_without_value": unbound}, indent=2))
     elif errors:
-        print(f"{args.graph}: {len(errors)} problem{'s' if len(errors) != 1 else ''}")
+        print(f"{printable(str(args.graph))}: {len(errors)} problem{'s' if len(errors) != 1 else ''}")
         for error in errors:
             print(f"  {error}")
     else:
         needs = f"; a run needs values for {', '.join(unbound)}" if unbound else ""
-        print(f"{args.graph}: valid{needs}")
+        print(f"{printable(str(args.graph))}: valid{needs}")
     return 1 if errors else 0
 
 
 def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
-    from graphflow.engine import Engine
-    from graphflow.models import ModelManager
+    from graphflow.events import FileWritten
     from graphflow.progress import ProgressDisplay
 
-    models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
-                          offload=args.offload, compile=args.compile)
-    engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
-                    cache_bytes=args.memory_cache_mb << 20, options={"device": args.device, "dtype": args.dtype},
-                    models=models)
     display = ProgressDisplay(enabled=not args.quiet)
+    finished: list[Path] = []  # files that output nodes reported whole (FileWritten), for the interrupt message
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, FileWritten):
+            finished.append(event.path)
+        display(event)
+
     try:
-        params = parse_assignments(load_document(args.graph), args.assignments)
-        result = engine.run(args.graph, params, outputs=args.output, on_event=display)
-    except ValidationError as error:
+        result = _execute(args, registry, on_event)
+    except (GraphflowError, OSError, KeyboardInterrupt) as error:
         display.close()
-        print(f"{args.graph}: {error}", file=sys.stderr)
-        return 1
-    except NodeExecutionError as error:
-        display.close()
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except GraphflowError as error:
-        display.close()
-        print(f"stopped: {error}; finished nodes stay cached", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        display.close()
-        print("interrupted: no partial file was written", file=sys.stderr)
-        return 130
+        print(_stopped(args, error, finished), file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 3 if isinstance(error, NodeExecutionError) else 1
     display.close()
     print(_summary(result))
     return 0
+
+
+def _execute(args: argparse.Namespace, registry: NodeRegistry, on_event: EventHandler) -> RunResult:
+    from graphflow.engine import Engine
+    from graphflow.models import ModelManager
+
+    models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
+                          offload=args.offload, compile=args.compile)
+    options = {"device": args.device, "dtype": args.dtype, "max_image_pixels": args.max_image_pixels}
+    engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
+                    cache_bytes=args.memory_cache_mb << 20, options=options, models=models)
+    params = parse_assignments(load_document(args.graph), args.assignments)
+    return engine.run(args.graph, params, outputs=args.output, on_event=on_event)
+
+
+def _stopped(args: argparse.Namespace, error: BaseException, finished: list[Path]) -> str:
+    """What to tell the user about a run that stopped with `error`, after output nodes wrote `finished`."""
+    if isinstance(error, KeyboardInterrupt):
+        if not finished:
+            return "interrupted: no file was written, and nothing partial remains"
+        # output nodes report a file only once it is whole and stays, and remove their partial ones
+        return "\n".join(["interrupted; these files were finished before it and stay:",
+                          *(f"  wrote {path}" for path in finished), "no partial file remains"])
+    if isinstance(error, ValidationError):
+        return f"{printable(str(args.graph))}: {error}"
+    if isinstance(error, (NodeExecutionError, OSError)):
+        return f"error: {error}"
+    return f"stopped: {error}; finished nodes stay cached"
 
 
 def _make_tiny_models(args: argparse.Namespace, registry: NodeRegistry) -> int:

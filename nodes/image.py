@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphflow.atomic import atomic_write
+from graphflow.atomic import atomic_write, remove_stale_temp_files
 from graphflow.context import RunContext
 from graphflow.document import dumps
 from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
 from graphflow.types import FLOAT, IMAGE, INT, MASK, PATHS, STRING
-from nodes.imaging import INTERPOLATIONS, grey_to_rgb, pil_to_tensor, resize_pad, to_uint8
+from nodes.imaging import (
+    EXIF_ORIENTATIONS,
+    INTERPOLATIONS,
+    deep_colour_arrays,
+    deep_colour_scale,
+    orient,
+    picture_arrays,
+    resize_pad,
+    to_uint8,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from PIL import Image
 
-_PATH_DESCRIPTION = "Image file (PNG, JPEG, WebP, ...), relative to the input directory."
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM")  # Pillow's names; others are refused
+MAX_IMAGE_PIXELS = 2**26  # 8192 x 8192; the engine option max_image_pixels (`--max-image-pixels`) replaces it
+_EXIF_ORIENTATION = 0x0112
+_BYTES_PER_PIXEL = 40  # peak memory of LoadImage on an RGBA PNG, measured
+_PATH_DESCRIPTION = ("Image file (PNG, JPEG, WebP, TIFF, BMP, GIF, PPM), relative to the input directory; of an "
+                     "animation or a multi-page TIFF, the first frame. 16-bit and float images keep their range.")
 
 # Weights that turn RGB into each LoadMask channel; BT.601 luma is what PIL's convert("L") uses.
 CHANNEL_WEIGHTS = {
@@ -32,30 +49,139 @@ CHANNEL_WEIGHTS = {
 
 def _load(ctx: RunContext, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """An image file, upright per its EXIF orientation, as IMAGE and its transparency as MASK (transparent = 1)."""
+    import numpy as np
     import torch
-    from PIL import Image, ImageOps
 
-    file = ctx.input_path(path)
+    # the bytes the engine hashed into the cache key, never the path reopened: the file may have changed since
+    colour, opacity = _decode(ctx.read_file(path), path, _max_pixels(ctx))
+    image = torch.from_numpy(np.ascontiguousarray(colour)).unsqueeze(0)
+    if opacity is None:
+        return image, torch.zeros(image.shape[:3], dtype=torch.float32)  # explicit: loads elsewhere switch the default
+    return image, 1 - torch.from_numpy(np.ascontiguousarray(opacity)).unsqueeze(0)
+
+
+def _max_pixels(ctx: RunContext) -> int:
+    value = ctx.options.get("max_image_pixels")
+    if value is None:
+        return MAX_IMAGE_PIXELS
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise NodeInputError(f"the engine option max_image_pixels must be a positive whole number; found {value!r}")
+    return value
+
+
+def _decode(data: bytes, path: str, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Colour and opacity arrays of encoded image `data` (`picture_arrays`), refused before decoding when its
+    header declares more than `max_pixels` pixels; every problem is a NodeInputError that names `path`."""
+    from PIL import Image
+
+    part = "header"  # the part of the file being read, for the message when it is broken
     try:
-        with Image.open(file) as opened:
-            picture = ImageOps.exif_transpose(opened)
-    except OSError as error:
-        raise NodeInputError(f"cannot read {path} as an image: {error}") from error
-    if picture.mode.startswith("I"):  # 16-bit grey, which convert("RGB") would clip at 255
-        image = grey_to_rgb(pil_to_tensor(picture))
-    else:
-        image = pil_to_tensor(picture.convert("RGB"))
-    if picture.has_transparency_data:
-        mask = 1 - pil_to_tensor(picture.convert("RGBA").getchannel("A"))
-    else:
-        mask = torch.zeros(image.shape[:3])
-    return image, mask
+        picture = _open_lazily(data)
+        _check_pixels(picture.size, max_pixels)
+        deep = deep_colour_scale(picture)  # read before load(), which drops the raw-mode description
+        part = "pixel data"
+        picture.load()
+        if picture.format == "PNG":
+            _check_png_rows(data)
+        part = "EXIF data"
+        orientation = _orientation(picture)
+        part = "pixel data"
+        colour, opacity = picture_arrays(picture) if deep is None else deep_colour_arrays(data, deep, picture.size)
+    except NodeInputError as error:
+        raise NodeInputError(f"{path}: {error}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # Pillow's own, process-wide
+        raise NodeInputError(f"{path}: {error} That is Pillow's own limit, PIL.Image.MAX_IMAGE_PIXELS, shared by "
+                             "the whole process; graphflow does not change it") from None
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on malformed data
+        raise NodeInputError(f"{path}: not a readable image, its {part} is broken "
+                             f"({type(error).__name__}: {error})") from error
+    return orient(colour, orientation), None if opacity is None else orient(opacity, orientation)
+
+
+def _open_lazily(data: bytes) -> Image.Image:
+    """`data` identified as one of IMAGE_FORMATS with its header read and no pixel decoded.
+
+    This is what `PIL.Image.open` does, minus its check against the process-wide `Image.MAX_IMAGE_PIXELS`: that
+    check warns (or raises) before the caller sees the size, and the caller applies its own limit instead.
+    """
+    import io
+
+    from PIL import Image
+
+    Image.init()
+    for name in IMAGE_FORMATS:
+        factory, accept = Image.OPEN[name]
+        accepted = accept is None or accept(data[:16])
+        if isinstance(accepted, str):  # the format is known but this Pillow cannot read it (a codec is missing)
+            raise NodeInputError(accepted)
+        if accepted:
+            return factory(io.BytesIO(data), "")
+    raise NodeInputError(f"not an image in a supported format (expected {', '.join(IMAGE_FORMATS)}; the file "
+                         f"starts with {data[:12]!r})")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise NodeInputError(f"its header declares {width} x {height} pixels; an image needs at least 1 x 1")
+    if width * height > max_pixels:
+        raise NodeInputError(
+            f"it is {width} x {height} = {width * height:,} pixels, more than the limit of {max_pixels:,} pixels; "
+            f"decoding it would take about {width * height * _BYTES_PER_PIXEL >> 20:,} MiB of memory. If you trust "
+            f"the file, raise the limit: `graphflow run --max-image-pixels {width * height}`, or the engine option "
+            "max_image_pixels")
+
+
+# Adam7 interlacing: each pass's first column and row, and its column and row steps
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def _check_png_rows(data: bytes) -> None:
+    """Refuse a PNG whose image data ends before its last row: Pillow fills the missing rows with black unseen.
+
+    Counts the inflated IDAT bytes (in bounded steps, keeping none) against what the header's rows need.
+    """
+    import struct
+    import zlib
+
+    if data[12:16] != b"IHDR":
+        raise NodeInputError("its first chunk is not the IHDR header that PNG requires")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    sizes = [(-(-(width - x) // dx), -(-(height - y) // dy)) for x, y, dx, dy in passes]
+    needed = sum(rows * (1 + (columns * _PNG_CHANNELS[colour] * depth + 7) // 8)
+                 for columns, rows in sizes if columns > 0 and rows > 0)
+    inflater, produced, offset, view = zlib.decompressobj(), 0, 8, memoryview(data)
+    while produced < needed and offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        # in small pieces, each inflated at most 1 MiB at a time: bounded memory, and short unconsumed tails to copy
+        for start in range(offset + 8, offset + 8 + length, 1 << 16) if kind == b"IDAT" else ():
+            pending = view[start:min(start + (1 << 16), offset + 8 + length)]
+            while pending and produced < needed:
+                produced += len(inflater.decompress(pending, 1 << 20))
+                pending = inflater.unconsumed_tail
+        offset += 12 + length
+    if produced < needed:
+        raise NodeInputError(f"its image data ends after {produced:,} of the {needed:,} bytes its "
+                             f"{width} x {height} pixels need")
+
+
+def _orientation(picture: Image.Image) -> int:
+    """The picture's EXIF orientation (1 = upright when it has none, or 0, which cameras write for "unknown")."""
+    orientation = picture.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation == 0:
+        return 1
+    if isinstance(orientation, bool) or orientation not in EXIF_ORIENTATIONS:
+        raise NodeInputError(f"its EXIF orientation is {orientation!r}; expected one of 1..8 (or none)")
+    return orientation
 
 
 class LoadImage(Node):
     """Read an image file as IMAGE, with a MASK that marks its transparent pixels for repainting."""
 
     category = "image"
+    version = "1.1.0"  # 1.1: 16-bit colour keeps 16 bits; integer, float and orientation values are checked
     inputs = (Input("path", STRING, _PATH_DESCRIPTION, file=True),)
     outputs = (
         Output("image", IMAGE, "The RGB pixels; palette and grey images are converted to RGB."),
@@ -71,6 +197,7 @@ class LoadMask(Node):
     """Read one channel of an image file as a MASK."""
 
     category = "image"
+    version = "1.1.0"  # as LoadImage
     inputs = (
         Input("path", STRING, _PATH_DESCRIPTION, file=True),
         Input("channel", STRING, "Channel that becomes the mask: white (or full red, green, blue) = 1; "
@@ -85,7 +212,7 @@ class LoadMask(Node):
         image, transparency = _load(ctx, path)
         if channel == "alpha":
             return {"mask": transparency}
-        return {"mask": image @ torch.tensor(CHANNEL_WEIGHTS[channel])}
+        return {"mask": image @ torch.tensor(CHANNEL_WEIGHTS[channel], dtype=torch.float32)}
 
 
 class SaveImage(Node):
@@ -104,13 +231,12 @@ class SaveImage(Node):
 
     def run(self, ctx: RunContext, image: torch.Tensor, prefix: str) -> dict[str, Any]:
         text = _png_text(ctx)
-        counter = _first_unused_counter(ctx, prefix)
-        paths = []
-        for pixels in to_uint8(image):
-            path, counter = _write_unused(ctx, prefix, counter, _encode_png(pixels, text))
+        encoded = [_encode_png(pixels, text) for pixels in to_uint8(image)]  # all of them before any file exists
+        remove_stale_temp_files(ctx.output_path(f"{prefix}_00000.png").parent, ".png")  # left by killed runs
+        paths = _write_all(ctx, prefix, encoded)
+        for path in paths:
             ctx.wrote(path)
-            paths.append(str(path))
-        return {"paths": paths}
+        return {"paths": [str(path) for path in paths]}
 
     def outputs_still_valid(self, outputs: dict[str, Any]) -> bool:
         return all(Path(path).is_file() for path in outputs["paths"])
@@ -156,16 +282,42 @@ def _first_unused_counter(ctx: RunContext, prefix: str) -> int:
     return max(counters, default=-1) + 1
 
 
-def _write_unused(ctx: RunContext, prefix: str, counter: int, data: bytes) -> tuple[Path, int]:
-    """Write `data` to the first PREFIX_NNNNN.png from `counter` on that does not exist; return it and the next counter.
+def _write_all(ctx: RunContext, prefix: str, encoded: list[bytes]) -> list[Path]:
+    """Write each PNG to the next PREFIX_NNNNN.png that does not exist, all or none: if anything stops the batch
+    (an error, KeyboardInterrupt, a full disk), the files it already wrote are removed before the error goes on.
 
-    Scanning gave a free counter, but another process may take it first: the exclusive write never replaces a file.
+    Scanning gave free counters, but another process may take one first: the exclusive write never replaces a file.
     """
-    while True:
-        path = ctx.output_path(f"{prefix}_{counter:05d}.png")
-        counter += 1
-        if atomic_write(path, data, exclusive=True):
-            return path, counter
+    written: list[Path] = []
+    counter = _first_unused_counter(ctx, prefix)
+    attempt: tuple[Path, bytes] | None = None  # a write that was free to start: interrupted, it may be whole
+    try:
+        for data in encoded:
+            while True:
+                path = ctx.output_path(f"{prefix}_{counter:05d}.png")
+                counter += 1
+                if os.path.lexists(path):
+                    continue
+                attempt = path, data
+                if atomic_write(path, data, exclusive=True):
+                    break
+            written.append(path)
+            attempt = None
+    except BaseException:
+        _remove_written(written, attempt)
+        raise
+    return written
+
+
+def _remove_written(written: list[Path], attempt: tuple[Path, bytes] | None) -> None:
+    """Remove a stopped batch's files, and the interrupted write's file if it got into place (it holds our bytes)."""
+    if attempt is not None:
+        with contextlib.suppress(OSError):
+            if attempt[0].is_file() and not attempt[0].is_symlink() and attempt[0].read_bytes() == attempt[1]:
+                written.append(attempt[0])
+    for path in written:
+        with contextlib.suppress(OSError):  # best effort: the error that stopped the batch is the one to report
+            path.unlink()
 
 
 class ResizePad(Node):

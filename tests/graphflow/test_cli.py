@@ -54,7 +54,7 @@ def test_run_reports_a_failing_node_by_id_and_type(workspace: Path, capsys: pyte
     document = {"graphflow": 1, "nodes": {"zero": {"type": "Math", "inputs": {"a": 1.0, "b": 0.0, "op": "div"}}},
                 "outputs": {"x": "zero.result"}}
     (workspace / "div.json").write_text(json.dumps(document))
-    assert main(["run", "div.json"]) == 1
+    assert main(["run", "div.json"]) == 3  # DESIGN's exit code for a failed node
     assert "node 'zero' (Math) failed: NodeInputError: division by zero" in capsys.readouterr().err
 
 
