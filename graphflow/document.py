@@ -134,8 +134,13 @@ def shape_errors(data: Any) -> list[GraphError]:
 
     A container shared by two places is walked in each, as a JSON writer would write it twice, so depth is
     measured along every path and the walk stops after MAX_VALUES values (a document that contains itself, or
-    shares its way to an astronomic size, ends there or at MAX_DEPTH).
+    shares its way to an astronomic size, ends there or at MAX_DEPTH). Nodes and outputs of the usual shape
+    are recognised at a glance first: only what is not ordinary gets the full walk.
     """
+    if type(data) is dict and all(type(key) is str for key in data):
+        unusual = {key: value for key, value in data.items() if not _ordinary_part(key, value)}
+        if len(unusual) < len(data):
+            return shape_errors(unusual) if unusual else []
     errors: list[GraphError] = []
     stack: list[tuple[dict[Any, Any] | list[Any], tuple[Any, ...]]] = [(data, ())]
     walked = 0
@@ -157,6 +162,98 @@ def shape_errors(data: Any) -> list[GraphError]:
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None), dict, list})
+_SCALAR_KINDS = frozenset({str, int, float, bool, type(None)})
+
+
+def _ordinary_part(key: str, value: Any) -> bool:
+    """A top-level scalar, `nodes` whose entries are all of the usual shape, or `outputs` mapping text to text."""
+    kind = type(value)
+    if kind in _SCALAR_KINDS:
+        return True
+    if kind is not dict:
+        return False
+    if key == "outputs":
+        return _flat(value)
+    return key == "nodes" and all(type(node) is str and type(entry) is dict and copy_entry(entry) is not None
+                                  for node, entry in value.items())
+
+
+def copy_entry(entry: dict[Any, Any]) -> tuple[dict[str, Any], bool] | None:
+    """A copy of a node entry of the usual shape (scalars, and `inputs` of scalars, flat links or params, or lists of
+    those) and whether it uses a param; None for an entry of any other shape, which needs the full walk."""
+    copied: dict[str, Any] = {}
+    uses_params = False
+    for key, value in entry.items():
+        if type(key) is not str:
+            return None
+        if type(value) in _SCALAR_KINDS:
+            copied[key] = value
+            continue
+        if key != "inputs" or type(value) is not dict:
+            return None
+        inputs: dict[str, Any] = {}
+        for name, item in value.items():
+            kind = type(item)
+            if type(name) is not str:
+                return None
+            if kind is dict:
+                if not _flat(item):
+                    return None
+                item = dict(item)
+                uses_params = uses_params or "param" in item
+            elif kind is list:
+                if not all(type(x) in _SCALAR_KINDS or (type(x) is dict and _flat(x)) for x in item):
+                    return None
+                item = [dict(x) if type(x) is dict else x for x in item]
+                uses_params = uses_params or any(type(x) is dict and "param" in x for x in item)
+            elif kind not in _SCALAR_KINDS:
+                return None
+            inputs[name] = item
+        copied[key] = inputs
+    return copied, uses_params
+
+
+def _flat(mapping: dict[Any, Any]) -> bool:
+    return all(type(key) is str and type(value) in _SCALAR_KINDS for key, value in mapping.items())
+
+
+def private_document(document: dict[str, Any], shared: dict[str, dict[str, Any]] | None = None,
+                     shared_users: frozenset[str] = frozenset()) -> tuple[dict[str, Any], frozenset[str]]:
+    """A copy of `document` that later changes to the caller's dict cannot reach, checked on the way to be JSON
+    data of bounded size (ValidationError listing what is not, as `shape_errors` finds it), and the ids of its nodes
+    that use a param. `shared` entries (node id -> an equal entry copied and checked before, whose param use
+    `shared_users` tells) are taken as they are."""
+    import copy as copying
+
+    shared = shared or {}
+    users: set[str] = set(shared_users & shared.keys())
+    nodes: dict[Any, Any] | None = None  # the copies of the entries, None where an entry needs the full walk
+    unusual: dict[str, Any] = {}  # what needs the full walk
+    for key, value in document.items():
+        if key == "nodes" and type(value) is dict:
+            nodes = {}
+            for node_id, entry in value.items():
+                copied = shared.get(node_id) if type(node_id) is str else None
+                found = (copied, False) if copied is not None else \
+                    copy_entry(entry) if type(node_id) is str and type(entry) is dict else None
+                if found is None:
+                    unusual.setdefault("nodes", {})[node_id] = entry
+                elif found[1]:
+                    users.add(node_id)
+                nodes[node_id] = found[0] if found is not None else None
+        elif not (type(value) in _SCALAR_KINDS or (key == "outputs" and type(value) is dict and _flat(value))):
+            unusual[key] = value
+    problems = shape_errors(unusual) if unusual else []
+    if problems:
+        raise ValidationError(problems)
+    copy: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "nodes" and nodes is not None:
+            copy[key] = {node_id: copying.deepcopy(value[node_id]) if entry is None else entry
+                         for node_id, entry in nodes.items()}
+        else:  # checked above: scalars, text-to-text outputs, or JSON data of bounded size
+            copy[key] = dict(value) if key == "outputs" and type(value) is dict else copying.deepcopy(value)
+    return copy, frozenset(users)
 
 
 def _containers_in(value: dict[Any, Any] | list[Any], path: tuple[Any, ...],

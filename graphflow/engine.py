@@ -52,6 +52,7 @@ class RunResult:
 
 
 _COMPILED_GRAPHS_KEPT = 32
+_NO_FILES: dict[str, bytes] = {}  # what nodes without file inputs are handed (never changed)
 
 
 class _Flight:
@@ -89,6 +90,7 @@ class Engine:
         self._compiled: OrderedDict[Any, CompiledGraph] = OrderedDict()  # by document text, params and folder
         self._lineages: OrderedDict[Any, CompiledGraph] = OrderedDict()  # the last compile of each document
         self._flights: dict[str, _Flight] = {}
+        self.active_runs = 0  # runs executing nodes now (changed under the lock)
 
     def compile(self, graph: Any, params: Mapping[str, Any] | None = None) -> CompiledGraph:
         """Validate a graph (path, document dict, builder Graph) with param values; raise on problems.
@@ -154,7 +156,13 @@ class Engine:
                 on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
         result = RunResult({}, [], cached, {})
         run = _Run(self, compiled, keyed, live, result, on_event, cancel or CancelToken(), run_options)
-        run.execute(to_run)
+        with self._lock:
+            self.active_runs += 1
+        try:
+            run.execute(to_run)
+        finally:
+            with self._lock:
+                self.active_runs -= 1
         result.outputs = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
                           if outputs is None or name in outputs}
         result.seconds = time.perf_counter() - started
@@ -323,7 +331,8 @@ class _Run:
             # the other run failed or was cancelled: compute it here (claiming it first)
         outputs = None
         try:
-            hit = engine.lookup(node, key, disk=False)  # another run may have made it since this one was planned
+            # another run may have made it since this one was planned (none could, when no other run is going on)
+            hit = engine.lookup(node, key, disk=False) if engine.active_runs > 1 else None
             if hit is not None:
                 self._reused(node)
                 outputs = hit
@@ -353,7 +362,7 @@ class _Run:
             raise error
         ctx = RunContext(node.id, type_name, self.engine.paths, self.cancel, self.graph.document, self.graph.params,
                          self.options, self.on_event, self.result.files, self.engine.models,
-                         self.keyed.file_bytes.get(node.id, {}))
+                         self.keyed.file_bytes.get(node.id, _NO_FILES))
         if self.on_event is not None:
             self.on_event(NodeStarted(node.id, type_name))
         started = time.perf_counter()

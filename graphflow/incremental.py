@@ -9,7 +9,6 @@ the params it uses, and the node types of the nodes it links to.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,13 +65,6 @@ class Reuse:
             return False  # a template node's entry is compared here: only plain nodes are kept
         return templates_unchanged(previous)
 
-    def unkept(self, document: dict[str, Any]) -> dict[str, Any]:
-        """The document without the node entries kept from the previous compile (which were checked then)."""
-        nodes = document.get("nodes")
-        if type(nodes) is not dict or not self.kept:
-            return document
-        return {**document, "nodes": {node_id: entry for node_id, entry in nodes.items() if node_id not in self.kept}}
-
     def settle(self, classes: dict[str, type[Node] | None]) -> dict[str, CompiledNode]:
         """Drop the kept nodes linked to a node whose type changed; `classes` are the new top-level node types."""
         previous = self.previous.nodes
@@ -115,43 +107,6 @@ def _digest_of(path: Path) -> str | None:
         return file_digest(path.read_bytes())
     except OSError:
         return None
-
-
-def snapshot(document: dict[str, Any], reuse: Reuse | None = None) -> tuple[dict[str, Any], frozenset[str]]:
-    """A private copy of the (valid) top-level document, and the ids of its nodes that use a param; the copies of
-    entries kept by `reuse` are shared with its previous graph (equal, and never changed)."""
-    kept = reuse.kept if reuse is not None else {}
-    before = reuse.previous.document["nodes"] if reuse is not None and reuse.previous.document is not None else {}
-    users = set(reuse.previous.param_users & kept.keys()) if reuse is not None else set()
-    nodes: dict[str, Any] = {}
-    for node_id, entry in document["nodes"].items():
-        if node_id in kept:
-            nodes[node_id] = before[node_id]
-            continue
-        nodes[node_id], uses = copy_entry(entry)
-        if uses:
-            users.add(node_id)
-    rest = {key: copy.deepcopy(value) for key, value in document.items() if key not in ("nodes", "outputs")}
-    return {**rest, "nodes": nodes, "outputs": dict(document.get("outputs", {}))}, frozenset(users)
-
-
-def copy_entry(entry: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """A private copy of a validated node entry (so later changes to the caller's dict cannot reach it), and
-    whether the entry uses a param."""
-    inputs = entry.get("inputs")
-    if inputs is None:
-        return dict(entry), False
-    uses_params = False
-    copied: dict[str, Any] = {}
-    for name, value in inputs.items():
-        if type(value) is list:
-            value = [dict(item) if type(item) is dict else item for item in value]
-            uses_params = uses_params or any(type(item) is dict and "param" in item for item in value)
-        elif type(value) is dict:
-            value = dict(value)
-            uses_params = uses_params or "param" in value
-        copied[name] = value
-    return {**entry, "inputs": copied}, uses_params
 
 
 def same_entry(entry: Any, kept: dict[str, Any]) -> bool:

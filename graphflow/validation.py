@@ -14,9 +14,9 @@ from typing import Any
 
 from graphflow import types
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
-from graphflow.document import NAME_PATTERN, migrate, shape_errors
+from graphflow.document import NAME_PATTERN, migrate, private_document, shape_errors
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
-from graphflow.incremental import Reuse, snapshot
+from graphflow.incremental import Reuse
 from graphflow.node import REQUIRED, Input, Node, file_link_error, missing_input_error, unknown_input_error
 from graphflow.planning import inherit_plans
 from graphflow.registry import NodeRegistry
@@ -56,19 +56,15 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     problems = shape_errors({"params": values})  # values given in Python skip every parser
     if problems:
         raise ValidationError(problems)
-    reuse = None
-    if previous is None or as_template:
-        document = migrate(dict(document))  # documents built in Python skip load_document
-    else:
-        # entries equal to the previous compile's (checked) ones need no shape check: it walks every value,
-        # which would cost an unchanged node more than everything else a re-run does for it
-        document = migrate(dict(document), check_shape=False)
-        reuse = Reuse(previous, document, values, registry)
-        if reuse.unchanged(document):
-            return reuse.previous
-        problems = shape_errors(reuse.unkept(document))
-        if problems:
-            raise ValidationError(problems)
+    document = migrate(dict(document), check_shape=False)  # checked as it is copied, below
+    reuse = Reuse(previous, document, values, registry) if previous is not None and not as_template else None
+    if reuse is not None and reuse.unchanged(document):
+        return reuse.previous
+    # the graph is compiled from a private copy, checked to be JSON data as it is made (documents built in Python
+    # skip every parser); entries equal to the previous compile's take its copies, which were checked then
+    shared = {node_id: reuse.previous.document["nodes"][node_id] for node_id in reuse.kept} \
+        if reuse is not None and reuse.previous.document is not None else {}
+    document, param_users = private_document(document, shared, previous.param_users if previous else frozenset())
     base = (base_dir or Path.cwd()).resolve()
     loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
     compiler = _Compiler(registry, loader, as_template, reuse)
@@ -81,7 +77,7 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     graph.order = order if order is not None else _topological_order(graph, compiler.errors)
     if compiler.errors:
         raise ValidationError(compiler.errors)
-    graph.document, graph.param_users = snapshot(document, reuse)
+    graph.document, graph.param_users = document, param_users
     if order is not None and reuse is not None:  # the same nodes and links: the plans carry over
         inherit_plans(graph, reuse.previous, frozenset(graph.nodes.keys() - reuse.kept.keys()))
     graph.given_params = copy.deepcopy(values)
