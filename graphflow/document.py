@@ -17,6 +17,7 @@ from typing import Any
 from graphflow.atomic import atomic_write
 from graphflow.errors import Code, GraphError, ValidationError
 from graphflow.paths import file_kind
+from graphflow.types import show_value
 
 FORMAT_VERSION = 1
 # Node ids and param names; always fullmatch, since "$" would let a trailing newline in.
@@ -115,7 +116,7 @@ def migrate(data: dict[str, Any], *, check_shape: bool = True) -> dict[str, Any]
         raise ValidationError([GraphError(
             Code.UNSUPPORTED_VERSION, 'a graph document starts with the format tag "graphflow": '
             f"{FORMAT_VERSION}", input="graphflow", expected=f"an integer format version <= {FORMAT_VERSION}",
-            found=repr(version))])
+            found=show_value(version))])
     while version < FORMAT_VERSION and version in MIGRATIONS:
         data = MIGRATIONS[version](data)
         version += 1

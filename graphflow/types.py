@@ -7,6 +7,7 @@ write them. INT widens to FLOAT; nothing else converts implicitly.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 IMAGE = "IMAGE"  # float32 tensor [B, H, W, 3], 0..1
@@ -60,12 +61,20 @@ def describe_literal(value: Any) -> str:
     return f"{kind} {show_value(value)}"
 
 
+_CONTAINERS = reprlib.Repr()
+_CONTAINERS.maxlevel, _CONTAINERS.maxdict, _CONTAINERS.maxlist, _CONTAINERS.maxtuple = 3, 4, 4, 4
+_CONTAINERS.maxset, _CONTAINERS.maxstring, _CONTAINERS.maxother = 4, 40, 40
+
+
 def show_value(value: Any) -> str:
-    """A value's repr, shortened for error messages (safe for integers too long to print)."""
+    """A value's repr, shortened for error messages: safe for integers too long to print, and for containers
+    nested without end (only their first levels are shown)."""
     try:
-        shown = repr(value)
+        shown = _CONTAINERS.repr(value) if isinstance(value, (dict, list, tuple, set, frozenset)) else repr(value)
     except ValueError:  # an integer beyond Python's digit limit for str()
-        shown = f"<{value.bit_length()}-bit number>"
+        shown = f"<{value.bit_length()}-bit number>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    except Exception:  # a value whose own repr fails
+        shown = f"<{type(value).__name__}>"
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 

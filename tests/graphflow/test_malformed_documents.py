@@ -376,3 +376,22 @@ def test_typos_in_a_large_collection_find_the_name_meant() -> None:
             typos[typo] = meant
     found = sum(did_you_mean(typo, names) == f"; did you mean '{meant}'?" for typo, meant in typos.items())
     assert found >= 0.95 * len(typos)
+
+
+def test_a_format_tag_nested_without_end_is_a_located_error_on_every_path() -> None:
+    """The format tag is read before anything else: its error message must not recurse into it either."""
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    engine = Engine(default_registry())
+    previous = engine.compile({"graphflow": 1, "nodes": INT_NODE, "outputs": {"x": "n.value"}})
+    for attempt in (lambda: validate_document({"graphflow": deep, "nodes": {}}, default_registry()),
+                    lambda: engine.compile({"graphflow": deep, "nodes": INT_NODE, "outputs": {"x": "n.value"}})):
+        try:
+            errors = attempt()
+        except ValidationError as error:
+            errors = error.errors
+        assert [error.code for error in errors][:1] in (["unsupported_version"], ["invalid_document"])
+    assert previous is engine.compile({"graphflow": 1, "nodes": INT_NODE, "outputs": {"x": "n.value"}})
