@@ -56,6 +56,7 @@ class CompiledGraph:
     param_users: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
     given_params: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # as passed to compile
     registry: Any = field(default=None, repr=False, compare=False)  # the NodeRegistry it was compiled against
+    entry_kinds: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # document.EntryKinds
 
     def output_nodes(self) -> list[str]:
         return [node.id for node in self.nodes.values() if node.node_type.is_output]

@@ -8,6 +8,7 @@ order, structural keys take a canonical order, and the text is two-space indente
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -179,11 +180,12 @@ def _ordinary_part(key: str, value: Any) -> bool:
                                   for node, entry in value.items())
 
 
-def copy_entry(entry: dict[Any, Any]) -> tuple[dict[str, Any], bool] | None:
+def copy_entry(entry: dict[Any, Any]) -> tuple[dict[str, Any], bool, EntryKinds] | None:
     """A copy of a node entry of the usual shape (scalars, and `inputs` of scalars, flat links or params, or lists of
-    those) and whether it uses a param; None for an entry of any other shape, which needs the full walk."""
+    those), whether it uses a param, and its `EntryKinds`; None for an entry of any other shape (the full walk's)."""
     copied: dict[str, Any] = {}
     uses_params = False
+    kinds: list[tuple[str, type, Any]] = []
     for key, value in entry.items():
         if type(key) is not str:
             return None
@@ -207,41 +209,67 @@ def copy_entry(entry: dict[Any, Any]) -> tuple[dict[str, Any], bool] | None:
                     return None
                 item = [dict(x) if type(x) is dict else x for x in item]
                 uses_params = uses_params or any(type(x) is dict and "param" in x for x in item)
+                kinds.append((name, list, item_kinds(item)))
             elif kind not in _SCALAR_KINDS:
                 return None
+            elif kind is float:
+                kinds.append((name, kind, item == 0.0 and math.copysign(1.0, item) < 0))
+            elif kind is int or kind is bool:
+                kinds.append((name, kind, False))
             inputs[name] = item
         copied[key] = inputs
-    return copied, uses_params
+    return copied, uses_params, tuple(kinds)
+
+
+# For each input whose value Python's == could take for another (True == 1 == 1.0, 0.0 == -0.0; lists of them):
+# (input name, the value's type, whether it is -0.0 or, for a list, its items' kinds). Links, params and text
+# need none: only text equals text.
+EntryKinds = tuple[tuple[str, type, Any], ...]
+
+
+def negative_zero(value: float) -> bool:
+    return value == 0.0 and math.copysign(1.0, value) < 0
+
+
+def item_kinds(items: list[Any]) -> tuple[tuple[type, bool], ...]:
+    return tuple((type(item), type(item) is float and negative_zero(item)) for item in items)
 
 
 def _flat(mapping: dict[Any, Any]) -> bool:
     return all(type(key) is str and type(value) in _SCALAR_KINDS for key, value in mapping.items())
 
 
-def private_document(document: dict[str, Any], shared: dict[str, dict[str, Any]] | None = None,
-                     shared_users: frozenset[str] = frozenset()) -> tuple[dict[str, Any], frozenset[str]]:
+def private_document(document: dict[str, Any], shared: dict[str, tuple[dict[str, Any], EntryKinds]] | None = None,
+                     shared_users: frozenset[str] = frozenset()
+                     ) -> tuple[dict[str, Any], frozenset[str], dict[str, EntryKinds]]:
     """A copy of `document` that later changes to the caller's dict cannot reach, checked on the way to be JSON
-    data of bounded size (ValidationError listing what is not, as `shape_errors` finds it), and the ids of its nodes
-    that use a param. `shared` entries (node id -> an equal entry copied and checked before, whose param use
-    `shared_users` tells) are taken as they are."""
+    data of bounded size (ValidationError listing what is not, as `shape_errors` finds it), the ids of its nodes
+    that use a param, and the `EntryKinds` of its entries (none for entries of an unusual shape). `shared` entries
+    (node id -> an equal entry copied and checked before, with its kinds; whose param use `shared_users` tells)
+    are taken as they are."""
     import copy as copying
 
     shared = shared or {}
     users: set[str] = set(shared_users & shared.keys())
+    kinds: dict[str, EntryKinds] = {}
     nodes: dict[Any, Any] | None = None  # the copies of the entries, None where an entry needs the full walk
     unusual: dict[str, Any] = {}  # what needs the full walk
     for key, value in document.items():
         if key == "nodes" and type(value) is dict:
             nodes = {}
             for node_id, entry in value.items():
-                copied = shared.get(node_id) if type(node_id) is str else None
-                found = (copied, False) if copied is not None else \
-                    copy_entry(entry) if type(node_id) is str and type(entry) is dict else None
-                if found is None:
+                found = shared.get(node_id) if type(node_id) is str else None
+                if found is not None:
+                    nodes[node_id], kinds[node_id] = found
+                    continue
+                copied = copy_entry(entry) if type(node_id) is str and type(entry) is dict else None
+                if copied is None:
                     unusual.setdefault("nodes", {})[node_id] = entry
-                elif found[1]:
+                    nodes[node_id] = None
+                    continue
+                nodes[node_id], uses, kinds[node_id] = copied
+                if uses:
                     users.add(node_id)
-                nodes[node_id] = found[0] if found is not None else None
         elif not (type(value) in _SCALAR_KINDS or (key == "outputs" and type(value) is dict and _flat(value))):
             unusual[key] = value
     problems = shape_errors(unusual) if unusual else []
@@ -252,9 +280,11 @@ def private_document(document: dict[str, Any], shared: dict[str, dict[str, Any]]
         if key == "nodes" and nodes is not None:
             copy[key] = {node_id: copying.deepcopy(value[node_id]) if entry is None else entry
                          for node_id, entry in nodes.items()}
-        else:  # checked above: scalars, text-to-text outputs, or JSON data of bounded size
-            copy[key] = dict(value) if key == "outputs" and type(value) is dict else copying.deepcopy(value)
-    return copy, frozenset(users)
+        elif key == "outputs" and type(value) is dict and _flat(value):
+            copy[key] = dict(value)
+        else:  # checked above: scalars, or JSON data of bounded size
+            copy[key] = copying.deepcopy(value)
+    return copy, frozenset(users), kinds
 
 
 def _containers_in(value: dict[Any, Any] | list[Any], path: tuple[Any, ...],

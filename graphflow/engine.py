@@ -185,12 +185,15 @@ class Engine:
         live: dict[str, dict[str, Any]] = {}
         to_run: list[str] = []
         cached: list[str] = []
-        nodes, keys, lookup = graph.nodes, keyed.keys, self.lookup
+        nodes, keys, remembered = graph.nodes, keyed.keys, self.cache.get
         for node_id in reversed(keyed.plan.order):
             if node_id not in needed:
                 continue
             node = nodes[node_id]
-            hit = lookup(node, keys[node_id])
+            key = keys[node_id]
+            hit = remembered(key)  # the common case, in memory and needing no check, without a call more
+            if hit is None or _checks_outputs(node.node_type):
+                hit = self._usable(node, key, hit, disk=True)
             if hit is not None:
                 live[node_id] = hit  # held here, so later evictions cannot take it from this run
                 cached.append(node_id)
@@ -203,18 +206,19 @@ class Engine:
 
     def lookup(self, node: CompiledNode, key: str, *, disk: bool = True) -> dict[str, Any] | None:
         """A reusable cached result: from memory, else (with `disk`) from disk for node types that keep one there."""
-        hit = self.cache.get(key)
+        return self._usable(node, key, self.cache.get(key), disk=disk)
+
+    def _usable(self, node: CompiledNode, key: str, hit: dict[str, Any] | None, *,
+                disk: bool) -> dict[str, Any] | None:
+        """`hit` (what the memory cache holds for `key`), else what the disk tier holds, if the node may reuse it."""
         node_type = node.node_type
         if hit is None and disk and node_type.disk_cache and self.disk_cache is not None:
             hit = self.disk_cache.get(key)
             if hit is not None:
                 self.cache.put(key, hit)
-        if hit is None:
-            return None
-        checks = _CHECKS_OUTPUTS.get(node_type)
-        if checks is None:  # output nodes re-check cached results (that their files still exist); most types don't
-            checks = _CHECKS_OUTPUTS[node_type] = node_type.outputs_still_valid is not Node.outputs_still_valid
-        return hit if not checks or self.instance(node_type).outputs_still_valid(hit) else None
+        if hit is None or not _checks_outputs(node_type) or self.instance(node_type).outputs_still_valid(hit):
+            return hit
+        return None
 
     def store(self, node: CompiledNode, key: str, outputs: dict[str, Any]) -> None:
         self.cache.put(key, outputs)
@@ -259,6 +263,14 @@ class Engine:
 
 
 _CHECKS_OUTPUTS: dict[type[Node], bool] = {}  # node type -> whether it overrides Node.outputs_still_valid
+
+
+def _checks_outputs(node_type: type[Node]) -> bool:
+    """Whether the node type re-checks cached results (output nodes check their files still exist); most don't."""
+    checks = _CHECKS_OUTPUTS.get(node_type)
+    if checks is None:
+        checks = _CHECKS_OUTPUTS[node_type] = node_type.outputs_still_valid is not Node.outputs_still_valid
+    return checks
 
 
 _READS_MODELS: dict[type[Node], bool] = {}  # node type -> whether it has model inputs
@@ -344,6 +356,12 @@ class _Run:
         finally:
             engine.land(key, outputs)
 
+    def _failed(self, node: CompiledNode, error: Exception, *, wrap: bool = True) -> Exception:
+        """Report that `node` failed with `error`; what to raise (with `wrap`, the error wrapped with the node's id)."""
+        if self.on_event is not None:
+            self.on_event(NodeFailed(node.id, node.node_type.type_name, error))
+        return NodeExecutionError(node.id, node.node_type.type_name, error) if wrap else error
+
     def _reused(self, node: CompiledNode) -> None:
         self.result.cached.append(node.id)
         if self.on_event is not None:
@@ -356,10 +374,7 @@ class _Run:
                   _resolve(value, live) if type(value) is list else value for name, value in node.inputs.items()}
         problems = _linked_value_errors(node, values)
         if problems:
-            error = ValidationError(problems)
-            if self.on_event is not None:
-                self.on_event(NodeFailed(node.id, type_name, error))
-            raise error
+            raise self._failed(node, ValidationError(problems), wrap=False)  # a document problem, located
         ctx = RunContext(node.id, type_name, self.engine.paths, self.cancel, self.graph.document, self.graph.params,
                          self.options, self.on_event, self.result.files, self.engine.models,
                          self.keyed.file_bytes.get(node.id, _NO_FILES))
@@ -374,16 +389,12 @@ class _Run:
         except Cancelled:
             raise
         except Exception as error:
-            if self.on_event is not None:
-                self.on_event(NodeFailed(node.id, type_name, error))
-            raise NodeExecutionError(node.id, type_name, error) from error
+            raise self._failed(node, error) from error
         changed = changed_sources(node, self.keyed, self.engine.paths) if _reads_models(node.node_type) else []
         if changed:  # what it read is not what its key says: fail rather than cache it
-            error = ModelChangedError(f"the files of {', '.join(map(repr, changed))} changed while the node ran, so "
-                                      "what it loaded may not be what the run was planned with; run it again")
-            if self.on_event is not None:
-                self.on_event(NodeFailed(node.id, type_name, error))
-            raise NodeExecutionError(node.id, type_name, error)
+            raise self._failed(node, ModelChangedError(
+                f"the files of {', '.join(map(repr, changed))} changed while the node ran, so what it loaded may "
+                "not be what the run was planned with; run it again"))
         seconds = self.result.timings[node.id] = time.perf_counter() - started
         self.result.ran.append(node.id)
         if self.on_event is not None:

@@ -9,11 +9,11 @@ the params it uses, and the node types of the nodes it links to.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphflow.cache import file_digest
+from graphflow.document import EntryKinds, copy_entry, item_kinds, negative_zero
 
 if TYPE_CHECKING:
     from graphflow.compiled import CompiledGraph, CompiledNode, Link
@@ -40,13 +40,13 @@ class Reuse:
         entries = document.get("nodes")
         if previous.document is None or type(entries) is not dict:
             return
-        before, kept, nodes = previous.document["nodes"], self.kept, previous.nodes
+        before, kept, nodes, kinds = previous.document["nodes"], self.kept, previous.nodes, previous.entry_kinds
         # a registry maps a name to one class for good (it refuses redefinitions): the same registry needs no lookup
         same_registry = previous.registry is registry
         blocked = frozenset() if self._params_same else previous.param_users
         for node_id, entry in entries.items():
             node = nodes.get(node_id)  # top-level ids hold no "/": this is a plain top-level node
-            if (node is not None and node_id not in blocked and same_entry(entry, before[node_id])
+            if (node is not None and node_id not in blocked and same_entry(entry, before[node_id], kinds.get(node_id))
                     and (same_registry or registry.get(entry["type"]) is node.node_type)):
                 kept[node_id] = node
 
@@ -60,8 +60,10 @@ class Reuse:
         if not all(same_values(value, before[key]) for key, value in document.items()
                    if key not in ("nodes", "outputs", "params")):
             return False
-        if len(self.kept) != len(nodes) and not all(node_id in self.kept or same_entry(entry, kept_entries[node_id])
-                                                    for node_id, entry in nodes.items()):
+        kinds = previous.entry_kinds
+        if len(self.kept) != len(nodes) and not all(
+                node_id in self.kept or same_entry(entry, kept_entries[node_id], kinds.get(node_id))
+                for node_id, entry in nodes.items()):
             return False  # a template node's entry is compared here: only plain nodes are kept
         return templates_unchanged(previous)
 
@@ -109,31 +111,34 @@ def _digest_of(path: Path) -> str | None:
         return None
 
 
-def same_entry(entry: Any, kept: dict[str, Any]) -> bool:
-    """Whether `entry` is exactly the validated entry `kept`: equal, with every input value of the same type."""
+def same_entry(entry: Any, kept: dict[str, Any], kinds: EntryKinds | None = None) -> bool:
+    """Whether `entry` is exactly the validated entry `kept` (whose `kinds` are known, or worked out here): equal,
+    with every input value of the same type."""
     if entry != kept:  # equality first: it is fast, and false for nearly every changed entry
         return False
-    old = kept.get("inputs")
-    if not old:
+    if kinds is None:
+        found = copy_entry(kept)
+        kinds = found[2] if found is not None else None
+        if kinds is None:
+            return False  # not of the usual shape: no claim to be the same
+    if not kinds:
         return True
-    for name, value in entry["inputs"].items():
-        before = old[name]
-        kind = type(value)
-        if kind is not type(before):
+    inputs = entry["inputs"]
+    for name, kind, detail in kinds:
+        value = inputs[name]
+        if type(value) is not kind:
             return False
         if kind is float:
-            if value == 0.0 and math.copysign(1.0, value) != math.copysign(1.0, before):
+            if negative_zero(value) is not detail:
                 return False
-        elif kind is list and not all(map(_same_scalar, value, before)):
+        elif kind is list and item_kinds(value) != detail:
             return False
     return True
 
 
 def _same_scalar(value: Any, old: Any) -> bool:
-    """Equal values of one type, -0.0 apart from 0.0 (links and params are dicts of strings: equal is enough)."""
-    if type(value) is not type(old):
-        return False
-    return type(value) is not float or value != 0.0 or math.copysign(1.0, value) == math.copysign(1.0, old)
+    """Equal values of one type, -0.0 apart from 0.0."""
+    return type(value) is type(old) and (type(value) is not float or negative_zero(value) is negative_zero(old))
 
 
 def same_values(value: Any, old: Any) -> bool:

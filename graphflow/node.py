@@ -51,14 +51,13 @@ class Input:
     file: bool = False
     model: bool = False
     output_path: bool = False
+    # worked out once here: validation asks for them of every value it checks
+    required: bool = field(init=False, repr=False, compare=False)
+    accepts_literal: bool = field(init=False, repr=False, compare=False)  # a scalar type, so literals are values
 
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED and not self.optional
-
-    @property
-    def accepts_literal(self) -> bool:
-        return self.type in types.SCALAR_TYPES
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "required", self.default is REQUIRED and not self.optional)
+        object.__setattr__(self, "accepts_literal", self.type in types.SCALAR_TYPES)
 
     def check_literal(self, value: Any, node: str | None) -> list[GraphError]:
         """Errors for a literal given to this input (empty when the value is acceptable)."""

@@ -33,7 +33,8 @@ class Unbound:
 
 ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
 NODE_ID = NAME_PATTERN  # always fullmatch: "$" would let a trailing newline in
-_NODE_KEYS = {"type", "template", "inputs"}
+_NODE_KEYS = frozenset({"type", "template", "inputs"})
+_TYPE_NODE_KEYS = _NODE_KEYS | {"version"}  # template nodes pin no version
 _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "nodes", "outputs"}
 
 
@@ -62,9 +63,10 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
         return reuse.previous
     # the graph is compiled from a private copy, checked to be JSON data as it is made (documents built in Python
     # skip every parser); entries equal to the previous compile's take its copies, which were checked then
-    shared = {node_id: reuse.previous.document["nodes"][node_id] for node_id in reuse.kept} \
-        if reuse is not None and reuse.previous.document is not None else {}
-    document, param_users = private_document(document, shared, previous.param_users if previous else frozenset())
+    shared = {node_id: (reuse.previous.document["nodes"][node_id], reuse.previous.entry_kinds[node_id])
+              for node_id in reuse.kept} if reuse is not None and reuse.previous.document is not None else {}
+    document, param_users, entry_kinds = private_document(document, shared,
+                                                          previous.param_users if previous else frozenset())
     base = (base_dir or Path.cwd()).resolve()
     loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
     compiler = _Compiler(registry, loader, as_template, reuse)
@@ -77,7 +79,7 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     graph.order = order if order is not None else _topological_order(graph, compiler.errors)
     if compiler.errors:
         raise ValidationError(compiler.errors)
-    graph.document, graph.param_users = document, param_users
+    graph.document, graph.param_users, graph.entry_kinds = document, param_users, entry_kinds
     if order is not None and reuse is not None:  # the same nodes and links: the plans carry over
         inherit_plans(graph, reuse.previous, frozenset(graph.nodes.keys() - reuse.kept.keys()))
     graph.given_params = copy.deepcopy(values)
@@ -234,7 +236,8 @@ class _Compiler:
             self.error(Code.INVALID_DOCUMENT, 'a node is an object with either "type" or "template"', node_id,
                        expected='{"type": ..., "inputs": {...}}', found=types.describe_literal(entry))
             return None
-        extra = sorted(set(entry) - _NODE_KEYS - ({"version"} if "type" in entry else set()))
+        allowed = _TYPE_NODE_KEYS if "type" in entry else _NODE_KEYS
+        extra = [] if entry.keys() <= allowed else sorted(set(entry) - allowed)
         if extra:
             self.error(Code.INVALID_DOCUMENT, f"unknown node keys {extra}", node_id,
                        expected=f"keys among {sorted(_NODE_KEYS)} (template nodes pin no version)", found=str(extra))
@@ -269,9 +272,9 @@ class _Compiler:
             self.error(Code.INVALID_DOCUMENT, '"inputs" maps input names to values', node_id, expected="an object",
                        found=types.describe_literal(given))
             given = {}
-        for name in given:
-            if name not in node_type.input_map:
-                self.errors.append(unknown_input_error(node_type, name, node_id))
+        if not given.keys() <= node_type.input_map.keys():
+            self.errors.extend(unknown_input_error(node_type, name, node_id) for name in given
+                               if name not in node_type.input_map)
         inputs: dict[str, Any] = {}
         for spec in node_type.inputs:
             if spec.name in given:
@@ -296,12 +299,12 @@ class _Compiler:
     def _item(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
               params: ParamValues, prefix: str) -> Any:
         if isinstance(value, dict):
-            if set(value) == {"from"} and isinstance(value["from"], str):
+            if len(value) == 1 and isinstance(value.get("from"), str):
                 if spec.file or spec.model:
                     self.errors.append(file_link_error(spec, node_id, repr(value)))
                     return None
                 return self._link(node_id, spec.name, spec.type, value["from"], classes, prefix)
-            if set(value) == {"param"} and isinstance(value["param"], str):
+            if len(value) == 1 and isinstance(value.get("param"), str):
                 return self._param(node_id, spec, value["param"], params)
             self.error(Code.INVALID_VALUE, 'an object value must be a link {"from": "node.output"} or a param '
                        '{"param": "name"}', node_id, spec.name, f"{spec.type}", types.describe_literal(value))
