@@ -49,6 +49,7 @@ class CompiledGraph:
     document: dict[str, Any] | None = None  # a private copy of what was compiled, safe from the caller's later edits
     order: tuple[str, ...] = ()  # every node, sources before consumers
     template_files: dict[Path, str] = field(default_factory=dict)  # template file -> content digest
+    template_references: dict[Path, Path] = field(default_factory=dict)  # template path as written -> file
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # plans and keys per target set
     # what the next compile of this document may keep (graphflow.incremental): the param values with their
     # declared types, the top-level nodes that use a param, and the values the caller gave

@@ -100,8 +100,17 @@ class Reuse:
         return previous.order
 
 def templates_unchanged(graph: CompiledGraph) -> bool:
-    """Whether every template file the graph was compiled from still holds the same bytes."""
-    return all(_digest_of(path) == digest for path, digest in graph.template_files.items())
+    """Whether every template path the graph was compiled from still names the same file (symlinks along it may
+    have been pointed elsewhere), and every template file still holds the same bytes."""
+    return (all(_resolved(written) == path for written, path in graph.template_references.items())
+            and all(_digest_of(path) == digest for path, digest in graph.template_files.items()))
+
+
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return None
 
 
 def _digest_of(path: Path) -> str | None:

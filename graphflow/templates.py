@@ -116,14 +116,21 @@ class TemplateLoader:
     def __post_init__(self) -> None:
         self._classes: dict[Path, type[TemplateNode]] = {}
         self._digests: dict[Path, str] = {}
+        self._references: dict[Path, Path] = {}
 
     def files(self) -> dict[Path, str]:
         """The template files loaded so far with the digests of the bytes that were read."""
         return dict(self._digests)
 
+    def references(self) -> dict[Path, Path]:
+        """Each template path as written (joined to the folder it is relative to) -> the file it resolved to: a
+        symlink along it pointed elsewhere later names another template."""
+        return dict(self._references)
+
     def resolve(self, reference: str, base_dir: Path, node: str) -> Path:
         """The template file `reference` names, relative to `base_dir`: a regular file inside the roots."""
         path = _resolved(base_dir / reference, node, reference)
+        self._references[base_dir / reference] = path
         if not any(path.is_relative_to(root) for root in self.roots):  # checked first: says nothing of what is there
             raise ValidationError([GraphError(
                 Code.PATH_OUTSIDE_ROOT, "templates must lie inside the input directories or beside the graph",
