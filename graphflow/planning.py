@@ -10,6 +10,8 @@ changed, whether in the document or in a file.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -67,6 +69,8 @@ class _PlanMemo:
     # entries were edited): one tuple, replaced whole, because threads share the memo
     state: tuple[Digests, dict[str, str], frozenset[str]] | None = None
     unchecked: frozenset[str] = frozenset()  # nodes whose output paths are still to be checked
+    resolves_options: bool = False  # some planned node keys engine options: they are resolved first
+    keys_document: bool = False  # some planned node keys the document itself (it embeds it: SaveImage)
     consumers: dict[str, list[str]] | None = None  # planned node -> the planned nodes reading it (made on first need)
     position: dict[str, int] | None = None  # planned node -> its place in the order (made on first need)
 
@@ -89,11 +93,20 @@ def plan_run(graph: CompiledGraph, targets: list[str], options: Mapping[str, Any
         _check_output_paths(graph, plan.order, paths)
         keyed = tuple(entry for node_id in plan.order if _keyed_inputs(graph.nodes[node_id].node_type)
                       for entry in _keyed(graph, node_id))
-        memo = graph.memo.setdefault(memo_key, _PlanMemo(plan, keyed))
+        uses = {name for node_id in plan.order for name in graph.nodes[node_id].node_type.uses_options}
+        memo = graph.memo.setdefault(memo_key, _PlanMemo(plan, keyed, resolves_options=bool(uses),
+                                                         keys_document=DOCUMENT in uses))
     if memo.unchecked:
         _check_output_paths(graph, [node_id for node_id in memo.plan.order if node_id in memo.unchecked], paths)
         memo.unchecked = frozenset()
-    digests, file_bytes = _read_inputs(graph, memo.keyed_inputs, paths)
+    limit = options.get(MAX_INPUT_BYTES_OPTION) or MAX_INPUT_BYTES
+    digests, file_bytes = _read_inputs(graph, memo.keyed_inputs, paths, int(limit))
+    if memo.resolves_options:
+        from graphflow.models.devices import keyed_options
+
+        options = keyed_options(options)
+        if memo.keys_document:
+            options = {**options, DOCUMENT: document_digest(graph)}
     state = memo.state
     if state is None:
         keys = node_keys(graph, memo.plan.order, digests, options)
@@ -105,6 +118,21 @@ def plan_run(graph: CompiledGraph, targets: list[str], options: Mapping[str, Any
             keys = _rekeyed(graph, memo, keys, stale, digests, options)
     memo.state = (digests, keys, frozenset())
     return KeyedPlan(memo.plan, keys, file_bytes, digests, unknown_sources(graph, memo.plan, digests))
+
+
+DOCUMENT = "document"  # the option that stands for the document and params, for nodes that embed them
+
+
+def document_digest(graph: CompiledGraph) -> str:
+    """A digest of what output nodes embed in their files: the canonical document and the param values."""
+    digest = graph.memo.get(DOCUMENT)
+    if digest is None:
+        from graphflow.document import dumps
+
+        text = (dumps(graph.document) if graph.document is not None else "") + "\n" + \
+            json.dumps(graph.params, sort_keys=True, ensure_ascii=True, default=repr)
+        digest = graph.memo[DOCUMENT] = file_digest(text.encode("utf-8", "surrogatepass"))
+    return digest
 
 
 def inherit_plans(graph: CompiledGraph, previous: CompiledGraph, changed: frozenset[str]) -> None:
@@ -119,8 +147,13 @@ def inherit_plans(graph: CompiledGraph, previous: CompiledGraph, changed: frozen
         keyed = tuple(entry for entry in memo.keyed_inputs if entry[0] not in edited) + \
             tuple(entry for node_id in edited for entry in _keyed(graph, node_id))
         state = memo.state
-        graph.memo[memo_key] = _PlanMemo(memo.plan, keyed, (state[0], state[1], state[2] | edited) if state else None,
-                                         memo.unchecked | edited, memo.consumers, position)
+        uses = {name for node_id in edited for name in graph.nodes[node_id].node_type.uses_options}
+        # a node keyed by the whole document is stale whenever anything in it changed
+        stale = edited | ({node_id for node_id in position if DOCUMENT in graph.nodes[node_id].node_type.uses_options}
+                          if memo.keys_document or DOCUMENT in uses else set())
+        graph.memo[memo_key] = _PlanMemo(memo.plan, keyed, (state[0], state[1], state[2] | stale) if state else None,
+                                         memo.unchecked | edited, memo.resolves_options or bool(uses),
+                                         memo.keys_document or DOCUMENT in uses, memo.consumers, position)
 
 
 def _keyed(graph: CompiledGraph, node_id: str) -> tuple[tuple[str, str, bool], ...]:
@@ -188,9 +221,14 @@ def _check_output_paths(graph: CompiledGraph, node_ids: Sequence[str], paths: Pa
         raise ValidationError(errors)
 
 
-def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...],
-                 paths: PathPolicy) -> tuple[dict[tuple[str, str], str], dict[str, dict[str, bytes]]]:
-    """The digest of every input file and the fingerprint of every model source, and the files' bytes.
+MAX_INPUT_BYTES = 2 << 30  # an input file larger than this is refused before it is read (the option raises it)
+MAX_INPUT_BYTES_OPTION = "max_input_bytes"
+
+
+def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...], paths: PathPolicy,
+                 limit: int) -> tuple[dict[tuple[str, str], str], dict[str, dict[str, bytes]]]:
+    """The digest of every input file (of at most `limit` bytes) and the fingerprint of every model source, and the
+    files' bytes.
 
     Every problem is reported at once. A model that cannot be found is left to its loader to explain (it knows
     which files it needs and how to get them); one outside the input roots is refused here.
@@ -204,7 +242,7 @@ def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...],
             if model:
                 digests[node_id, name] = model_digest(value, paths, node_id, name)
                 continue
-            data = _read(paths, value, node_id, name)
+            data = _read(paths, value, node_id, name, limit)
         except PathError as error:
             errors.append(error.error)
             continue
@@ -237,13 +275,24 @@ def unknown_sources(graph: CompiledGraph, plan: Plan, digests: Digests) -> froze
     return frozenset(unknown)
 
 
-def _read(paths: PathPolicy, value: str, node_id: str, name: str) -> bytes:
+def _read(paths: PathPolicy, value: str, node_id: str, name: str, limit: int) -> bytes:
     path = paths.input_path(value, node=node_id, input=name)
     try:
-        return path.read_bytes()
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            data = file.read(limit + 1) if size <= limit else b""
+        if size > limit or len(data) > limit:  # (a file still growing is caught by the length read)
+            raise PathError(GraphError(
+                Code.VALUE_OUT_OF_RANGE, f"{path} holds {max(size, len(data)):,} bytes, more than an input file may "
+                f"({limit:,}; the engine option {MAX_INPUT_BYTES_OPTION} allows more)", node_id, name,
+                f"a file of at most {limit:,} bytes", value))
+        return data
     except OSError as error:  # unreadable, or gone since it was found
         raise PathError(GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: {error.strerror or error}", node_id,
                                    name, "a readable file", value)) from None
+    except MemoryError:
+        raise PathError(GraphError(Code.VALUE_OUT_OF_RANGE, f"{path} does not fit in memory", node_id, name,
+                                   "a file that fits in memory", value)) from None
 
 
 def node_keys(graph: CompiledGraph, order: tuple[str, ...], digests: Digests,

@@ -38,7 +38,7 @@ class CheckpointLoader(Node):
     """Load an SD1.5 or SDXL checkpoint (inpainting ones too) as its denoising MODEL, CLIP text encoders and VAE."""
 
     category = "models"
-    uses_options = ("device", "dtype")
+    uses_options = ("device", "dtype", "compile")  # compiled UNets may differ from eager ones in the last bits
     inputs = (
         Input("model", STRING, _SOURCE, model=True),
         Input("config", STRING, _CONFIG, default="", model=True),
@@ -60,7 +60,7 @@ class ControlNetLoader(Node):
     """Load a ControlNet (SD1.5 or SDXL), e.g. lllyasviel/sd-controlnet-canny."""
 
     category = "models"
-    uses_options = ("device", "dtype")
+    uses_options = ("device", "dtype", "compile")
     inputs = (
         Input("model", STRING, _SOURCE, model=True),
         Input("config", STRING, _CONFIG, default="", model=True),

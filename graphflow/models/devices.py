@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -56,3 +57,15 @@ def placement(options: dict[str, object]) -> Placement:
     """The resolved device and dtype a node runs with, from the engine's options."""
     device = resolve_device(str(options.get("device") or "auto"))
     return Placement(device, resolve_dtype(str(options.get("dtype") or "auto"), device))
+
+
+def keyed_options(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`options` with device and dtype as they resolve on this machine: what cache keys hold, so that `auto` keys
+    fp16 on a GPU and fp32 on a CPU (a disk cache shared by both keeps them apart), and `None`, `auto` and `cpu`
+    key one result where they mean the same. Options that do not resolve are kept as given: the node that uses
+    them reports why."""
+    try:
+        where = placement(dict(options))
+    except (RuntimeError, ValueError):
+        return options
+    return {**options, "device": where.device, "dtype": where.dtype}
