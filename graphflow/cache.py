@@ -7,6 +7,7 @@ nodes share one result and a re-run repeats only what changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -75,6 +76,8 @@ def estimate_bytes(value: Any) -> int:
         return 64 + sum(estimate_bytes(item) for item in value.values())
     if isinstance(value, (list, tuple)):
         return 56 + sum(estimate_bytes(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a ControlApplication holds its image
+        return 64 + sum(estimate_bytes(getattr(value, field.name)) for field in dataclasses.fields(value))
     return sys.getsizeof(value)
 
 
@@ -143,6 +146,11 @@ class MemoryCache:
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._entries
+
+    def may_hold(self, key: str) -> bool:
+        """Whether `key` is held, as a quick hint taken without the lock (one dict lookup, atomic in CPython): follow
+        a True with `get`."""
+        return key in self._entries
 
     def __len__(self) -> int:
         with self._lock:

@@ -25,7 +25,7 @@ from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
 from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
 from graphflow.incremental import templates_unchanged
-from graphflow.models.manager import ModelManager, shared_manager
+from graphflow.models.manager import ModelManager, recording_uses, shared_manager
 from graphflow.models.sources import ModelChangedError
 from graphflow.node import Node
 from graphflow.paths import PathPolicy
@@ -90,7 +90,6 @@ class Engine:
         self._compiled: OrderedDict[Any, CompiledGraph] = OrderedDict()  # by document text, params and folder
         self._lineages: OrderedDict[Any, CompiledGraph] = OrderedDict()  # the last compile of each document
         self._flights: dict[str, _Flight] = {}
-        self.active_runs = 0  # runs executing nodes now (changed under the lock)
 
     def compile(self, graph: Any, params: Mapping[str, Any] | None = None) -> CompiledGraph:
         """Validate a graph (path, document dict, builder Graph) with param values; raise on problems.
@@ -147,7 +146,8 @@ class Engine:
         """
         started = time.perf_counter()
         compiled = self.compile(graph, params)
-        run_options = {**self.options, **options} if options else self.options
+        # whether the model manager compiles models is an option too: it is part of the loaders' keys
+        run_options = {"compile": self.models.compile, **self.options, **(options or {})}
         keyed = plan_run(compiled, self._targets(compiled, outputs), run_options, self.paths)
         live, to_run, cached = self._reuse(compiled, keyed)
         if on_event is not None:
@@ -155,14 +155,7 @@ class Engine:
             for node_id in cached:
                 on_event(NodeCached(node_id, compiled.nodes[node_id].node_type.type_name))
         result = RunResult({}, [], cached, {})
-        run = _Run(self, compiled, keyed, live, result, on_event, cancel or CancelToken(), run_options)
-        with self._lock:
-            self.active_runs += 1
-        try:
-            run.execute(to_run)
-        finally:
-            with self._lock:
-                self.active_runs -= 1
+        _Run(self, compiled, keyed, live, result, on_event, cancel or CancelToken(), run_options).execute(to_run)
         result.outputs = {name: live[link.node][link.output] for name, link in compiled.outputs.items()
                           if outputs is None or name in outputs}
         result.seconds = time.perf_counter() - started
@@ -343,8 +336,8 @@ class _Run:
             # the other run failed or was cancelled: compute it here (claiming it first)
         outputs = None
         try:
-            # another run may have made it since this one was planned (none could, when no other run is going on)
-            hit = engine.lookup(node, key, disk=False) if engine.active_runs > 1 else None
+            # another run may have made it since this one was planned
+            hit = engine.lookup(node, key, disk=False) if engine.cache.may_hold(key) else None
             if hit is not None:
                 self._reused(node)
                 outputs = hit
@@ -382,16 +375,20 @@ class _Run:
             self.on_event(NodeStarted(node.id, type_name))
         started = time.perf_counter()
         try:
-            outputs = self.engine.instance(node.node_type).run(ctx, **values)
+            with recording_uses() as used:
+                outputs = self.engine.instance(node.node_type).run(ctx, **values)
             if not isinstance(outputs, dict) or not outputs.keys() >= node.node_type.output_map.keys():
                 missing = [name for name in node.node_type.output_map if name not in (outputs or {})]
                 raise TypeError(f"{type_name}.run returned no value for outputs {missing}")
+            # what the node read must be what its key says (loaded weights are mapped to their files): else fail
+            for source in {source for handle in used for source in handle.sources}:
+                source.check_unchanged()
         except Cancelled:
             raise
         except Exception as error:
             raise self._failed(node, error) from error
         changed = changed_sources(node, self.keyed, self.engine.paths) if _reads_models(node.node_type) else []
-        if changed:  # what it read is not what its key says: fail rather than cache it
+        if changed:
             raise self._failed(node, ModelChangedError(
                 f"the files of {', '.join(map(repr, changed))} changed while the node ran, so what it loaded may "
                 "not be what the run was planned with; run it again"))

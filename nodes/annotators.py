@@ -29,7 +29,7 @@ from graphflow.errors import GraphflowError
 from graphflow.node import Input, Node, Output
 from graphflow.types import BOOL, FLOAT, IMAGE, INT, STRING
 from nodes.imaging import from_uint8, to_uint8
-from nodes.preprocess import model_files
+from nodes.preprocess import model_source
 
 if TYPE_CHECKING:
     import numpy as np
@@ -116,12 +116,13 @@ def _detector(ctx: RunContext, spec: Detector, model: str | None) -> Iterator[An
         yield detector_class(spec)()
         return
     from graphflow.models import ModelKey, placement
+    from graphflow.models.sources import verified
 
-    folder, key = model_files(ctx, model or ANNOTATORS, tuple(spec.weights.values()))
+    source = model_source(ctx, model or ANNOTATORS, tuple(spec.weights.values()))
     device, _ = placement(ctx.options)
     # the detectors compute in float32 whatever the engine's dtype
-    handle = ctx.models.handle(ModelKey(f"annotator:{spec.node}", key, dtype="fp32", device=device),
-                               partial(load_detector, spec, folder))
+    handle = ctx.models.handle(ModelKey(f"annotator:{spec.node}", source.key, dtype="fp32", device=device),
+                               verified(partial(load_detector, spec, source.path), source))
     with handle.use() as networks:
         yield networks.detector
 
@@ -153,11 +154,15 @@ def detector_class(spec: Detector) -> Any:
 def _controlnet_aux() -> Any:
     """controlnet_aux, imported once. Importing it warns about its own internals (timm's moved modules, re-registered
     models, mediapipe missing), nothing a user can act on; those warnings are silenced. Silencing swaps the process's
-    warning filters (`catch_warnings` is not thread-safe), hence once, under `_IMPORT_LOCK`."""
+    warning filters (`catch_warnings` is not thread-safe), hence once, under `_IMPORT_LOCK`; the environment it
+    changes is restored."""
+    environment = dict(os.environ)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import controlnet_aux
-
+    # its import sets KMP_DUPLICATE_LIB_OK for the whole process (for OpenMP, already loaded by then): put it back
+    os.environ.clear()
+    os.environ.update(environment)
     return controlnet_aux
 
 

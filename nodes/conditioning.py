@@ -16,6 +16,7 @@ input is not linked, so an unlinked negative gives the same pixels as the pipeli
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +39,18 @@ def encode_text(clip: TextEncoders, text: str, clip_skip: int | None) -> tuple[t
     return _sdxl_embeds(clip, text, clip_skip)
 
 
+# A tokenizer keeps its padding and truncation settings as state that every call sets (the fast ones in their Rust
+# backend): two threads tokenizing with one at once get each other's settings, so calls take turns.
+_TOKENIZING = threading.Lock()
+
+
 def _tokens(tokenizer: Any, text: str) -> Any:
     """Token ids padded to the tokenizer's full length (77 for CLIP), as the pipelines tokenize."""
-    tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
+    with _TOKENIZING:
+        tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        length = len(tokenizer(text).input_ids)
+    if length > tokenizer.model_max_length:
         log.warning("the prompt is longer than CLIP's %d tokens; the end was cut off: %r",
                     tokenizer.model_max_length, text)
     return tokens

@@ -1,6 +1,6 @@
 """Control images made from photos for ControlNet: Canny edges and Depth maps.
 
-`model_files` finds the files of a preprocessor model (a local folder, `tiny:NAME`, or a hub
+`model_source` finds the files of a preprocessor model (a local folder, `tiny:NAME`, or a hub
 repository in the Hugging Face cache); the controlnet_aux detectors in nodes.annotators use it too.
 """
 
@@ -18,6 +18,8 @@ from nodes.imaging import INTERPOLATIONS, fit_box, from_uint8, grey_to_rgb, pad,
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from graphflow.models.sources import ModelSource
 
 THRESHOLDS = ("fixed", "adaptive")
 CHANNELS = ("grey", "per_channel")
@@ -124,12 +126,13 @@ class Depth(Node):
         from transformers.modeling_outputs import DepthEstimatorOutput
 
         from graphflow.models import ModelKey, placement, torch_dtype
+        from graphflow.models.sources import verified
 
-        folder, key = model_files(ctx, model, DEPTH_FILES)
+        source = model_source(ctx, model, DEPTH_FILES)
         device, dtype = placement(ctx.options)
-        handle = ctx.models.handle(ModelKey("depth", key, dtype=dtype, device=device),
-                                   partial(_load_depth_model, folder, dtype))
-        processor = _load_depth_processor(key, folder)
+        handle = ctx.models.handle(ModelKey("depth", source.key, dtype=dtype, device=device),
+                                   verified(partial(_load_depth_model, source.path, dtype), source))
+        processor = _load_depth_processor(source)
         pictures = [Image.fromarray(item) for item in to_uint8(image)]
         pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
         with handle.use() as network, torch.inference_mode():
@@ -158,23 +161,22 @@ def _load_depth_model(folder: Path, dtype: str) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _load_depth_processor(key: str, folder: Path) -> Any:
-    """The model's image processor, read once per source `key` (which changes when the folder's files do)."""
+def _load_depth_processor(source: ModelSource) -> Any:
+    """The model's image processor, read once per source (whose fingerprint changes when its files do), and only
+    remembered when its files did not change while it was read."""
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(folder)
+    processor = AutoImageProcessor.from_pretrained(source.path)
+    source.check_unchanged()
+    return processor
 
 
-def model_files(ctx: RunContext, name: str, files: tuple[str, ...]) -> tuple[Path, str]:
-    """The folder holding `files` of model `name`, and the key that names it for the model manager.
-
-    `name` is a folder inside the input directories, `tiny:NAME`, or a hub repository whose files come
-    from the Hugging Face cache (downloaded into it first when the hub is reachable).
-    """
+def model_source(ctx: RunContext, name: str, files: tuple[str, ...]) -> ModelSource:
+    """Where the files of model `name` are: a folder inside the input directories, `tiny:NAME`, or a hub repository
+    whose files come from the Hugging Face cache (downloaded into it first when the hub is reachable)."""
     from graphflow.models.sources import locate
 
-    source = locate(name, ctx.paths, node=ctx.node, input="model", files=files)
-    return source.path, source.key
+    return locate(name, ctx.paths, node=ctx.node, input="model", files=files)
 
 
 NODES = (Canny, Depth)

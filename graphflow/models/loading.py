@@ -8,6 +8,7 @@ before it is registered or remembered under that key.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -196,7 +197,8 @@ def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: P
                             config: ModelSource | None) -> Checkpoint:
     """An original-layout (LDM) .safetensors checkpoint, converted by diffusers' single-file loader."""
     family, inpaint = checkpoint_family(source.path)
-    pipeline = _single_file_pipeline(source, family, inpaint, where.dtype, config)
+    with _CONVERTING:  # two loaders asking at once: the second waits for the first's conversion, then reuses it
+        pipeline = _single_file_pipeline(source, family, inpaint, where.dtype, config, where.device)
     key = _with_config(source, config)
 
     def handle(kind: str, part: str) -> ModelHandle:
@@ -213,11 +215,15 @@ def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: P
                       clip, Autoencoder(family, source.key, handle("vae", "vae")))
 
 
+_CONVERTING = threading.Lock()
+
+
 @lru_cache(maxsize=2)
 def _single_file_pipeline(source: ModelSource, family: Family, inpaint: bool, dtype: str,
-                          config: ModelSource | None) -> Any:
+                          config: ModelSource | None, device: str) -> Any:
     """The converted pipeline, remembered by its sources (whose fingerprints change with their contents), so two
-    loader nodes naming one file convert it once, and a replaced file is converted anew."""
+    loader nodes naming one file convert it once, and a replaced file is converted anew. One per `device`: its
+    modules are what the handles hold, and the manager moves them to their handle's device."""
     import diffusers
 
     extra = {"safety_checker": None} if family == "sd15" else {}

@@ -18,6 +18,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,25 @@ class ModelHandle:
     def use(self) -> Any:
         """`with handle.use() as model:` — the model on its device, held (never evicted) inside the block."""
         return self.manager.use(self)
+
+    @property
+    def sources(self) -> tuple[Any, ...]:
+        """The ModelSources the weights are read from (when its load checks them: graphflow.models.sources.verified)."""
+        return getattr(self.load, "sources", ())
+
+
+_USED: ContextVar[set[ModelHandle] | None] = ContextVar("graphflow_models_used", default=None)
+
+
+@contextmanager
+def recording_uses() -> Iterator[set[ModelHandle]]:
+    """Inside the block, every handle used in this thread (or task) is added to the set it yields."""
+    used: set[ModelHandle] = set()
+    token = _USED.set(used)
+    try:
+        yield used
+    finally:
+        _USED.reset(token)
 
 
 @dataclass(eq=False)
@@ -127,6 +147,9 @@ class ModelManager:
     @contextmanager
     def use(self, handle: ModelHandle) -> Iterator[Any]:
         """The handle's model, loaded once however many threads ask for it at once, on its device while held."""
+        used = _USED.get()
+        if used is not None:
+            used.add(handle)
         entry = self._hold(handle)
         try:
             self._place(handle.key, entry)

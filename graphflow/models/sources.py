@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from graphflow import types
 from graphflow.errors import Code, GraphError, GraphflowError
@@ -111,15 +111,25 @@ class ModelSource:
             "Run again once they are complete to use the new files.")
 
 
-def verified(load: Callable[[], T], *sources: ModelSource) -> Callable[[], T]:
-    """`load`, then a check that none of `sources` changed meanwhile (so new weights never serve an old key)."""
-    def load_unchanged() -> T:
-        model = load()
-        for source in sources:
+@dataclass(frozen=True)
+class Verified(Generic[T]):
+    """`load`, then a check that none of `sources` changed meanwhile (so new weights never serve an old key). The
+    handles made with one keep the `sources`: weights loaded from them stay memory-mapped to their files (as
+    diffusers maps them, and as parity with its pipelines needs), so every node that used a model checks them
+    again after it ran (graphflow.engine)."""
+
+    load: Callable[[], T]
+    sources: tuple[ModelSource, ...]
+
+    def __call__(self) -> T:
+        model = self.load()
+        for source in self.sources:
             source.check_unchanged()
         return model
 
-    return load_unchanged
+
+def verified(load: Callable[[], T], *sources: ModelSource) -> Verified[T]:
+    return Verified(load, sources)
 
 
 def fingerprint(name: str, paths: PathPolicy, *, node: str | None = None, input: str | None = None) -> str:
