@@ -44,28 +44,77 @@ def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
 
     With `exclusive`, an existing file is never replaced: returns False instead.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # held until the handle closes: marks the file as a live write
-        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        view = memoryview(data)
-        while view:
-            view = view[os.write(handle, view):]
-        os.fsync(handle)
+    with Staged(path.parent, path.name, data) as staged:
+        return staged.place(path, exclusive=exclusive)
+
+
+class Staged:
+    """`data` written whole (and synced) to a temporary file in `directory`, locked while it lives, ready to be
+    put in place: several of them can be written first and placed together (a batch all or none). Used as a
+    context manager, it removes its temporary file on leaving (placed, it lives on under its new name)."""
+
+    def __init__(self, directory: Path, name: str, data: bytes) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._handle, self._name = tempfile.mkstemp(dir=directory, prefix=f".{_short(name)}.", suffix=TEMP_SUFFIX)
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._handle, fcntl.LOCK_EX)  # held until the handle closes: marks a live write
+            os.fchmod(self._handle, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._handle, view):]
+            os.fsync(self._handle)
+        except BaseException:
+            self.discard()
+            raise
+
+    def place(self, path: Path, *, exclusive: bool = False) -> bool:
+        """Put the data at `path` (replacing what is there, or with `exclusive`, False if something is)."""
         if not exclusive:
-            os.replace(temp_name, path)
+            os.replace(self._name, path)
             return True
         try:
-            os.link(temp_name, path)
+            os.link(self._name, path)
         except FileExistsError:
             return False
         return True
-    finally:
+
+    def is_at(self, path: Path) -> bool:
+        """Whether `path` is this file (placed there by `place`, even if an interrupt stopped it from saying so)."""
+        if self._handle < 0:
+            return False
+        try:
+            here, there = os.fstat(self._handle), os.lstat(path)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    def discard(self) -> None:
+        if self._handle < 0:
+            return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        os.close(handle)
+            os.unlink(self._name)
+        os.close(self._handle)
+        self._handle = -1
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def _short(name: str) -> str:
+    """`name`, or for a name so long that the temporary one would pass the usual 255-byte limit, its start and a
+    digest of it, with its suffix kept (so cleanups that match the suffix still find it)."""
+    if len(name.encode("utf-8", "surrogateescape")) <= 200:
+        return name
+    import hashlib
+
+    _, dot, suffix = name.rpartition(".")
+    suffix = f".{suffix}" if dot and len(suffix) <= 16 else ""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+    return f"{name[:100]}~{digest}{suffix}"
 
 
 def temp_target(name: str) -> str | None:

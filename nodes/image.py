@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphflow.atomic import atomic_write, remove_stale_temp_files
+from graphflow.atomic import Staged, remove_stale_temp_files
 from graphflow.context import RunContext
 from graphflow.document import dumps
 from graphflow.errors import NodeInputError
@@ -220,6 +220,7 @@ class SaveImage(Node):
 
     category = "image"
     is_output = True
+    uses_options = ("document",)  # the files embed the document and params: a new one writes new files
     inputs = (
         Input("image", IMAGE, "The images to save, one file each."),
         Input("prefix", STRING, "File name start, relative to the output directory; may name folders "
@@ -236,10 +237,20 @@ class SaveImage(Node):
         paths = _write_all(ctx, prefix, encoded)
         for path in paths:
             ctx.wrote(path)
-        return {"paths": [str(path) for path in paths]}
+        # besides the declared output, what each file was when written: a file changed since is not this output
+        return {"paths": [str(path) for path in paths], "stamps": [_stamp(path) for path in paths]}
 
     def outputs_still_valid(self, outputs: dict[str, Any]) -> bool:
-        return all(Path(path).is_file() for path in outputs["paths"])
+        return [_stamp(Path(path)) for path in outputs["paths"]] == outputs.get("stamps")
+
+
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes whenever a file is replaced or written to (its inode, size and times); None when it is gone."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
 def _png_text(ctx: RunContext) -> dict[str, str]:
@@ -255,6 +266,16 @@ def _png_text(ctx: RunContext) -> dict[str, str]:
     text = {} if ctx.document is None else {"graphflow": dumps(ctx.document)}
     text["params"] = json.dumps(ctx.params, ensure_ascii=False)
     text["versions"] = json.dumps(versions)
+    return {key: _utf8_json(value) for key, value in text.items()}
+
+
+def _utf8_json(text: str) -> str:
+    """JSON text as PNG text chunks can hold it (UTF-8): text with lone surrogates (JSON allows "\\ud800", UTF-8 has
+    no such character) is written with escapes instead, which read back to the same value."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(json.loads(text), ensure_ascii=True, indent=2)
     return text
 
 
@@ -283,41 +304,38 @@ def _first_unused_counter(ctx: RunContext, prefix: str) -> int:
 
 
 def _write_all(ctx: RunContext, prefix: str, encoded: list[bytes]) -> list[Path]:
-    """Write each PNG to the next PREFIX_NNNNN.png that does not exist, all or none: if anything stops the batch
-    (an error, KeyboardInterrupt, a full disk), the files it already wrote are removed before the error goes on.
+    """Write each PNG to the next PREFIX_NNNNN.png that does not exist, all or none. Every file is written whole to a
+    temporary file first, then they are put in place one after the other: a process killed before that leaves
+    only temporary files (which the next run removes), and anything that stops the placing (an error,
+    KeyboardInterrupt) removes the files already placed before the error goes on.
 
-    Scanning gave free counters, but another process may take one first: the exclusive write never replaces a file.
+    Scanning gave free counters, but another process may take one first: placing never replaces a file.
     """
-    written: list[Path] = []
-    counter = _first_unused_counter(ctx, prefix)
-    attempt: tuple[Path, bytes] | None = None  # a write that was free to start: interrupted, it may be whole
+    folder = ctx.output_path(f"{prefix}_00000.png").parent
+    name = ctx.output_path(f"{prefix}_00000.png").name
+    staged: list[Staged] = []
+    placed: list[tuple[Staged, Path]] = []  # each attempt, kept until it is known to have failed
     try:
-        for data in encoded:
+        staged.extend(Staged(folder, name, data) for data in encoded)
+        counter = _first_unused_counter(ctx, prefix)
+        for file in staged:
             while True:
                 path = ctx.output_path(f"{prefix}_{counter:05d}.png")
                 counter += 1
-                if os.path.lexists(path):
-                    continue
-                attempt = path, data
-                if atomic_write(path, data, exclusive=True):
+                placed.append((file, path))
+                if not os.path.lexists(path) and file.place(path, exclusive=True):
                     break
-            written.append(path)
-            attempt = None
+                placed.pop()
     except BaseException:
-        _remove_written(written, attempt)
+        for file, path in placed:
+            if file.is_at(path):  # ours for sure, even if the interrupt came between placing it and knowing so
+                with contextlib.suppress(OSError):  # best effort: the error that stopped the batch is reported
+                    path.unlink()
         raise
-    return written
-
-
-def _remove_written(written: list[Path], attempt: tuple[Path, bytes] | None) -> None:
-    """Remove a stopped batch's files, and the interrupted write's file if it got into place (it holds our bytes)."""
-    if attempt is not None:
-        with contextlib.suppress(OSError):
-            if attempt[0].is_file() and not attempt[0].is_symlink() and attempt[0].read_bytes() == attempt[1]:
-                written.append(attempt[0])
-    for path in written:
-        with contextlib.suppress(OSError):  # best effort: the error that stopped the batch is the one to report
-            path.unlink()
+    finally:
+        for file in staged:
+            file.discard()
+    return [path for _, path in placed]
 
 
 class ResizePad(Node):

@@ -61,15 +61,15 @@ PLUGIN = textwrap.dedent('''
     NODES = (Twice, Wait)
 
     if os.environ.get("WAIT_BEFORE_THE_SECOND_WRITE"):
-        real_write, calls = nodes.image.atomic_write, []
+        real_place, calls = nodes.image.Staged.place, []
 
-        def second_write_waits(path, data, **options):
+        def second_place_waits(self, path, **options):
             calls.append(path)
             if len(calls) == 2:
                 wait_for_the_signal()
-            return real_write(path, data, **options)
+            return real_place(self, path, **options)
 
-        nodes.image.atomic_write = second_write_waits
+        nodes.image.Staged.place = second_place_waits
 ''')
 
 

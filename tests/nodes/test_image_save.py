@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import nodes.image
-from graphflow.atomic import atomic_write, temp_target
+from graphflow.atomic import Staged, temp_target
 from graphflow.context import RunContext
 from graphflow.events import Event, FileWritten
 from nodes.image import SaveImage
@@ -26,20 +26,21 @@ from nodes.image import SaveImage
 BATCH = torch.rand(3, 8, 8, 3, generator=torch.Generator().manual_seed(0))
 
 
-def failing_write(call: int, error: BaseException, *, after_writing: bool = False) -> Callable[..., bool]:
-    """atomic_write that raises `error` on its `call`-th use (from 1), before or after writing that file."""
+def failing_place(call: int, error: BaseException, *, after_placing: bool = False) -> Callable[..., bool]:
+    """Staged.place that raises `error` on its `call`-th use (from 1), before or after putting that file in place."""
     calls = []
+    real = Staged.place
 
-    def write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    def place(self: Staged, path: Path, *, exclusive: bool = False) -> bool:
         calls.append(path)
-        if len(calls) == call and not after_writing:
+        if len(calls) == call and not after_placing:
             raise error
-        written = atomic_write(path, data, exclusive=exclusive)
+        placed = real(self, path, exclusive=exclusive)
         if len(calls) == call:
             raise error
-        return written
+        return placed
 
-    return write
+    return place
 
 
 def files(directory: Path) -> list[str]:
@@ -52,7 +53,7 @@ def test_a_batch_stopped_between_two_images_leaves_none_of_its_files(
         ctx: RunContext, output_dir: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
     output_dir.mkdir()
     (output_dir / "room_00000.png").write_bytes(b"an earlier run's")
-    monkeypatch.setattr(nodes.image, "atomic_write", failing_write(2, error))
+    monkeypatch.setattr(Staged, "place", failing_place(2, error))
 
     with pytest.raises(type(error)):
         SaveImage().run(ctx, image=BATCH, prefix="room")
@@ -64,7 +65,7 @@ def test_a_batch_stopped_between_two_images_leaves_none_of_its_files(
 
 def test_an_interrupt_just_after_a_file_got_into_place_removes_that_file_too(
         ctx: RunContext, output_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nodes.image, "atomic_write", failing_write(2, KeyboardInterrupt(), after_writing=True))
+    monkeypatch.setattr(Staged, "place", failing_place(2, KeyboardInterrupt(), after_placing=True))
 
     with pytest.raises(KeyboardInterrupt):
         SaveImage().run(ctx, image=BATCH, prefix="room")
@@ -76,11 +77,11 @@ def test_a_file_another_writer_put_in_place_is_never_removed(
         ctx: RunContext, output_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     output_dir.mkdir()
 
-    def racing_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
-        path.write_bytes(b"another process's")  # took the name between our check and our write
+    def racing_place(self: Staged, path: Path, *, exclusive: bool = False) -> bool:
+        path.write_bytes(b"another process's")  # took the name between our check and our placing
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nodes.image, "atomic_write", racing_write)
+    monkeypatch.setattr(Staged, "place", racing_place)
 
     with pytest.raises(KeyboardInterrupt):
         SaveImage().run(ctx, image=BATCH[:1], prefix="room")
@@ -92,16 +93,18 @@ def test_files_are_reported_only_once_the_whole_batch_is_in_place(
         ctx: RunContext, output_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[tuple[str, str]] = []
 
-    def logged_write(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    real = Staged.place
+
+    def logged_place(self: Staged, path: Path, *, exclusive: bool = False) -> bool:
         log.append(("write", path.name))
-        return atomic_write(path, data, exclusive=exclusive)
+        return real(self, path, exclusive=exclusive)
 
     def on_event(event: Event) -> None:
         if isinstance(event, FileWritten):
             assert event.path.is_file()
             log.append(("event", event.path.name))
 
-    monkeypatch.setattr(nodes.image, "atomic_write", logged_write)
+    monkeypatch.setattr(Staged, "place", logged_place)
     ctx.on_event = on_event
 
     SaveImage().run(ctx, image=BATCH, prefix="room")
