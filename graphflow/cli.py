@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -17,11 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphflow.document import load_document
-from graphflow.errors import GraphError, GraphflowError, NodeExecutionError, ValidationError, printable
-from graphflow.node import REQUIRED, Input, Node
-from graphflow.registry import NodeRegistry, RegistryError, default_registry
-from graphflow.templates import parse_assignments, parse_params
+try:  # the first moment Ctrl-C can be answered: before these imports, nothing of graphflow runs (its package is lazy)
+    from graphflow.document import load_document
+    from graphflow.errors import GraphError, GraphflowError, NodeExecutionError, ValidationError, printable
+    from graphflow.node import REQUIRED, Input, Node
+    from graphflow.registry import NodeRegistry, RegistryError, default_registry
+    from graphflow.templates import parse_assignments, parse_params
+except KeyboardInterrupt:
+    print("interrupted: nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
 if TYPE_CHECKING:
     from graphflow.engine import RunResult
@@ -37,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         registry = default_registry(args.plugin)
-        return args.command(args, registry)
+        status = args.command(args, registry)
+        sys.stdout.flush()  # here, where a failure to write can still be reported
+        return status
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -47,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as error:  # a terminal or file that cannot take the output: a full disk, an I/O error
+        _silence_stdout()
+        print(f"error: cannot write the output: {error}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Send what stdout still holds nowhere, so that flushing it at exit fails no more."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -230,12 +249,17 @@ def _stopped(args: argparse.Namespace, error: BaseException, finished: list[Path
             return "interrupted: no file was written, and nothing partial remains"
         # output nodes report a file only once it is whole and stays, and remove their partial ones
         return "\n".join(["interrupted; these files were finished before it and stay:",
-                          *(f"  wrote {path}" for path in finished), "no partial file remains"])
+                          *(f"  wrote {printable(str(path))}" for path in finished), "no partial file remains"])
     if isinstance(error, ValidationError):
         return f"{printable(str(args.graph))}: {error}"
     if isinstance(error, (NodeExecutionError, OSError)):
-        return f"error: {error}"
-    return f"stopped: {error}; finished nodes stay cached"
+        return f"error: {_lines(str(error))}"
+    return f"stopped: {_lines(str(error))}; finished nodes stay cached"
+
+
+def _lines(text: str) -> str:
+    """Text from a document or a library, safe for a terminal: each line escaped, none shortened, none added."""
+    return "\n".join(printable(line, limit=None) for line in text.split("\n"))
 
 
 def _make_tiny_models(args: argparse.Namespace, registry: NodeRegistry) -> int:
@@ -250,8 +274,8 @@ def _summary(result: RunResult) -> str:
     lines = [f"ran {len(result.ran)} node{'s' if len(result.ran) != 1 else ''}, "
              f"{len(result.cached)} from cache, in {result.seconds:.2f} s"]
     for name, value in result.outputs.items():
-        lines.append(f"  {name} = {_describe(value)}")
-    lines.extend(f"  wrote {path}" for path in result.files)
+        lines.append(f"  {printable(name)} = {printable(_describe(value))}")
+    lines.extend(f"  wrote {printable(str(path))}" for path in result.files)
     return "\n".join(lines)
 
 

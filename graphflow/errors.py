@@ -78,11 +78,12 @@ class GraphError:
 SHOWN_CHARACTERS = 400  # of one name or message in a line printed for people; the JSON report keeps them whole
 
 
-def printable(text: str) -> str:
+def printable(text: str, limit: int | None = SHOWN_CHARACTERS) -> str:
     """`text` safe to print on one line of any terminal: control and format characters (newlines, NUL, escape
-    sequences, right-to-left overrides) and unpaired surrogates escaped as Python writes them, long text shortened."""
-    if len(text) > SHOWN_CHARACTERS:
-        text = f"{text[:SHOWN_CHARACTERS]}... ({len(text) - SHOWN_CHARACTERS} more characters)"
+    sequences, right-to-left overrides) and unpaired surrogates escaped as Python writes them, text longer than
+    `limit` characters shortened."""
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
     if text.isprintable():
         return text
     return "".join(character if character.isprintable() else ascii(character)[1:-1] for character in text)

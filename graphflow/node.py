@@ -140,6 +140,12 @@ class Node:
         super().__init_subclass__(**kwargs)
         if "type_name" not in cls.__dict__:
             cls.type_name = cls.__name__
+        if not isinstance(cls.type_name, str) or not cls.type_name:
+            raise TypeError(f"{cls.__name__}: type_name must be a non-empty text, not {cls.type_name!r}")
+        unwritable = [spec.name for spec in cls.inputs if not _literal(spec.default)
+                      or (spec.choices is not None and not all(map(_literal, spec.choices)))]
+        if unwritable:  # documents, the schema and `graphflow nodes` write them as JSON
+            raise TypeError(f"{cls.type_name}: inputs {unwritable} have defaults or choices that are not JSON values")
         cls.input_map = {spec.name: spec for spec in cls.inputs}
         cls.output_map = {spec.name: spec for spec in cls.outputs}
         if len(cls.input_map) != len(cls.inputs) or len(cls.output_map) != len(cls.outputs):
@@ -147,6 +153,10 @@ class Node:
         shadowed = [name for name in cls.output_map if hasattr(cls, name) or name in INSTANCE_ATTRIBUTES]
         if shadowed:
             raise TypeError(f"{cls.type_name}: output names {shadowed} clash with Node attributes")
+        keyed_lists = [spec.name for spec in cls.inputs if spec.list and (spec.file or spec.model)]
+        if keyed_lists:  # each file or source is read and keyed on its own: a list of them has no one place to be
+            raise TypeError(f"{cls.type_name}: inputs {keyed_lists} are lists of files or model sources, which "
+                            "graphflow cannot key; declare one input per file")
         unknown = [spec.type for spec in (*cls.inputs, *cls.outputs) if spec.type not in types.ALL_TYPES]
         if unknown:
             raise TypeError(f"{cls.type_name}: unknown types {unknown}")
@@ -193,6 +203,13 @@ def builder_signature(inputs: tuple[Input, ...]) -> inspect.Signature:
                           default=inspect.Parameter.empty if spec.required else
                           (None if spec.default is REQUIRED else spec.default))
         for spec in inputs if spec.name.isidentifier() and not keyword.iskeyword(spec.name)])
+
+
+def _literal(value: Any) -> bool:
+    """Whether a declared default or choice can be written in a document: a JSON scalar, or a list of them."""
+    if value is REQUIRED or value is None or type(value) in (str, int, float, bool):
+        return True
+    return type(value) in (list, tuple) and all(item is None or type(item) in (str, int, float, bool) for item in value)
 
 
 def unknown_input_error(node_type: type[Node], name: str, node: str | None) -> GraphError:

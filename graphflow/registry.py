@@ -47,7 +47,12 @@ class NodeRegistry:
         if declared is None:
             declared = [value for value in vars(module).values()
                         if isinstance(value, type) and issubclass(value, Node) and value.__module__ == module.__name__]
-        for node in declared:
+        try:
+            nodes = list(declared)  # the plugin's own code may run here (a generator): its errors are its own
+        except Exception as error:
+            raise RegistryError(f"plugin module {module_name!r}: NODES is not a list of node classes "
+                                f"({type(error).__name__}: {error})") from error
+        for node in nodes:
             if not (isinstance(node, type) and issubclass(node, Node)):
                 raise RegistryError(f"plugin module {module_name!r} lists {node!r} in NODES, which is not a Node class")
             self.register(node)

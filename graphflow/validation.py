@@ -35,6 +35,7 @@ ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
 NODE_ID = NAME_PATTERN  # always fullmatch: "$" would let a trailing newline in
 _NODE_KEYS = frozenset({"type", "template", "inputs"})
 _TYPE_NODE_KEYS = _NODE_KEYS | {"version"}  # template nodes pin no version
+MAX_EXPANDED_NODES = 20_000  # nodes that templates may add: real workflows have tens to hundreds
 _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "nodes", "outputs"}
 
 
@@ -84,7 +85,7 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
         inherit_plans(graph, reuse.previous, frozenset(graph.nodes.keys() - reuse.kept.keys()))
     graph.given_params = copy.deepcopy(values)
     graph.registry = registry
-    graph.template_files = loader.files()
+    graph.template_files, graph.template_references = loader.files(), loader.references()
     return graph
 
 
@@ -131,6 +132,7 @@ class _Compiler:
         self.loader = loader
         self.as_template = as_template
         self.reuse = reuse  # what the top level takes from the previous compile (graphflow.incremental)
+        self.expanded = 0  # nodes that template expansion has added so far
         self.errors: list[GraphError] = []
         self._placed: set[int] = set()  # ids of errors already placed inside a template
 
@@ -363,6 +365,13 @@ class _Compiler:
                 compiled: dict[str, CompiledNode], aliases: dict[Link, Link], prefix: str,
                 stack: tuple[Path, ...]) -> None:
         path = node_type.template_path
+        nodes = node_type.template_document.get("nodes", {})
+        self.expanded += len(nodes) if isinstance(nodes, dict) else 0
+        if self.expanded > MAX_EXPANDED_NODES:  # templates that use templates many times each multiply
+            if not any(error.code == Code.INVALID_DOCUMENT and error.input == "template" for error in self.errors):
+                self.error(Code.INVALID_DOCUMENT, f"its templates expand to more than {MAX_EXPANDED_NODES:,} nodes",
+                           prefix + node_id, "template", f"at most {MAX_EXPANDED_NODES:,} nodes", "more")
+            return
         values = {name: value for name, value in inputs.items() if value is not None}
         inner = self.compile(node_type.template_document, values, path.parent, f"{prefix}{node_id}/", (*stack, path))
         compiled.update(inner.nodes)
