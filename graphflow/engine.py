@@ -25,13 +25,13 @@ from graphflow.document import parse_document, read_document_text
 from graphflow.errors import Cancelled, Code, GraphError, NodeExecutionError, ValidationError
 from graphflow.events import CancelToken, EventHandler, NodeCached, NodeFailed, NodeFinished, NodeStarted, RunStarted
 from graphflow.incremental import templates_unchanged
-from graphflow.models.manager import ModelManager, recording_uses, shared_manager
+from graphflow.models.manager import ModelManager, RecordingUses, shared_manager
 from graphflow.models.sources import ModelChangedError
 from graphflow.node import Node
 from graphflow.paths import PathPolicy
 from graphflow.planning import KeyedPlan, changed_sources, plan_run
 from graphflow.registry import NodeRegistry, default_registry
-from graphflow.types import SCALAR_TYPES
+from graphflow.types import BOOL, CONDITIONING, FLOAT, IMAGE, INT, LATENT, MASK, PATHS, SCALAR_TYPES, STRING
 from graphflow.validation import compile_document
 
 
@@ -267,6 +267,18 @@ def _checks_outputs(node_type: type[Node]) -> bool:
 
 
 _READS_MODELS: dict[type[Node], bool] = {}  # node type -> whether it has model inputs
+_USES_MODELS: dict[type[Node], bool] = {}  # node type -> whether a model handle may reach its run
+# values of these types never hold a model handle: a node whose inputs are all of them loads no model
+_HANDLE_FREE = frozenset({INT, FLOAT, BOOL, STRING, IMAGE, MASK, LATENT, CONDITIONING, PATHS})
+
+
+def _may_use_models(node_type: type[Node]) -> bool:
+    """Whether the node may use a model (through a handle among its inputs, or loading one from a model input):
+    worth recording which, to check their files after it ran. Types a plugin adds count as carrying handles."""
+    uses = _USES_MODELS.get(node_type)
+    if uses is None:
+        uses = _USES_MODELS[node_type] = any(spec.model or spec.type not in _HANDLE_FREE for spec in node_type.inputs)
+    return uses
 
 
 def _reads_models(node_type: type[Node]) -> bool:
@@ -375,14 +387,17 @@ class _Run:
             self.on_event(NodeStarted(node.id, type_name))
         started = time.perf_counter()
         try:
-            with recording_uses() as used:
-                outputs = self.engine.instance(node.node_type).run(ctx, **values)
+            if _may_use_models(node.node_type):
+                with RecordingUses() as used:
+                    outputs = self.engine.instance(node.node_type).run(ctx, **values)
+            else:
+                used, outputs = frozenset(), self.engine.instance(node.node_type).run(ctx, **values)
             if not isinstance(outputs, dict) or not outputs.keys() >= node.node_type.output_map.keys():
                 missing = [name for name in node.node_type.output_map if name not in (outputs or {})]
                 raise TypeError(f"{type_name}.run returned no value for outputs {missing}")
-            # what the node read must be what its key says (loaded weights are mapped to their files): else fail
-            for source in {source for handle in used for source in handle.sources}:
-                source.check_unchanged()
+            if used:  # what the node read must be what its key says (loaded weights are mapped to their files)
+                for source in {source for handle in used for source in handle.sources}:
+                    source.check_unchanged()
         except Cancelled:
             raise
         except Exception as error:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -93,7 +93,7 @@ def plan_run(graph: CompiledGraph, targets: list[str], options: Mapping[str, Any
         _check_output_paths(graph, plan.order, paths)
         keyed = tuple(entry for node_id in plan.order if _keyed_inputs(graph.nodes[node_id].node_type)
                       for entry in _keyed(graph, node_id))
-        uses = {name for node_id in plan.order for name in graph.nodes[node_id].node_type.uses_options}
+        uses = _options_used(graph, plan.order)
         memo = graph.memo.setdefault(memo_key, _PlanMemo(plan, keyed, resolves_options=bool(uses),
                                                          keys_document=DOCUMENT in uses))
     if memo.unchecked:
@@ -147,13 +147,19 @@ def inherit_plans(graph: CompiledGraph, previous: CompiledGraph, changed: frozen
         keyed = tuple(entry for entry in memo.keyed_inputs if entry[0] not in edited) + \
             tuple(entry for node_id in edited for entry in _keyed(graph, node_id))
         state = memo.state
-        uses = {name for node_id in edited for name in graph.nodes[node_id].node_type.uses_options}
+        uses = _options_used(graph, edited)
         # a node keyed by the whole document is stale whenever anything in it changed
         stale = edited | ({node_id for node_id in position if DOCUMENT in graph.nodes[node_id].node_type.uses_options}
                           if memo.keys_document or DOCUMENT in uses else set())
         graph.memo[memo_key] = _PlanMemo(memo.plan, keyed, (state[0], state[1], state[2] | stale) if state else None,
                                          memo.unchecked | edited, memo.resolves_options or bool(uses),
                                          memo.keys_document or DOCUMENT in uses, memo.consumers, position)
+
+
+def _options_used(graph: CompiledGraph, node_ids: Iterable[str]) -> set[str]:
+    """The engine options that the node types of `node_ids` key (a few types serve many nodes)."""
+    nodes = graph.nodes
+    return set().union(*(node_type.uses_options for node_type in {nodes[node_id].node_type for node_id in node_ids}))
 
 
 def _keyed(graph: CompiledGraph, node_id: str) -> tuple[tuple[str, str, bool], ...]:

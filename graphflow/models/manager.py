@@ -70,15 +70,21 @@ class ModelHandle:
 _USED: ContextVar[set[ModelHandle] | None] = ContextVar("graphflow_models_used", default=None)
 
 
-@contextmanager
-def recording_uses() -> Iterator[set[ModelHandle]]:
-    """Inside the block, every handle used in this thread (or task) is added to the set it yields."""
-    used: set[ModelHandle] = set()
-    token = _USED.set(used)
-    try:
-        yield used
-    finally:
-        _USED.reset(token)
+class RecordingUses:
+    """`with RecordingUses() as used:` adds to `used` every handle used inside the block in this thread (or task).
+    A class, not a generator: the engine enters one per node it runs."""
+
+    __slots__ = ("_token", "used")
+
+    def __init__(self) -> None:
+        self.used: set[ModelHandle] = set()
+
+    def __enter__(self) -> set[ModelHandle]:
+        self._token = _USED.set(self.used)
+        return self.used
+
+    def __exit__(self, *exc: object) -> None:
+        _USED.reset(self._token)
 
 
 @dataclass(eq=False)
