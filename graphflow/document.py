@@ -200,10 +200,17 @@ def copy_entry(entry: dict[Any, Any]) -> tuple[dict[str, Any], bool, EntryKinds]
             if type(name) is not str:
                 return None
             if kind is dict:
-                if not _flat(item):
+                if len(item) == 1:  # a link or a param, nearly always: the quick path
+                    ((inner, target),) = item.items()
+                    if type(inner) is not str or type(target) not in _SCALAR_KINDS:
+                        return None
+                    item = {inner: target}
+                    uses_params = uses_params or inner == "param"
+                elif _flat(item):
+                    item = dict(item)
+                    uses_params = uses_params or "param" in item
+                else:
                     return None
-                item = dict(item)
-                uses_params = uses_params or "param" in item
             elif kind is list:
                 if not all(type(x) in _SCALAR_KINDS or (type(x) is dict and _flat(x)) for x in item):
                     return None
@@ -258,7 +265,7 @@ def private_document(document: dict[str, Any], shared: dict[str, tuple[dict[str,
         if key == "nodes" and type(value) is dict:
             nodes = {}
             for node_id, entry in value.items():
-                found = shared.get(node_id) if type(node_id) is str else None
+                found = shared.get(node_id) if shared and type(node_id) is str else None
                 if found is not None:
                     nodes[node_id], kinds[node_id] = found
                     continue

@@ -54,16 +54,26 @@ class Input:
     # worked out once here: validation asks for them of every value it checks
     required: bool = field(init=False, repr=False, compare=False)
     accepts_literal: bool = field(init=False, repr=False, compare=False)  # a scalar type, so literals are values
+    # (type, value) of literals already found acceptable: documents repeat values (steps, op, scheduler) by the
+    # hundred, and a value valid once is valid for good (the checks depend on nothing else)
+    _accepted: dict[tuple[type, Any], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "required", self.default is REQUIRED and not self.optional)
         object.__setattr__(self, "accepts_literal", self.type in types.SCALAR_TYPES)
+        object.__setattr__(self, "_accepted", {})
 
     def check_literal(self, value: Any, node: str | None) -> list[GraphError]:
         """Errors for a literal given to this input (empty when the value is acceptable)."""
         if self.list and isinstance(value, list):
             return [error for item in value for error in self._check_scalar(item, node)]
-        return self._check_scalar(value, node)
+        kind = type(value)
+        if kind in _REMEMBERED and (kind, value) in self._accepted:
+            return []
+        errors = self._check_scalar(value, node)
+        if not errors and kind in _REMEMBERED and len(self._accepted) < _ACCEPTED_KEPT:
+            self._accepted[kind, value] = True
+        return errors
 
     def _check_scalar(self, value: Any, node: str | None) -> list[GraphError]:
         if not self.accepts_literal:
@@ -119,6 +129,8 @@ class ParamRef:
     type: str = field(default="", compare=False)
 
 
+_REMEMBERED = frozenset({str, int, float, bool})  # hashable literals, told apart by type (1, 1.0 and True differ)
+_ACCEPTED_KEPT = 256  # literals remembered per input
 INSTANCE_ATTRIBUTES = frozenset({"values"})  # set on each use of a node in the builder: no output may take the name
 
 
