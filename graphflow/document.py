@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -246,28 +246,27 @@ def _flat(mapping: dict[Any, Any]) -> bool:
     return all(type(key) is str and type(value) in _SCALAR_KINDS for key, value in mapping.items())
 
 
-def private_document(document: dict[str, Any], shared: dict[str, tuple[dict[str, Any], EntryKinds]] | None = None,
-                     shared_users: frozenset[str] = frozenset()
+def private_document(document: dict[str, Any], shared: Collection[str] = (), before: dict[str, Any] | None = None,
+                     before_kinds: dict[str, EntryKinds] | None = None, before_users: frozenset[str] = frozenset()
                      ) -> tuple[dict[str, Any], frozenset[str], dict[str, EntryKinds]]:
     """A copy of `document` that later changes to the caller's dict cannot reach, checked on the way to be JSON
     data of bounded size (ValidationError listing what is not, as `shape_errors` finds it), the ids of its nodes
-    that use a param, and the `EntryKinds` of its entries (none for entries of an unusual shape). `shared` entries
-    (node id -> an equal entry copied and checked before, with its kinds; whose param use `shared_users` tells)
-    are taken as they are."""
+    that use a param, and the `EntryKinds` of its entries (none for entries of an unusual shape). The entries of
+    the `shared` node ids are equal to those of an earlier copy (`before`, with `before_kinds`; `before_users`
+    used params), checked then: they are taken from it as they are."""
     import copy as copying
 
-    shared = shared or {}
-    users: set[str] = set(shared_users & shared.keys())
+    users = {node_id for node_id in before_users if node_id in shared}
     kinds: dict[str, EntryKinds] = {}
     nodes: dict[Any, Any] | None = None  # the copies of the entries, None where an entry needs the full walk
     unusual: dict[str, Any] = {}  # what needs the full walk
+    flat_outputs = type(document.get("outputs")) is dict and _flat(document["outputs"])
     for key, value in document.items():
         if key == "nodes" and type(value) is dict:
             nodes = {}
             for node_id, entry in value.items():
-                found = shared.get(node_id) if shared and type(node_id) is str else None
-                if found is not None:
-                    nodes[node_id], kinds[node_id] = found
+                if node_id in shared:
+                    nodes[node_id], kinds[node_id] = before[node_id], before_kinds[node_id]  # type: ignore[index]
                     continue
                 copied = copy_entry(entry) if type(node_id) is str and type(entry) is dict else None
                 if copied is None:
@@ -277,7 +276,7 @@ def private_document(document: dict[str, Any], shared: dict[str, tuple[dict[str,
                 nodes[node_id], uses, kinds[node_id] = copied
                 if uses:
                     users.add(node_id)
-        elif not (type(value) in _SCALAR_KINDS or (key == "outputs" and type(value) is dict and _flat(value))):
+        elif not (type(value) in _SCALAR_KINDS or (key == "outputs" and flat_outputs)):
             unusual[key] = value
     problems = shape_errors(unusual) if unusual else []
     if problems:
@@ -287,7 +286,7 @@ def private_document(document: dict[str, Any], shared: dict[str, tuple[dict[str,
         if key == "nodes" and nodes is not None:
             copy[key] = {node_id: copying.deepcopy(value[node_id]) if entry is None else entry
                          for node_id, entry in nodes.items()}
-        elif key == "outputs" and type(value) is dict and _flat(value):
+        elif key == "outputs" and flat_outputs:
             copy[key] = dict(value)
         else:  # checked above: scalars, or JSON data of bounded size
             copy[key] = copying.deepcopy(value)

@@ -64,10 +64,12 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
         return reuse.previous
     # the graph is compiled from a private copy, checked to be JSON data as it is made (documents built in Python
     # skip every parser); entries equal to the previous compile's take its copies, which were checked then
-    shared = {node_id: (reuse.previous.document["nodes"][node_id], reuse.previous.entry_kinds[node_id])
-              for node_id in reuse.kept} if reuse is not None and reuse.previous.document is not None else {}
-    document, param_users, entry_kinds = private_document(document, shared,
-                                                          previous.param_users if previous else frozenset())
+    if reuse is not None and reuse.previous.document is not None:
+        before = reuse.previous
+        document, param_users, entry_kinds = private_document(
+            document, reuse.kept, before.document["nodes"], before.entry_kinds, before.param_users)
+    else:
+        document, param_users, entry_kinds = private_document(document)
     base = (base_dir or Path.cwd()).resolve()
     loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
     compiler = _Compiler(registry, loader, as_template, reuse)
