@@ -15,7 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from graphflow.cache import MemoryCache
 from graphflow.compiled import CompiledGraph, CompiledNode, Link, links_in
@@ -185,7 +185,7 @@ class Engine:
             node = nodes[node_id]
             key = keys[node_id]
             hit = remembered(key)  # the common case, in memory and needing no check, without a call more
-            if hit is None or _checks_outputs(node.node_type):
+            if hit is None or _traits(node.node_type).checks_outputs:
                 hit = self._usable(node, key, hit, disk=True)
             if hit is not None:
                 live[node_id] = hit  # held here, so later evictions cannot take it from this run
@@ -209,7 +209,7 @@ class Engine:
             hit = self.disk_cache.get(key)
             if hit is not None:
                 self.cache.put(key, hit)
-        if hit is None or not _checks_outputs(node_type) or self.instance(node_type).outputs_still_valid(hit):
+        if hit is None or not _traits(node_type).checks_outputs or self.instance(node_type).outputs_still_valid(hit):
             return hit
         return None
 
@@ -255,37 +255,31 @@ class Engine:
             flight.signal.set()
 
 
-_CHECKS_OUTPUTS: dict[type[Node], bool] = {}  # node type -> whether it overrides Node.outputs_still_valid
-
-
-def _checks_outputs(node_type: type[Node]) -> bool:
-    """Whether the node type re-checks cached results (output nodes check their files still exist); most don't."""
-    checks = _CHECKS_OUTPUTS.get(node_type)
-    if checks is None:
-        checks = _CHECKS_OUTPUTS[node_type] = node_type.outputs_still_valid is not Node.outputs_still_valid
-    return checks
-
-
-_READS_MODELS: dict[type[Node], bool] = {}  # node type -> whether it has model inputs
-_USES_MODELS: dict[type[Node], bool] = {}  # node type -> whether a model handle may reach its run
 # values of these types never hold a model handle: a node whose inputs are all of them loads no model
 _HANDLE_FREE = frozenset({INT, FLOAT, BOOL, STRING, IMAGE, MASK, LATENT, CONDITIONING, PATHS})
 
 
-def _may_use_models(node_type: type[Node]) -> bool:
-    """Whether the node may use a model (through a handle among its inputs, or loading one from a model input):
-    worth recording which, to check their files after it ran. Types a plugin adds count as carrying handles."""
-    uses = _USES_MODELS.get(node_type)
-    if uses is None:
-        uses = _USES_MODELS[node_type] = any(spec.model or spec.type not in _HANDLE_FREE for spec in node_type.inputs)
-    return uses
+class _Traits(NamedTuple):
+    """What the engine needs to know of a node type on every execution, worked out once per type."""
+
+    checks_outputs: bool  # it overrides Node.outputs_still_valid (output nodes check their files still exist)
+    # it may use a model (through a handle among its inputs, or loading one from a model input): worth recording
+    # which, to check their files after it ran. Types a plugin adds count as carrying handles.
+    may_use_models: bool
+    reads_models: bool  # it has model inputs, whose sources are checked again after it ran
 
 
-def _reads_models(node_type: type[Node]) -> bool:
-    reads = _READS_MODELS.get(node_type)
-    if reads is None:
-        reads = _READS_MODELS[node_type] = any(spec.model for spec in node_type.inputs)
-    return reads
+_TRAITS: dict[type[Node], _Traits] = {}
+
+
+def _traits(node_type: type[Node]) -> _Traits:
+    traits = _TRAITS.get(node_type)
+    if traits is None:
+        traits = _TRAITS[node_type] = _Traits(
+            node_type.outputs_still_valid is not Node.outputs_still_valid,
+            any(spec.model or spec.type not in _HANDLE_FREE for spec in node_type.inputs),
+            any(spec.model for spec in node_type.inputs))
+    return traits
 
 
 def _params_text(values: dict[str, Any]) -> str | None:
@@ -373,7 +367,8 @@ class _Run:
             self.on_event(NodeCached(node.id, node.node_type.type_name))
 
     def _execute(self, node: CompiledNode) -> dict[str, Any]:
-        type_name = node.node_type.type_name
+        node_type = node.node_type
+        type_name, traits = node_type.type_name, _traits(node_type)
         live = self.live
         values = {name: live[value.node][value.output] if type(value) is Link else
                   _resolve(value, live) if type(value) is list else value for name, value in node.inputs.items()}
@@ -387,13 +382,13 @@ class _Run:
             self.on_event(NodeStarted(node.id, type_name))
         started = time.perf_counter()
         try:
-            if _may_use_models(node.node_type):
+            if traits.may_use_models:
                 with RecordingUses() as used:
-                    outputs = self.engine.instance(node.node_type).run(ctx, **values)
+                    outputs = self.engine.instance(node_type).run(ctx, **values)
             else:
-                used, outputs = frozenset(), self.engine.instance(node.node_type).run(ctx, **values)
-            if not isinstance(outputs, dict) or not outputs.keys() >= node.node_type.output_map.keys():
-                missing = [name for name in node.node_type.output_map if name not in (outputs or {})]
+                used, outputs = frozenset(), self.engine.instance(node_type).run(ctx, **values)
+            if not isinstance(outputs, dict) or not outputs.keys() >= node_type.output_map.keys():
+                missing = [name for name in node_type.output_map if name not in (outputs or {})]
                 raise TypeError(f"{type_name}.run returned no value for outputs {missing}")
             if used:  # what the node read must be what its key says (loaded weights are mapped to their files)
                 for source in {source for handle in used for source in handle.sources}:
@@ -402,7 +397,7 @@ class _Run:
             raise
         except Exception as error:
             raise self._failed(node, error) from error
-        changed = changed_sources(node, self.keyed, self.engine.paths) if _reads_models(node.node_type) else []
+        changed = changed_sources(node, self.keyed, self.engine.paths) if traits.reads_models else []
         if changed:
             raise self._failed(node, ModelChangedError(
                 f"the files of {', '.join(map(repr, changed))} changed while the node ran, so what it loaded may "
