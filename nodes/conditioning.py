@@ -59,7 +59,7 @@ def _tokens(tokenizer: Any, text: str) -> Any:
 def _sd15_embeds(clip: TextEncoders, text: str, clip_skip: int | None) -> torch.Tensor:
     tokens, handle = _tokens(clip.tokenizers[0], text), clip.encoders[0]
     device = handle.key.device
-    with handle.use() as encoder:
+    with clip.use(0) as encoder:
         use_mask = getattr(encoder.config, "use_attention_mask", False)
         mask = tokens.attention_mask.to(device) if use_mask else None
         if clip_skip is None:
@@ -78,9 +78,9 @@ def _sdxl_embeds(clip: TextEncoders, text: str, clip_skip: int | None) -> tuple[
     import torch
 
     embeds, pooled, dtype = [], None, None
-    for tokenizer, handle in zip(clip.tokenizers, clip.encoders, strict=True):
+    for index, (tokenizer, handle) in enumerate(zip(clip.tokenizers, clip.encoders, strict=True)):
         ids = _tokens(tokenizer, text).input_ids
-        with handle.use() as encoder:
+        with clip.use(index) as encoder:
             output = encoder(ids.to(handle.key.device), output_hidden_states=True)
             dtype = encoder.dtype
         if pooled is None and output[0].ndim == 2:

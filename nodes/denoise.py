@@ -91,7 +91,7 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
     with torch.no_grad():
         timesteps, latents, inpainting = _start(request, scheduler, generator, device, dtype, prompt.guided)
         with ExitStack() as held:
-            unet = held.enter_context(model.unet.use())
+            unet = held.enter_context(model.use())
             nets = [held.enter_context(c.controlnet.controlnet.use()) for c in request.controls]
             loop = _Loop(unet, list(zip(nets, images, request.controls, strict=True)), prompt, scheduler,
                          inpainting, guess_mode)

@@ -7,6 +7,7 @@ loading weights, so nodes can check compatibility (family, channels) before anyt
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,14 @@ class DiffusionModel:
     source: str
     unet: ModelHandle
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    # applied while a node uses the UNet, in order, never to the weights other values share (graphflow.models.patches)
+    patches: tuple[Any, ...] = ()
+
+    def use(self) -> AbstractContextManager[Any]:
+        """`with model.use() as unet:` — the UNet on its device with this value's patches applied inside the block."""
+        from graphflow.models.patches import patched
+
+        return patched(self.unet, self.patches, "unet")
 
     @property
     def in_channels(self) -> int:
@@ -41,6 +50,14 @@ class TextEncoders:
     encoders: tuple[ModelHandle, ...]
     # SDXL pipelines use zero embeddings, not the encoded "", for an empty negative prompt
     force_zeros_for_empty_prompt: bool = False
+    patches: tuple[Any, ...] = ()  # applied while a node uses an encoder, like DiffusionModel.patches
+
+    def use(self, index: int) -> AbstractContextManager[Any]:
+        """`with clip.use(i) as encoder:` — text encoder `i` on its device, with this value's patches applied."""
+        from graphflow.models.patches import patched
+
+        role = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+        return patched(self.encoders[index], self.patches, role)
 
 
 @dataclass(frozen=True, eq=False)
