@@ -1,10 +1,10 @@
 """How one node result is one safetensors file: tensors and arrays in their own dtypes, the rest in a manifest.
 
 The file's `__metadata__` holds the format, the key it was written for, graphflow's JSON manifest
-(dicts, lists, tuples, JSON scalars, and which leaves are tensors, numpy arrays or numpy scalars,
-with their dtypes and shapes) and a digest of all of it. Only exact types are written, and reading
-checks everything it returns against the manifest and the digest: a file that is not exactly what
-was written for that key is `Unreadable`. Nothing is ever unpickled.
+(dicts, lists, tuples, JSON scalars, registered payload dataclasses, and which leaves are tensors,
+numpy arrays or numpy scalars, with their dtypes and shapes) and a digest of all of it. Only exact
+types are written, and reading checks everything it returns against the manifest and the digest: a
+file that is not exactly what was written for that key is `Unreadable`. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -20,6 +20,21 @@ _TENSOR_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64"
                             "uint8", "uint16", "uint32", "uint64", "bool", "complex64"})
 _NUMPY_DTYPES = _TENSOR_DTYPES - {"bfloat16"}  # numpy has none of its own
 _SCALARS = (bool, int, float, str)
+
+
+_PAYLOADS: dict[str, type] = {}  # registered name -> frozen dataclass whose instances may be stored
+
+
+def payload(cls: type) -> type:
+    """Class decorator: instances of the frozen dataclass `cls` may be stored, field by field, as
+    `{"payload": "module.Name", "fields": {...}}`. Reading builds only registered classes, from their fields:
+    nothing in a file names code to run."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__qualname__} is not a frozen dataclass; only those are stored as payloads")
+    _PAYLOADS[f"{cls.__module__}.{cls.__qualname__}"] = cls  # a module imported again replaces its class
+    return cls
 
 
 class NotStorable(Exception):
@@ -99,6 +114,13 @@ def _encode(value: Any, tensors: dict[str, Any], depth: int) -> Any:
         if not all(type(name) is str for name in value):
             raise NotStorable("a dict with keys that are not strings")
         return {"dict": {name: _encode(item, tensors, depth + 1) for name, item in value.items()}}
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if _PAYLOADS.get(name) is kind:
+        import dataclasses
+
+        fields = {field.name: _encode(getattr(value, field.name), tensors, depth + 1)
+                  for field in dataclasses.fields(value) if field.init}
+        return {"payload": name, "fields": fields}
     leaf, tensor = _as_tensor(value, tensors)
     name = str(len(tensors))
     tensors[name] = tensor
@@ -145,7 +167,24 @@ def _decode(node: Any, tensors: dict[str, Any], used: set[str], depth: int) -> A
         return {name: _decode(item, tensors, used, depth + 1) for name, item in body.items()}
     if kind in ("tensor", "ndarray", "scalar") and node.keys() == {kind, "dtype", "shape"}:
         return _decode_leaf(kind, node, tensors, used)
+    if kind == "payload" and node.keys() == {"payload", "fields"} and type(node["fields"]) is dict:
+        return _decode_payload(body, node["fields"], tensors, used, depth)
     raise Unreadable(f"its manifest holds an unknown entry {str(node)[:80]!r}")
+
+
+def _decode_payload(name: Any, fields: dict[str, Any], tensors: dict[str, Any], used: set[str], depth: int) -> Any:
+    import dataclasses
+
+    cls = _PAYLOADS.get(name) if type(name) is str else None
+    if cls is None:
+        raise Unreadable(f"its manifest names payload {str(name)[:80]!r}, which is not registered")
+    expected = {field.name for field in dataclasses.fields(cls) if field.init}
+    if fields.keys() != expected:
+        raise Unreadable(f"payload {name} has fields {sorted(fields)[:10]}, not {sorted(expected)}")
+    try:
+        return cls(**{field: _decode(item, tensors, used, depth + 1) for field, item in fields.items()})
+    except (TypeError, ValueError) as error:  # the class's own checks refused the values
+        raise Unreadable(f"payload {name} refused its fields: {error}") from error
 
 
 def _decode_leaf(kind: str, node: dict[str, Any], tensors: dict[str, Any], used: set[str]) -> Any:

@@ -1,16 +1,11 @@
 """Prompts and control for the Sampler: TextEncode and ControlApply.
 
-CONDITIONING is a plain dict, so the on-disk cache can keep it:
-
-    {"family": "sd15" | "sdxl",
-     "embeds": tensor [1, 77, D],           # the text encoder's hidden states (SDXL: both encoders, concatenated)
-     "pooled": tensor [1, P],               # SDXL only: the second encoder's pooled projection
-     "default_negative": {"embeds": ..., "pooled": ...}}
-
-`default_negative` is what the diffusers pipeline uses when no negative prompt is given
-(`negative_prompt=None`): the encoded "" for SD1.5, zeros for SDXL checkpoints that set
-`force_zeros_for_empty_prompt`. The Sampler falls back to the positive's when its `negative`
-input is not linked, so an unlinked negative gives the same pixels as the pipeline's default.
+A CONDITIONING is a `Conditioning` (a frozen dataclass the on-disk cache stores field by field): the
+text encoder's hidden states `embeds` [1, T, D] (SDXL: both encoders', concatenated), SDXL's pooled
+projection `pooled` [1, P], and `default_negative`, what the diffusers pipeline uses when no negative
+prompt is given (`negative_prompt=None`): the encoded "" for SD1.5, zeros for SDXL checkpoints that set
+`force_zeros_for_empty_prompt`. The Sampler falls back to the positive's when its `negative` input is
+not linked, so an unlinked negative gives the same pixels as the pipeline's default.
 """
 
 from __future__ import annotations
@@ -21,10 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from graphflow.context import RunContext
+from graphflow.disk_format import payload
 from graphflow.errors import NodeInputError
 from graphflow.models.components import FAMILY_NAMES, ControlNet, TextEncoders
 from graphflow.node import Input, Node, Output
-from graphflow.types import CLIP, CONDITIONING, CONTROL, CONTROLNET, FLOAT, IMAGE, INT, STRING
+from graphflow.types import BOOL, CLIP, CONDITIONING, CONTROL, CONTROLNET, FLOAT, IMAGE, INT, STRING
+from nodes.prompt_weighting import encode_weighted, match_lengths
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +29,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def encode_text(clip: TextEncoders, text: str, clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(embeds, pooled) of one prompt, computed as the diffusers pipelines' `encode_prompt` does."""
+@payload
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """CONDITIONING: an encoded prompt, and the negative the pipelines use without one."""
+
+    family: str
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    default_negative: Conditioning | None = None
+
+
+def encode_text(clip: TextEncoders, text: str, clip_skip: int | None,
+                weighting: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeds, pooled) of one prompt, computed as the diffusers pipelines' `encode_prompt` does; with `weighting`,
+    A1111's (word:1.2) emphasis and prompts of any length in 77-token chunks (nodes.prompt_weighting)."""
+    if weighting:
+        return encode_weighted(clip, text, clip_skip)
     if clip.family == "sd15":
         return _sd15_embeds(clip, text, clip_skip), None
     return _sdxl_embeds(clip, text, clip_skip)
@@ -98,17 +110,15 @@ def _layer(hidden_states: tuple[torch.Tensor, ...], clip_skip: int, last: int) -
     return hidden_states[-(last + clip_skip)]
 
 
-def default_negative(clip: TextEncoders, embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, Any]:
+def default_negative(clip: TextEncoders, embeds: torch.Tensor, pooled: torch.Tensor | None) -> Conditioning:
     """The pipelines' negative for `negative_prompt=None`: zeros where the checkpoint says so, else the encoded ""."""
     import torch
 
     if clip.force_zeros_for_empty_prompt:
-        negative = {"embeds": torch.zeros_like(embeds)}
-        if pooled is not None:
-            negative["pooled"] = torch.zeros_like(pooled)
-        return negative
+        return Conditioning(clip.family, torch.zeros_like(embeds), None if pooled is None else torch.zeros_like(pooled))
     negative_embeds, negative_pooled = encode_text(clip, "", None)
-    return {"embeds": negative_embeds} | ({} if negative_pooled is None else {"pooled": negative_pooled})
+    negative_embeds = match_lengths(embeds, negative_embeds)[1]  # a long prompt's: the "" chunk repeated
+    return Conditioning(clip.family, negative_embeds, negative_pooled)
 
 
 class TextEncode(Node):
@@ -118,22 +128,23 @@ class TextEncode(Node):
     disk_cache = True
     inputs = (
         Input("clip", CLIP, "The text encoder(s) of a checkpoint, from CheckpointLoader."),
-        Input("text", STRING, "The prompt; CLIP reads the first 77 tokens.", default=""),
+        Input("text", STRING, "The prompt; CLIP reads the first 77 tokens unless weighting is on.", default=""),
         Input("clip_skip", INT, "Skip this many of the text encoder's last layers (diffusers' clip_skip; ComfyUI's "
               "CLIPSetLastLayer -1 - clip_skip); 0 uses them all.", default=0, min=0, max=24),
+        Input("weighting", BOOL, "(word:1.2) emphasis and prompts longer than 77 tokens, as A1111 and ComfyUI read "
+              "them: (word) x1.1, [word] /1.1, nesting multiplies, \\( a literal bracket; long prompts are encoded in "
+              "75-token chunks instead of cut off. Off: the diffusers pipelines' embeddings.", default=False),
     )
     outputs = (Output("conditioning", CONDITIONING, "The prompt's embeddings (and SDXL's pooled embedding)."),)
 
-    def run(self, ctx: RunContext, clip: TextEncoders, text: str, clip_skip: int) -> dict[str, Any]:
+    def run(self, ctx: RunContext, clip: TextEncoders, text: str, clip_skip: int,
+            weighting: bool = False) -> dict[str, Any]:
         import torch
 
         with torch.no_grad():
-            embeds, pooled = encode_text(clip, text, clip_skip or None)
+            embeds, pooled = encode_text(clip, text, clip_skip or None, weighting)
             negative = default_negative(clip, embeds, pooled)
-        conditioning = {"family": clip.family, "embeds": embeds, "default_negative": negative}
-        if pooled is not None:
-            conditioning["pooled"] = pooled
-        return {"conditioning": conditioning}
+        return {"conditioning": Conditioning(clip.family, embeds, pooled, negative)}
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,10 @@
-"""The Sampler's denoising loop, step for step what the diffusers ControlNet pipelines do.
+"""The Sampler's denoising loop, step for step what the diffusers pipelines do, open to every family.
+
+The loop is family-agnostic. It asks the model's *backend* (nodes/backends.py) for the geometry, the
+prompt tensors, the denoiser call and the noising maths; *contributors* add to each denoiser call
+(the ControlNets' residuals; T2I-Adapter and IP-Adapter add theirs the same way) and may change the
+latents after each step (4-channel inpainting puts the kept image back); a *guider* (classifier-free
+guidance) decides the batch rows and combines the predictions.
 
 Text-to-image follows StableDiffusionControlNetPipeline (and its SDXL sibling), a latent without a
 mask StableDiffusionControlNetImg2ImgPipeline, a latent with a mask
@@ -13,15 +19,16 @@ from __future__ import annotations
 
 import inspect
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
 from graphflow.models.components import DiffusionModel
 from graphflow.models.devices import torch_dtype
-from nodes.conditioning import ControlApplication
-from nodes.latents import LATENT_SCALE, binary_mask, sample_encoded
+from nodes.backends import Geometry, Prompt, UNetBackend, backend_for
+from nodes.conditioning import Conditioning, ControlApplication
+from nodes.latents import Latent, binary_mask, sample_encoded
 from nodes.schedulers import make_scheduler
 
 if TYPE_CHECKING:
@@ -33,10 +40,10 @@ class SamplingRequest:
     """What the Sampler was asked for; `width` and `height` are the resolved output size in pixels."""
 
     model: DiffusionModel
-    positive: dict[str, Any]
-    negative: dict[str, Any] | None
+    positive: Conditioning
+    negative: Conditioning | None
     controls: tuple[ControlApplication, ...]
-    latent: dict[str, Any] | None  # None or an EmptyLatent: text-to-image
+    latent: Latent | None  # None or an EmptyLatent: text-to-image
     mask: torch.Tensor | None  # MASK [B, H, W]; with a latent: inpainting
     seed: int
     steps: int
@@ -47,75 +54,161 @@ class SamplingRequest:
     batch: int
     width: int
     height: int
+    # more contributors to each denoiser call (adapters), after the ControlNets, in order
+    contributors: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
-class Prompt:
-    """The text side as the UNet sees it: negative rows then positive rows when guidance is on."""
+class Guider:
+    """Classifier-free guidance: the negative and positive rows through the denoiser in one batch, the
+    prediction moved `scale` times the way the positive pulls from the negative. 1 or less: no guidance."""
 
-    embeds: torch.Tensor
-    added: dict[str, torch.Tensor] | None  # SDXL: pooled text embeddings and size/crop time ids
-    cfg: float
-    guided: bool
+    scale: float
 
-    def cond_half(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    @property
+    def guided(self) -> bool:
+        return self.scale > 1.0
+
+    def rows(self, positive: Conditioning, negative: Conditioning) -> list[Conditioning]:
+        return [negative, positive] if self.guided else [positive]
+
+    def batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` once per row."""
+        import torch
+
+        return torch.cat([tensor] * 2) if self.guided else tensor
+
+    def conditional(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The positive rows of a batched `tensor`."""
+        return tensor.chunk(2)[1] if self.guided else tensor
+
+    def zero_unconditional(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch from the positive rows' `tensor`, zeros for the negative rows."""
+        import torch
+
+        return torch.cat([torch.zeros_like(tensor), tensor]) if self.guided else tensor
+
+    def combine(self, prediction: torch.Tensor) -> torch.Tensor:
         if not self.guided:
-            return self.embeds, self.added
-        added = None if self.added is None else {name: value.chunk(2)[1] for name, value in self.added.items()}
-        return self.embeds.chunk(2)[1], added
+            return prediction
+        uncond, cond = prediction.chunk(2)
+        return uncond + self.scale * (cond - uncond)
 
 
-@dataclass(frozen=True)
-class Inpainting:
-    """What inpainting adds to each step: the mask at latent size and what it keeps."""
+@dataclass
+class DenoiserCall:
+    """One call of the denoiser at one step, as the contributors see and extend it."""
 
-    mask: torch.Tensor  # [B, 1, h, w], 1 = repaint
-    masked_latents: torch.Tensor | None  # 9-channel UNets: the masked image, encoded; rows as in Prompt
-    image_latents: torch.Tensor | None  # 4-channel UNets: the clean image, re-noised and kept outside the mask
-    noise: torch.Tensor
+    sample: torch.Tensor  # the scaled model input, one copy per guider row
+    latents: torch.Tensor  # the latents being denoised (one copy)
+    timestep: torch.Tensor
+    index: int  # step index in the schedule being run, and the number of its steps
+    total: int
+    prompt: Prompt
+    extra: dict[str, Any] = field(default_factory=dict)  # keyword arguments contributors add to the call
+    channels: list[torch.Tensor] = field(default_factory=list)  # inputs stacked onto `sample` along channels
+
+
+@dataclass
+class Session:
+    """What a sampling run shares with its contributors: set up before the first step."""
+
+    request: SamplingRequest
+    backend: UNetBackend
+    geometry: Geometry
+    guider: Guider
+    prompt: Prompt
+    scheduler: Any
+    device: str
+    dtype: torch.dtype
+
+
+class Contributor(Protocol):
+    """Adds to every denoiser call (residuals, extra conditioning); may change the latents after a step."""
+
+    def hold(self, held: ExitStack, session: Session) -> None:
+        """Enter the models it needs (`held.enter_context(handle.use())`) and prepare its inputs."""
+
+    def contribute(self, call: DenoiserCall) -> None:
+        """Add to `call.extra` / `call.channels` for this step."""
+
+    def after_step(self, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
+        """The latents after step `index` (most contributors return them as they are)."""
 
 
 def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
-    """Denoised latents [B, 4, H/8, W/8] for `request`, reporting each step through `ctx.progress`."""
+    """Denoised latents [B, C, H/scale, W/scale] for `request`, reporting each step through `ctx.progress`."""
     import torch
 
     model = request.model
+    backend = backend_for(model)
     device, dtype = model.unet.key.device, torch_dtype(model.unet.key.dtype)
-    # ControlNets trained with pooled conditions always run in guess mode; the pipelines ask the first one
-    first = request.controls[0].controlnet.controlnet.config if request.controls else {}
-    guess_mode = request.guess_mode or bool(first.get("global_pool_conditions", False))
-    prompt = _prompt(request, device, dtype)
-    images = [_control_image(c, request, device, prompt.guided and not guess_mode) for c in request.controls]
+    guider = Guider(float(request.cfg))
+    negative = request.positive.default_negative if request.negative is None else request.negative
+    prompt = backend.prompt(guider.rows(request.positive, negative), request.batch, request.width, request.height,
+                            device, dtype)
     scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+    session = Session(request, backend, backend.geometry(model), guider, prompt, scheduler, device, dtype)
+    contributors: list[Any] = [ControlNets(request.controls)] if request.controls else []
+    contributors.extend(request.contributors)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.no_grad():
-        timesteps, latents, inpainting = _start(request, scheduler, generator, device, dtype, prompt.guided)
+        timesteps, latents, inpainting = _start(session, generator)
+        if inpainting is not None:
+            contributors.append(inpainting)
         with ExitStack() as held:
-            unet = held.enter_context(model.use())
-            nets = [held.enter_context(c.controlnet.controlnet.use()) for c in request.controls]
-            loop = _Loop(unet, list(zip(nets, images, request.controls, strict=True)), prompt, scheduler,
-                         inpainting, guess_mode)
+            denoiser = held.enter_context(model.use())
+            for contributor in contributors:
+                contributor.hold(held, session)
+            loop = _Loop(session, denoiser, contributors)
             return loop.run(ctx, latents, timesteps, _step_arguments(scheduler, generator))
 
 
-def _prompt(request: SamplingRequest, device: str, dtype: torch.dtype) -> Prompt:
-    import torch
+class ControlNets:
+    """The ControlNets of a request: their residuals summed in list order, each only inside its window."""
 
-    guided = request.cfg > 1.0
-    negative = request.positive["default_negative"] if request.negative is None else request.negative
-    rows = [negative, request.positive] if guided else [request.positive]
-    embeds = torch.cat([row["embeds"].repeat(request.batch, 1, 1) for row in rows]).to(device, dtype)
-    added = None
-    if request.model.family == "sdxl":
-        # original size, crop top-left and target size, as the SDXL pipelines pass them by default
-        sizes = (request.height, request.width, 0, 0, request.height, request.width)
-        added = {"text_embeds": torch.cat([row["pooled"].repeat(request.batch, 1) for row in rows]).to(device, dtype),
-                 "time_ids": torch.tensor([sizes], dtype=dtype).to(device).repeat(len(rows) * request.batch, 1)}
-    return Prompt(embeds, added, float(request.cfg), guided)
+    def __init__(self, controls: tuple[ControlApplication, ...]) -> None:
+        self.controls = controls
+        # ControlNets trained with pooled conditions always run in guess mode; the pipelines ask the first one
+        self.first_config = controls[0].controlnet.controlnet.config if controls else {}
+
+    def hold(self, held: ExitStack, session: Session) -> None:
+        request = session.request
+        self.guess_mode = request.guess_mode or bool(self.first_config.get("global_pool_conditions", False))
+        self.session = session
+        duplicate = session.guider.guided and not self.guess_mode
+        images = [_control_image(control, request, duplicate) for control in self.controls]
+        nets = [held.enter_context(control.controlnet.controlnet.use()) for control in self.controls]
+        self.active = list(zip(nets, images, self.controls, strict=True))
+
+    def contribute(self, call: DenoiserCall) -> None:
+        active = [(net, image, scale) for net, image, control in self.active
+                  if (scale := control.scale * control.keep(call.index, call.total)) != 0]
+        if not active:
+            call.extra.update(down_block_additional_residuals=None, mid_block_additional_residual=None)
+            return
+        session = self.session
+        guider, backend = session.guider, session.backend
+        zero_pad = self.guess_mode and guider.guided  # guess mode: the ControlNets see the positive rows only
+        prompt = backend.prompt_rows(call.prompt, guider.conditional) if zero_pad else call.prompt
+        control_input = backend.scale_input(session.scheduler, call.latents, call.timestep) if zero_pad else call.sample
+        down, mid = None, None
+        for net, image, scale in active:
+            net_down, net_mid = net(control_input, call.timestep, encoder_hidden_states=prompt.embeds,
+                                    controlnet_cond=image, conditioning_scale=scale, guess_mode=self.guess_mode,
+                                    added_cond_kwargs=prompt.added, return_dict=False)
+            down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
+            mid = net_mid if mid is None else mid + net_mid
+        if zero_pad:
+            down = [guider.zero_unconditional(d) for d in down]
+            mid = guider.zero_unconditional(mid)
+        call.extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    def after_step(self, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
+        return latents
 
 
-def _control_image(control: ControlApplication, request: SamplingRequest, device: str,
-                   duplicate: bool) -> torch.Tensor:
+def _control_image(control: ControlApplication, request: SamplingRequest, duplicate: bool) -> torch.Tensor:
     """The control image as the pipelines' prepare_image leaves it: [B (x2), 3, H, W] in 0..1 on the device."""
     import torch
 
@@ -125,9 +218,10 @@ def _control_image(control: ControlApplication, request: SamplingRequest, device
     if image.shape[0] not in (1, request.batch):
         raise NodeInputError(f"a control image batch has {image.shape[0]} images for {request.batch} latents; "
                              "give 1 control image or one per latent")
+    handle = control.controlnet.controlnet
     pixels = image.to("cpu", torch.float32).permute(0, 3, 1, 2)
     pixels = pixels.repeat_interleave(request.batch // pixels.shape[0], dim=0)
-    pixels = pixels.to(device, torch_dtype(control.controlnet.controlnet.key.dtype))
+    pixels = pixels.to(handle.key.device, torch_dtype(handle.key.dtype))
     return torch.cat([pixels] * 2) if duplicate else pixels
 
 
@@ -143,26 +237,26 @@ def _resize_like_diffusers(image: torch.Tensor, width: int, height: int) -> torc
     return from_uint8(np.stack(resized))
 
 
-def _start(request: SamplingRequest, scheduler: Any, generator: torch.Generator, device: str, dtype: torch.dtype,
-           guided: bool) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:
+def _start(session: Session, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:
     """(timesteps, initial latents, inpainting) for text-to-image, img2img or inpainting."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    request, scheduler, backend = session.request, session.scheduler, session.backend
+    device, dtype = session.device, session.dtype
     latent = request.latent
-    shape = (request.batch, 4, request.height // LATENT_SCALE, request.width // LATENT_SCALE)
-    if latent is None or latent.get("empty"):
+    shape = session.geometry.latent_shape(request.batch, request.width, request.height)
+    if latent is None or latent.empty:
         scheduler.set_timesteps(request.steps, device=device)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        return scheduler.timesteps, noise * scheduler.init_noise_sigma, None
+        return scheduler.timesteps, backend.initial(scheduler, noise), None
     timesteps = _partial_schedule(scheduler, request.steps, request.strength, device)
     first = timesteps[:1].repeat(request.batch)
-    mask = request.mask if request.mask is not None else latent.get("mask")
+    mask = request.mask if request.mask is not None else latent.mask
     if mask is None:
         image_latents = sample_encoded(latent, generator, device, dtype)
         noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
-        return timesteps, scheduler.add_noise(image_latents, noise, first), None
-    return timesteps, *_inpainting_start(request, latent, mask, scheduler, generator, first, shape, device, dtype,
-                                         guided)
+        return timesteps, backend.add_noise(scheduler, image_latents, noise, first), None
+    return timesteps, *_inpainting_start(session, latent, mask, generator, first, shape)
 
 
 def _partial_schedule(scheduler: Any, steps: int, strength: float, device: str) -> torch.Tensor:
@@ -178,15 +272,47 @@ def _partial_schedule(scheduler: Any, steps: int, strength: float, device: str) 
     return timesteps
 
 
-def _inpainting_start(request: SamplingRequest, latent: dict[str, Any], mask: torch.Tensor, scheduler: Any,
-                      generator: torch.Generator, first: torch.Tensor, shape: tuple[int, ...], device: str,
-                      dtype: torch.dtype, guided: bool) -> tuple[torch.Tensor, Inpainting]:
+@dataclass
+class Inpainting:
+    """What inpainting adds to each step: the mask at latent size and what it keeps. With a 9-channel UNet the
+    mask and the masked image's latents are stacked onto the denoiser's input; with an ordinary one the image,
+    noised to the next step's level, is put back outside the mask after each step."""
+
+    mask: torch.Tensor  # [B, 1, h, w], 1 = repaint
+    masked_latents: torch.Tensor | None  # 9-channel UNets: the masked image, encoded; one copy per guider row
+    image_latents: torch.Tensor | None  # 4-channel UNets: the clean image, re-noised and kept outside the mask
+    noise: torch.Tensor
+    session: Session | None = None
+
+    def hold(self, held: ExitStack, session: Session) -> None:
+        self.session = session
+
+    def contribute(self, call: DenoiserCall) -> None:
+        if self.masked_latents is not None:
+            call.channels.extend((self.session.guider.batch(self.mask), self.masked_latents))
+
+    def after_step(self, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
+        import torch
+
+        if self.image_latents is None:
+            return latents
+        kept = self.image_latents
+        if index < len(timesteps) - 1:
+            kept = self.session.backend.add_noise(self.session.scheduler, kept, self.noise,
+                                                  torch.tensor([timesteps[index + 1]]))
+        return (1 - self.mask) * kept + self.mask * latents
+
+
+def _inpainting_start(session: Session, latent: Latent, mask: torch.Tensor, generator: torch.Generator,
+                      first: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, Inpainting]:
     """(initial latents, inpainting) as StableDiffusionControlNetInpaintPipeline's prepare_latents and
     prepare_mask_latents make them, drawing from the generator in their order."""
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    nine_channels = request.model.in_channels == 9
+    request, scheduler, backend = session.request, session.scheduler, session.backend
+    device, dtype = session.device, session.dtype
+    nine_channels = request.model.in_channels != session.geometry.channels
     full_strength = request.strength == 1.0
     image_latents = None
     if not nine_channels or not full_strength:
@@ -194,27 +320,25 @@ def _inpainting_start(request: SamplingRequest, latent: dict[str, Any], mask: to
         image_latents = image_latents.repeat(request.batch // image_latents.shape[0], 1, 1, 1)
     noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     # at full strength the inpainting pipeline starts from pure noise (img2img's would still add the image)
-    latents = noise * scheduler.init_noise_sigma if full_strength else scheduler.add_noise(image_latents, noise, first)
+    latents = (backend.initial(scheduler, noise) if full_strength
+               else backend.add_noise(scheduler, image_latents, noise, first))
     masked_latents = _masked_image_latents(latent, generator, device, dtype, request.batch)
     small_mask = torch.nn.functional.interpolate(binary_mask(mask), size=shape[2:]).to(device, dtype)
     small_mask = small_mask.repeat(request.batch // small_mask.shape[0], 1, 1, 1)
     if nine_channels:
-        masked_latents = torch.cat([masked_latents] * 2) if guided else masked_latents
-        return latents, Inpainting(small_mask, masked_latents.to(device, dtype), None, noise)
+        return latents, Inpainting(small_mask, session.guider.batch(masked_latents).to(device, dtype), None, noise)
     return latents, Inpainting(small_mask, None, image_latents, noise)
 
 
-def _masked_image_latents(latent: dict[str, Any], generator: torch.Generator, device: str, dtype: torch.dtype,
+def _masked_image_latents(latent: Latent, generator: torch.Generator, device: str, dtype: torch.dtype,
                           batch: int) -> torch.Tensor | None:
     """The masked image's latents; the pipelines draw them (for 9- and 4-channel UNets alike), so draw here too."""
     import torch
 
-    masked = latent.get("masked_moments")
-    if masked is not None:
-        encoded = sample_encoded({"moments": masked, "scaling_factor": latent["scaling_factor"]}, generator, device,
-                                 dtype)
+    if latent.masked_moments is not None:
+        encoded = sample_encoded(latent, generator, device, dtype, latent.masked_moments)
         return encoded.repeat(batch // encoded.shape[0], 1, 1, 1)
-    moments = latent.get("moments")
+    moments = latent.moments
     if moments is not None:  # 4-channel UNets never look at them, but the draw moves the generator on
         torch.randn(moments[:, : moments.shape[1] // 2].shape, generator=generator, dtype=moments.dtype)
     return None
@@ -228,75 +352,28 @@ def _step_arguments(scheduler: Any, generator: torch.Generator) -> dict[str, Any
 
 @dataclass
 class _Loop:
-    """One denoising run: the held UNet and ControlNets, the prompt, the scheduler and inpainting state."""
+    """One denoising run: the held denoiser, the contributors and the session."""
 
-    unet: Any
-    controls: list[tuple[Any, torch.Tensor, ControlApplication]]
-    prompt: Prompt
-    scheduler: Any
-    inpainting: Inpainting | None
-    guess_mode: bool
+    session: Session
+    denoiser: Any
+    contributors: list[Any]
 
     def run(self, ctx: RunContext, latents: torch.Tensor, timesteps: torch.Tensor,
             step_arguments: dict[str, Any]) -> torch.Tensor:
+        scheduler = self.session.scheduler
         total = len(timesteps)
         for index, timestep in enumerate(timesteps):
             noise = self.predict_noise(latents, timestep, index, total)
-            latents = self.scheduler.step(noise, timestep, latents, **step_arguments, return_dict=False)[0]
-            latents = self.keep_unmasked(latents, timesteps, index)
+            latents = scheduler.step(noise, timestep, latents, **step_arguments, return_dict=False)[0]
+            for contributor in self.contributors:
+                latents = contributor.after_step(latents, timesteps, index)
             ctx.progress(index + 1, total)
         return latents
 
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, index: int, total: int) -> torch.Tensor:
-        import torch
-
-        prompt = self.prompt
-        model_input = torch.cat([latents] * 2) if prompt.guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, timestep)
-        down, mid = self.control_residuals(model_input, latents, timestep, index, total)
-        if self.inpainting is not None and self.inpainting.masked_latents is not None:
-            mask = torch.cat([self.inpainting.mask] * 2) if prompt.guided else self.inpainting.mask
-            model_input = torch.cat([model_input, mask, self.inpainting.masked_latents], dim=1)
-        noise = self.unet(model_input, timestep, encoder_hidden_states=prompt.embeds,
-                          down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                          added_cond_kwargs=prompt.added, return_dict=False)[0]
-        if not prompt.guided:
-            return noise
-        uncond, cond = noise.chunk(2)
-        return uncond + prompt.cfg * (cond - uncond)
-
-    def control_residuals(self, model_input: torch.Tensor, latents: torch.Tensor, timestep: torch.Tensor,
-                          index: int, total: int) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-        """The ControlNets' residuals summed in list order; one outside its window (scale 0) adds nothing."""
-        import torch
-
-        active = [(net, image, scale) for net, image, control in self.controls
-                  if (scale := control.scale * control.keep(index, total)) != 0]
-        if not active:
-            return None, None
-        zero_pad = self.guess_mode and self.prompt.guided  # guess mode: the ControlNets see the positive rows only
-        embeds, added = self.prompt.cond_half() if zero_pad else (self.prompt.embeds, self.prompt.added)
-        control_input = self.scheduler.scale_model_input(latents, timestep) if zero_pad else model_input
-        down, mid = None, None
-        for net, image, scale in active:
-            net_down, net_mid = net(control_input, timestep, encoder_hidden_states=embeds, controlnet_cond=image,
-                                    conditioning_scale=scale, guess_mode=self.guess_mode, added_cond_kwargs=added,
-                                    return_dict=False)
-            down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
-            mid = net_mid if mid is None else mid + net_mid
-        if zero_pad:
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
-        return down, mid
-
-    def keep_unmasked(self, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
-        """4-channel inpainting: outside the mask, put back the image noised to the next step's level."""
-        import torch
-
-        inpainting = self.inpainting
-        if inpainting is None or inpainting.image_latents is None:
-            return latents
-        kept = inpainting.image_latents
-        if index < len(timesteps) - 1:
-            kept = self.scheduler.add_noise(kept, inpainting.noise, torch.tensor([timesteps[index + 1]]))
-        return (1 - inpainting.mask) * kept + inpainting.mask * latents
+        session = self.session
+        model_input = session.backend.scale_input(session.scheduler, session.guider.batch(latents), timestep)
+        call = DenoiserCall(model_input, latents, timestep, index, total, session.prompt)
+        for contributor in self.contributors:
+            contributor.contribute(call)
+        return session.guider.combine(session.backend.denoise(self.denoiser, call))

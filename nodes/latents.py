@@ -1,38 +1,65 @@
 """LATENT values, and the pixel <-> latent conversions VAEEncode and VAEDecode make.
 
-LATENT is a plain dict of tensors and JSON scalars, so the on-disk cache can keep it:
+A LATENT is a `Latent`, a frozen dataclass of tensors and scalars that the on-disk cache stores field
+by field (no pickle). Its geometry comes from the VAE that made it (or, for EmptyLatent, is given):
+`samples` is [B, C, H/scale, W/scale] with C the VAE's latent channels and scale its pixels per latent
+(8 for SD1.5 and SDXL, 2 for diffusers' two-block test VAEs).
 
-    {"samples": tensor [B, 4, H/8, W/8],   # latents scaled by the VAE's scaling factor
-     "family": "sd15" | "sdxl" | None,     # None: fits any model (EmptyLatent, a VAE of unknown family)
-     "empty": True,                        # EmptyLatent only: a size to generate at, from pure noise
-     # VAEEncode adds the encoder's distribution, which the Sampler samples with its own seeded generator
-     # in the order the diffusers pipelines do (their VAE encode draws from the pipeline's generator):
-     "moments": tensor [B, 8, H/8, W/8], "scaling_factor": float,
-     # VAEEncode with a mask adds it, and the masked image's distribution (for 9-channel inpainting UNets):
-     "mask": MASK [B, H, W], "masked_moments": tensor [B, 8, H/8, W/8]}
-
+VAEEncode adds the encoder's distribution (`moments`), which the Sampler samples with its own seeded
+generator in the order the diffusers pipelines do (their VAE encode draws from the pipeline's generator);
+with a mask it adds the mask and the masked image's distribution (for 9-channel inpainting UNets).
 `samples` of an encoded image is the distribution's mean, scaled: what VAEDecode shows of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from graphflow.disk_format import payload
 from graphflow.errors import NodeInputError
 from graphflow.models.components import Autoencoder
 
 if TYPE_CHECKING:
     import torch
 
-LATENT_SCALE = 8  # pixels per latent along each side, for SD1.5 and SDXL
+LATENT_SCALE = 8  # pixels per latent along each side of SD1.5 and SDXL VAEs: EmptyLatent's default
 
 
-def check_size(width: int, height: int, what: str, fix: str = "") -> None:
-    """Raise NodeInputError unless both sides are positive multiples of 8 (whole latents)."""
-    if width % LATENT_SCALE or height % LATENT_SCALE or width <= 0 or height <= 0:
-        raise NodeInputError(f"{what} is {width}x{height}; width and height must be multiples of {LATENT_SCALE}{fix}")
+@payload
+@dataclass(frozen=True, eq=False)
+class Latent:
+    """LATENT: latents with the geometry and provenance the Sampler and VAEDecode need."""
+
+    samples: torch.Tensor  # [B, C, h, w], scaled by the VAE's scaling factor
+    family: str | None = None  # None: fits any model (EmptyLatent, a VAE of unknown family)
+    scale: int = LATENT_SCALE  # pixels per latent along each side
+    empty: bool = False  # EmptyLatent: only a size to generate at, from pure noise
+    moments: torch.Tensor | None = None  # VAEEncode: the distribution [B, 2C, h, w]
+    scaling_factor: float | None = None
+    mask: torch.Tensor | None = None  # VAEEncode with a mask: MASK [B, H, W]
+    masked_moments: torch.Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.samples.shape[3] * self.scale, self.samples.shape[2] * self.scale
+
+    def replace(self, **changes: Any) -> Latent:
+        return dataclasses.replace(self, **changes)
+
+
+def check_size(width: int, height: int, what: str, fix: str = "", scale: int = LATENT_SCALE) -> None:
+    """Raise NodeInputError unless both sides are positive multiples of `scale` (whole latents)."""
+    if width % scale or height % scale or width <= 0 or height <= 0:
+        raise NodeInputError(f"{what} is {width}x{height}; width and height must be multiples of {scale}{fix}")
 
 
 def binary_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -49,16 +76,17 @@ def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
     return 2.0 * image.to("cpu", torch.float32).permute(0, 3, 1, 2) - 1.0
 
 
-def sample_encoded(latent: dict[str, Any], generator: torch.Generator, device: str,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """An encoded image's latents as the pipelines' `retrieve_latents` draws them, scaled; other latents as they are."""
-    moments = latent.get("moments")
+def sample_encoded(latent: Latent, generator: torch.Generator, device: str, dtype: torch.dtype,
+                   moments: torch.Tensor | None = None) -> torch.Tensor:
+    """An encoded image's latents as the pipelines' `retrieve_latents` draws them (from `moments`, by default the
+    latent's own), scaled; other latents as they are."""
+    moments = latent.moments if moments is None else moments
     if moments is None:
-        return latent["samples"].to(device, dtype)
+        return latent.samples.to(device, dtype)
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     drawn = DiagonalGaussianDistribution(moments.to(device)).sample(generator)
-    return latent["scaling_factor"] * drawn.to(dtype)
+    return latent.scaling_factor * drawn.to(dtype)
 
 
 def needs_upcast(vae: Autoencoder, module: Any, family: str | None, *, encoding: bool = False) -> bool:
@@ -97,17 +125,18 @@ def encode(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
     """
     from graphflow.models import torch_dtype
 
-    with vae.vae.use() as module, precision(module, needs_upcast(vae, module, vae.family, encoding=True)) as model:
+    with vae.vae.use() as module, \
+            precision(module, needs_upcast(vae, module, vae.precision_family, encoding=True)) as model:
         rounded = pixels.to(vae.vae.key.device, torch_dtype(vae.vae.key.dtype))
         return model.encode(rounded.to(model.dtype)).latent_dist.parameters
 
 
-def decode(vae: Autoencoder, latent: dict[str, Any]) -> torch.Tensor:
+def decode(vae: Autoencoder, latent: Latent) -> torch.Tensor:
     """IMAGE [B, H, W, 3] float32 on the CPU: `vae.decode(latents / scaling_factor)`, then (x / 2 + 0.5) in 0..1."""
     import torch
 
-    family = latent.get("family") or vae.family  # EmptyLatent's latents belong to no family yet
+    family = latent.family or vae.precision_family  # EmptyLatent's latents belong to no family yet
     with vae.vae.use() as module, precision(module, needs_upcast(vae, module, family)) as model:
-        latents = latent["samples"].to(vae.vae.key.device, model.dtype)
+        latents = latent.samples.to(vae.vae.key.device, model.dtype)
         pixels = model.decode(latents / vae.scaling_factor, return_dict=False)[0]
     return (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).to(torch.float32)

@@ -13,12 +13,14 @@ from graphflow.errors import NodeInputError
 from graphflow.models.components import FAMILY_NAMES, Autoencoder, DiffusionModel
 from graphflow.node import Input, Node, Output
 from graphflow.types import BOOL, CONDITIONING, CONTROL, FLOAT, IMAGE, INT, LATENT, MASK, MODEL, STRING, VAE
-from nodes.latents import LATENT_SCALE, check_size
+from nodes.conditioning import Conditioning
+from nodes.latents import LATENT_SCALE, Latent, check_size
 from nodes.schedulers import SCHEDULER_NAMES
 
 if TYPE_CHECKING:
     import torch
 
+    from nodes.backends import Geometry
     from nodes.conditioning import ControlApplication
 
 _MAX_SIDE = 16384
@@ -41,7 +43,7 @@ class EmptyLatent(Node):
         check_size(width, height, "the size")
         # explicit dtype: a model loading in another thread may switch torch's process-wide default for a while
         samples = torch.zeros(batch, 4, height // LATENT_SCALE, width // LATENT_SCALE, dtype=torch.float32)
-        return {"latent": {"samples": samples, "family": None, "empty": True}}
+        return {"latent": Latent(samples, empty=True)}
 
 
 class Sampler(Node):
@@ -81,71 +83,88 @@ class Sampler(Node):
     )
     outputs = (Output("latent", LATENT, "The denoised latents, for VAEDecode or another Sampler."),)
 
-    def run(self, ctx: RunContext, model: DiffusionModel, positive: dict[str, Any], negative: dict[str, Any] | None,
-            control: list[ControlApplication] | None, latent: dict[str, Any] | None, mask: torch.Tensor | None,
+    def run(self, ctx: RunContext, model: DiffusionModel, positive: Conditioning, negative: Conditioning | None,
+            control: list[ControlApplication] | None, latent: Latent | None, mask: torch.Tensor | None,
             seed: int, steps: int, cfg: float, scheduler: str, strength: float, guess_mode: bool, width: int,
             height: int) -> dict[str, Any]:
+        from nodes.backends import backend_for
         from nodes.denoise import SamplingRequest, sample
 
         controls = tuple(control or ())
         _check_families(model, positive, negative, controls, latent)
-        batch, width, height = _output_size(model, controls, latent, width, height)
-        _check_inpainting(model, latent, mask, batch, width, height)
+        backend = backend_for(model)
+        geometry = backend.geometry(model)
+        batch, width, height = _output_size(model, geometry, controls, latent, width, height)
+        _check_inpainting(model, backend.denoiser_channels(model), geometry, latent, mask, batch, width, height)
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seed, steps, cfg, scheduler,
                                   strength, guess_mode, batch, width, height)
-        return {"latent": {"samples": sample(ctx, request), "family": model.family}}
+        return {"latent": Latent(sample(ctx, request), model.family, geometry.scale)}
 
 
-def _check_families(model: DiffusionModel, positive: dict[str, Any], negative: dict[str, Any] | None,
-                    controls: tuple[ControlApplication, ...], latent: dict[str, Any] | None) -> None:
+def _family_name(family: str) -> str:
+    return FAMILY_NAMES.get(family, family)
+
+
+def _check_families(model: DiffusionModel, positive: Conditioning, negative: Conditioning | None,
+                    controls: tuple[ControlApplication, ...], latent: Latent | None) -> None:
     """Every part must belong to the model's family (SD1.5 or SDXL): their shapes and meanings differ."""
-    parts = [("positive conditioning", positive["family"])]
+    parts = [("positive conditioning", positive.family)]
     if negative is not None:
-        parts.append(("negative conditioning", negative["family"]))
+        parts.append(("negative conditioning", negative.family))
     parts.extend((f"ControlNet {index + 1} ({control.controlnet.source})", control.controlnet.family)
                  for index, control in enumerate(controls))
-    if latent is not None and latent.get("family") is not None:
-        parts.append(("latent", latent["family"]))
-    wrong = [f"the {name} is {FAMILY_NAMES[family]}" for name, family in parts if family != model.family]
+    if latent is not None and latent.family is not None:
+        parts.append(("latent", latent.family))
+    wrong = [f"the {name} is {_family_name(family)}" for name, family in parts if family != model.family]
     if wrong:
-        raise NodeInputError(f"the model is {FAMILY_NAMES[model.family]} ({model.source}) but {', '.join(wrong)}; "
+        raise NodeInputError(f"the model is {_family_name(model.family)} ({model.source}) but {', '.join(wrong)}; "
                              "use the text encoders, ControlNets and latents made for the same family")
 
 
-def _output_size(model: DiffusionModel, controls: tuple[ControlApplication, ...], latent: dict[str, Any] | None,
-                 width: int, height: int) -> tuple[int, int, int]:
+def _output_size(model: DiffusionModel, geometry: Geometry, controls: tuple[ControlApplication, ...],
+                 latent: Latent | None, width: int, height: int) -> tuple[int, int, int]:
     """(batch, width, height): the latent's, else width x height with 0 meaning the pipelines' default."""
+    scale = geometry.scale
     if latent is not None:
-        batch, _, rows, columns = latent["samples"].shape
-        size = (columns * LATENT_SCALE, rows * LATENT_SCALE)
+        size = latent.size
+        if not latent.empty and (latent.channels, latent.scale) != (geometry.channels, scale):
+            raise NodeInputError(f"the latent has {latent.channels} channels of {latent.scale}x{latent.scale} pixels "
+                                 f"each, but the model ({model.source}) denoises {geometry.channels} channels of "
+                                 f"{scale}x{scale}; encode the image with the VAE of the model's checkpoint")
         if (width or size[0], height or size[1]) != size:
             raise NodeInputError(f"width x height ({width}x{height}) differ from the latent's {size[0]}x{size[1]}; "
                                  "set them to 0 (the latent decides) or unlink the latent")
-        return batch, *size
+        if latent.empty:
+            check_size(*size, "the latent's size", f" for this model ({scale} pixels per latent)", scale)
+        return latent.samples.shape[0], *size
     if controls:
         _, rows, columns, _ = controls[0].image.shape
-        default = (columns - columns % LATENT_SCALE, rows - rows % LATENT_SCALE)
+        default = (columns - columns % scale, rows - rows % scale)
     else:
         native = model.unet.config.get("sample_size", 64)
         native = native if isinstance(native, int) else native[0]
-        default = (native * LATENT_SCALE, native * LATENT_SCALE)
+        default = (native * scale, native * scale)
     width, height = width or default[0], height or default[1]
-    check_size(width, height, "the output size")
+    check_size(width, height, "the output size", f" ({scale} pixels per latent of this model)", scale)
     return 1, width, height
 
 
-def _check_inpainting(model: DiffusionModel, latent: dict[str, Any] | None, mask: torch.Tensor | None,
-                      batch: int, width: int, height: int) -> None:
-    """A mask needs an encoded image to keep; a 9-channel UNet needs the masked image's latents, from the same mask."""
-    if model.in_channels not in (4, 9):
-        raise NodeInputError(f"the UNet takes {model.in_channels} input channels; graphflow samples with 4-channel "
-                             "UNets and 9-channel inpainting UNets")
-    encoded = latent is not None and not latent.get("empty")
-    effective = mask if mask is not None else (latent or {}).get("mask")
+def _check_inpainting(model: DiffusionModel, accepted: tuple[int, ...], geometry: Geometry, latent: Latent | None,
+                      mask: torch.Tensor | None, batch: int, width: int, height: int) -> None:
+    """A mask needs an encoded image to keep; an inpainting UNet needs the masked image's latents, from the same
+    mask. `accepted` are the input channel counts the model's denoiser may take (latents; latents, mask and
+    masked image)."""
+    if model.in_channels not in accepted:
+        raise NodeInputError(f"the UNet takes {model.in_channels} input channels; graphflow samples with "
+                             f"{' or '.join(map(str, accepted))}-channel UNets of {geometry.channels}-channel latents "
+                             "(the larger: inpainting UNets)")
+    inpainting_unet = model.in_channels != geometry.channels
+    encoded = latent is not None and not latent.empty
+    effective = mask if mask is not None else (latent.mask if latent is not None else None)
     if effective is None:
-        if model.in_channels == 9:
-            raise NodeInputError("this is a 9-channel inpainting UNet: it needs an image and a mask; link VAEEncode "
-                                 "(with its mask input) to latent, or use an ordinary checkpoint")
+        if inpainting_unet:
+            raise NodeInputError(f"this is a {model.in_channels}-channel inpainting UNet: it needs an image and a "
+                                 "mask; link VAEEncode (with its mask input) to latent, or use an ordinary checkpoint")
         return
     if not encoded:
         raise NodeInputError("inpainting needs the image to keep outside the mask: link VAEEncode of it to latent")
@@ -155,19 +174,19 @@ def _check_inpainting(model: DiffusionModel, latent: dict[str, Any] | None, mask
     if len(effective) not in (1, batch):
         raise NodeInputError(f"the mask batch has {len(effective)} masks for {batch} latents; give 1 mask or one "
                              "per latent")
-    if model.in_channels == 9:
-        _check_masked_image(latent or {}, mask)
+    if inpainting_unet:
+        _check_masked_image(latent, mask)
 
 
-def _check_masked_image(latent: dict[str, Any], mask: torch.Tensor | None) -> None:
+def _check_masked_image(latent: Latent, mask: torch.Tensor | None) -> None:
     import torch
 
     from nodes.latents import binary_mask
 
-    if "masked_moments" not in latent:
+    if latent.masked_moments is None:
         raise NodeInputError("9-channel inpainting UNets also see the masked image: give VAEEncode the mask too "
                              "(its mask input)")
-    if mask is not None and not torch.equal(binary_mask(mask), binary_mask(latent["mask"])):
+    if mask is not None and not torch.equal(binary_mask(mask), binary_mask(latent.mask)):
         raise NodeInputError("the Sampler's mask differs from the one VAEEncode masked the image with; link the same "
                              "mask to both (or only to VAEEncode)")
 
@@ -191,18 +210,17 @@ class VAEEncode(Node):
 
         from nodes.latents import binary_mask, encode, image_to_pixels
 
-        check_size(image.shape[2], image.shape[1], "the image", " (resize or pad it first, e.g. with ResizePad)")
+        check_size(image.shape[2], image.shape[1], "the image", " (resize or pad it first, e.g. with ResizePad)",
+                   vae.scale)
         if mask is not None and (mask.shape[1:] != image.shape[1:3] or len(mask) not in (1, len(image))):
             raise NodeInputError(f"the mask ({len(mask)} x {mask.shape[2]}x{mask.shape[1]}) must match the image "
                                  f"({len(image)} x {image.shape[2]}x{image.shape[1]}) in size, and be 1 or as many")
         pixels = image_to_pixels(image)
         with torch.no_grad():
             moments = encode(vae, pixels)
-            latent = {"samples": vae.scaling_factor * moments.chunk(2, dim=1)[0], "family": vae.family,
-                      "moments": moments, "scaling_factor": vae.scaling_factor}
-            if mask is not None:
-                latent["mask"] = mask
-                latent["masked_moments"] = encode(vae, pixels * (binary_mask(mask) < 0.5))
+            masked = None if mask is None else encode(vae, pixels * (binary_mask(mask) < 0.5))
+            latent = Latent(vae.scaling_factor * moments.chunk(2, dim=1)[0], vae.family, vae.scale, False, moments,
+                            vae.scaling_factor, mask, masked)
         return {"latent": latent}
 
 
@@ -216,15 +234,19 @@ class VAEDecode(Node):
     )
     outputs = (Output("image", IMAGE, "The decoded images, in 0..1."),)
 
-    def run(self, ctx: RunContext, vae: Autoencoder, latent: dict[str, Any]) -> dict[str, Any]:
+    def run(self, ctx: RunContext, vae: Autoencoder, latent: Latent) -> dict[str, Any]:
         import torch
 
         from nodes.latents import decode
 
-        family = latent.get("family")
+        family = latent.family
         if vae.family is not None and family is not None and vae.family != family:
-            raise NodeInputError(f"the VAE is {FAMILY_NAMES[vae.family]} ({vae.source}) but the latents are "
-                                 f"{FAMILY_NAMES[family]}; decode with the VAE of the model that made them")
+            raise NodeInputError(f"the VAE is {_family_name(vae.family)} ({vae.source}) but the latents are "
+                                 f"{_family_name(family)}; decode with the VAE of the model that made them")
+        if (latent.channels, latent.scale) != (vae.latent_channels, vae.scale):
+            raise NodeInputError(f"the latents have {latent.channels} channels of {latent.scale}x{latent.scale} "
+                                 f"pixels but the VAE ({vae.source}) decodes {vae.latent_channels} channels of "
+                                 f"{vae.scale}x{vae.scale}; decode with the VAE of the model that made them")
         with torch.no_grad():
             return {"image": decode(vae, latent)}
 

@@ -27,6 +27,7 @@ class DiffusionModel:
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     # applied while a node uses the UNet, in order, never to the weights other values share (graphflow.models.patches)
     patches: tuple[Any, ...] = ()
+    latent_scale: int = 8  # pixels per latent of the checkpoint's VAE (its 2 ** (blocks - 1))
 
     def use(self) -> AbstractContextManager[Any]:
         """`with model.use() as unet:` — the UNet on its device with this value's patches applied inside the block."""
@@ -72,10 +73,18 @@ class Autoencoder:
     def scaling_factor(self) -> float:
         return float(self.vae.config.get("scaling_factor", 0.18215))
 
+    # the family whose pipelines' precision rules apply when the latents do not say (a VAE loaded on its own: its
+    # scaling factor's family, a guess that never refuses anything)
+    precision_family: Family | None = None
+
     @property
     def scale(self) -> int:
         """How many pixels one latent covers along each side (8 for SD1.5 and SDXL)."""
-        return 2 ** (len(self.vae.config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+        return vae_scale(self.vae.config)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.get("latent_channels", 4))
 
     @property
     def force_upcast(self) -> bool:
@@ -91,6 +100,11 @@ class ControlNet:
     family: Family
     source: str
     controlnet: ModelHandle
+
+
+def vae_scale(config: dict[str, Any]) -> int:
+    """Pixels per latent of a VAE config, as the diffusers pipelines work it out: 2 ** (len(block_out_channels) - 1)."""
+    return 2 ** (len(config.get("block_out_channels", (0, 0, 0, 0))) - 1)
 
 
 def family_of_unet_config(config: dict[str, Any]) -> Family:

@@ -23,6 +23,7 @@ from graphflow.models.components import (
     Family,
     TextEncoders,
     family_of_unet_config,
+    vae_scale,
 )
 from graphflow.models.devices import Placement, torch_dtype
 from graphflow.models.manager import LOAD_LOCK, ModelHandle, ModelKey, ModelManager
@@ -71,8 +72,9 @@ def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement
     clip = TextEncoders(family, source.key, tokenizers,
                         tuple(handles[name] for name in ("text_encoder", "text_encoder_2") if name in handles),
                         bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
-    return Checkpoint(DiffusionModel(family, source.key, handles["unet"], scheduler), clip,
-                      Autoencoder(family, source.key, handles["vae"]))
+    return Checkpoint(DiffusionModel(family, source.key, handles["unet"], scheduler,
+                                     latent_scale=vae_scale(handles["vae"].config)), clip,
+                      Autoencoder(family, source.key, handles["vae"], family))
 
 
 def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement,
@@ -84,11 +86,17 @@ def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement
 def load_vae(manager: ModelManager, source: ModelSource, where: Placement,
              config: ModelSource | None = None) -> Autoencoder:
     handle = _single_model(manager, source, where, "vae", "AutoencoderKL", "vae", config)
-    return Autoencoder(vae_family(handle.config), source.key, handle)
+    # a checkpoint's vae/ subfolder belongs to the checkpoint's family; a VAE on its own declares none: SD1.5 and
+    # SDXL VAEs share a shape, and a scaling factor is a hint (for precision rules), never a reason to refuse
+    family = None
+    if source.kind != "file" and (source.path / "model_index.json").is_file() and \
+            (source.path / "unet" / "config.json").is_file():
+        family = family_of_unet_config(source.read_json("unet/config.json"))
+    return Autoencoder(family, source.key, handle, family or vae_family(handle.config))
 
 
 def vae_family(config: dict[str, Any]) -> Family | None:
-    """SD1.5 and SDXL VAEs share a shape and differ in their latent scaling factor; None for any other."""
+    """The family whose VAEs use this latent scaling factor (SD1.5 and SDXL VAEs share a shape); None for others."""
     factor = float(config.get("scaling_factor", 0.18215))
     return "sd15" if abs(factor - 0.18215) < 1e-6 else "sdxl" if abs(factor - 0.13025) < 1e-6 else None
 
@@ -211,8 +219,10 @@ def _single_file_checkpoint(manager: ModelManager, source: ModelSource, where: P
     tokenizers = tuple(getattr(pipeline, name) for name in ("tokenizer", "tokenizer_2")
                        if getattr(pipeline, name, None) is not None)
     clip = TextEncoders(family, source.key, tokenizers, encoders, family == "sdxl")
-    return Checkpoint(DiffusionModel(family, source.key, handle("unet", "unet"), dict(pipeline.scheduler.config)),
-                      clip, Autoencoder(family, source.key, handle("vae", "vae")))
+    vae = handle("vae", "vae")
+    return Checkpoint(DiffusionModel(family, source.key, handle("unet", "unet"), dict(pipeline.scheduler.config),
+                                     latent_scale=vae_scale(vae.config)),
+                      clip, Autoencoder(family, source.key, vae, family))
 
 
 _CONVERTING = threading.Lock()

@@ -82,7 +82,7 @@ def test_weights_copied_over_in_place_during_a_run_are_not_stored_under_the_old_
 
     oracle = Engine(registry, input_dirs=[inputs], models=ModelManager()).run(_encode("a room"))
     assert "enc" in again.ran
-    assert torch.equal(again.outputs["embeds"]["embeds"], oracle.outputs["embeds"]["embeds"])
+    assert torch.equal(again.outputs["embeds"].embeds, oracle.outputs["embeds"].embeds)
 
 
 @pytest.fixture
@@ -162,5 +162,5 @@ def test_weights_renamed_into_place_between_runs_rerun_their_users(tiny_models: 
     after = engine.run(_encode("a room"))
     oracle = Engine(input_dirs=[inputs], models=ModelManager()).run(_encode("a room"))
     assert sorted(after.ran) == ["enc", "sd"]
-    assert torch.equal(after.outputs["embeds"]["embeds"], oracle.outputs["embeds"]["embeds"])
-    assert not torch.equal(after.outputs["embeds"]["embeds"], before.outputs["embeds"]["embeds"])
+    assert torch.equal(after.outputs["embeds"].embeds, oracle.outputs["embeds"].embeds)
+    assert not torch.equal(after.outputs["embeds"].embeds, before.outputs["embeds"].embeds)

@@ -159,7 +159,7 @@ def test_threads_encoding_prompts_at_once_all_get_77_token_embeddings() -> None:
     batch = 0
     while time.monotonic() < deadline and set(shapes) <= {(1, 77, 32)}:
         with ThreadPoolExecutor(8) as pool:
-            shapes.update(pool.map(lambda index: tuple(engine.run(graph(index)).outputs["c"]["embeds"].shape),
+            shapes.update(pool.map(lambda index: tuple(engine.run(graph(index)).outputs["c"].embeds.shape),
                                    range(batch, batch + 200)))
         batch += 200
     assert set(shapes) == {(1, 77, 32)}, shapes

@@ -49,10 +49,10 @@ def test_sd15_embeddings_and_default_negative_equal_the_pipelines(engine: Engine
     with torch.no_grad():
         positive, negative = sd.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt=None)
 
-    assert conditioning["family"] == "sd15" and "pooled" not in conditioning
-    assert conditioning["embeds"].shape == (1, 77, 32)
-    assert torch.equal(conditioning["embeds"], positive)
-    assert torch.equal(conditioning["default_negative"]["embeds"], negative)  # the encoded ""
+    assert conditioning.family == "sd15" and conditioning.pooled is None
+    assert conditioning.embeds.shape == (1, 77, 32)
+    assert torch.equal(conditioning.embeds, positive)
+    assert torch.equal(conditioning.default_negative.embeds, negative)  # the encoded ""
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])
@@ -65,11 +65,11 @@ def test_sdxl_embeddings_pooled_and_default_negative_equal_the_pipelines(force_z
     with torch.no_grad():
         positive, negative, pooled, negative_pooled = xl.encode_prompt(PROMPT, device="cpu")
 
-    assert conditioning["family"] == "sdxl" and conditioning["embeds"].shape == (1, 77, 64)
-    assert torch.equal(conditioning["embeds"], positive) and torch.equal(conditioning["pooled"], pooled)
-    default = conditioning["default_negative"]
-    assert torch.equal(default["embeds"], negative) and torch.equal(default["pooled"], negative_pooled)
-    assert bool(default["embeds"].eq(0).all()) is force_zeros
+    assert conditioning.family == "sdxl" and conditioning.embeds.shape == (1, 77, 64)
+    assert torch.equal(conditioning.embeds, positive) and torch.equal(conditioning.pooled, pooled)
+    default = conditioning.default_negative
+    assert torch.equal(default.embeds, negative) and torch.equal(default.pooled, negative_pooled)
+    assert bool(default.embeds.eq(0).all()) is force_zeros
 
 
 def test_sdxl_clip_skip_equals_the_pipelines(engine: Engine, tiny_models: Path) -> None:
@@ -78,9 +78,9 @@ def test_sdxl_clip_skip_equals_the_pipelines(engine: Engine, tiny_models: Path) 
     with torch.no_grad():
         positive, negative, _, _ = xl.encode_prompt(PROMPT, device="cpu", clip_skip=1)
 
-    assert torch.equal(conditioning["embeds"], positive)
-    assert torch.equal(conditioning["default_negative"]["embeds"], negative)
-    assert not torch.equal(conditioning["embeds"], encoded(engine, tiny_models, "sdxl")["embeds"])
+    assert torch.equal(conditioning.embeds, positive)
+    assert torch.equal(conditioning.default_negative.embeds, negative)
+    assert not torch.equal(conditioning.embeds, encoded(engine, tiny_models, "sdxl").embeds)
 
 
 def test_sd15_clip_skip_takes_an_earlier_layer_through_the_final_layer_norm(engine: Engine,
@@ -94,9 +94,9 @@ def test_sd15_clip_skip_takes_an_earlier_layer_through_the_final_layer_norm(engi
     with clip.encoders[0].use() as encoder, torch.no_grad():
         expected = encoder.final_layer_norm(encoder(ids, output_hidden_states=True).hidden_states[-2])
 
-    assert torch.equal(conditioning["embeds"], expected)
+    assert torch.equal(conditioning.embeds, expected)
     unskipped = encoded(engine, tiny_models, "sd15")
-    assert torch.equal(conditioning["default_negative"]["embeds"], unskipped["default_negative"]["embeds"])
+    assert torch.equal(conditioning.default_negative.embeds, unskipped.default_negative.embeds)
 
 
 def test_clip_skip_past_the_first_layer_is_refused(ctx: RunContext, engine: Engine, tiny_models: Path) -> None:
@@ -114,7 +114,7 @@ def test_a_prompt_longer_than_77_tokens_is_cut_like_the_pipeline_and_warned_abou
     with torch.no_grad():
         positive, _ = sd.encode_prompt(long_prompt, "cpu", 1, False)
 
-    assert torch.equal(conditioning["embeds"], positive)
+    assert torch.equal(conditioning.embeds, positive)
     assert "longer than CLIP's 77 tokens" in caplog.text
 
 
@@ -129,10 +129,10 @@ def test_conditioning_survives_the_disk_cache(tiny_models: Path, tmp_path: Path)
 
     assert "encode" in result.cached
     again = result.outputs["conditioning"]
-    assert again["family"] == "sdxl"
+    assert again.family == "sdxl"
     for name in ("embeds", "pooled"):
-        assert torch.equal(again[name], stored[name]) and torch.equal(again["default_negative"][name],
-                                                                     stored["default_negative"][name])
+        assert torch.equal(getattr(again, name), getattr(stored, name))
+        assert torch.equal(getattr(again.default_negative, name), getattr(stored.default_negative, name))
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,9 @@ def test_vae_loader_takes_a_vae_folder_or_a_checkpoints_vae(tiny_models: Path) -
     }, "outputs": {"own": "own.vae", "from_checkpoint": "from_checkpoint.vae"}}
     outputs = _engine(tiny_models).run(document).outputs
     assert outputs["own"].scaling_factor == pytest.approx(0.13025)
-    assert (outputs["own"].family, outputs["from_checkpoint"].family) == ("sdxl", "sd15")
+    # a VAE on its own declares no family (fits any model); its scaling factor only hints at precision rules
+    assert (outputs["own"].family, outputs["from_checkpoint"].family) == (None, "sd15")
+    assert (outputs["own"].precision_family, outputs["from_checkpoint"].precision_family) == ("sdxl", "sd15")
     assert outputs["from_checkpoint"].vae.key.subfolder == "vae"
 
 

@@ -29,7 +29,7 @@ def _prompt(checkpoint: str) -> dict:
 
 def _embeds(engine: Engine, checkpoint: str = "sd") -> tuple[torch.Tensor, list[str]]:
     result = engine.run(_prompt(checkpoint))
-    return result.outputs["embeds"]["embeds"], sorted(result.ran)
+    return result.outputs["embeds"].embeds, sorted(result.ran)
 
 
 def _disguised_rewrite(weights: Path) -> None:

@@ -45,8 +45,8 @@ def failure(engine: Engine, graph: Graph) -> BaseException:
 
 def test_empty_latent_is_zeros_of_an_eighth_of_the_size_marked_empty(ctx: RunContext) -> None:
     latent = EmptyLatent().run(ctx, width=96, height=64, batch=3)["latent"]
-    assert latent["samples"].shape == (3, 4, 8, 12) and not latent["samples"].any()
-    assert latent["empty"] is True and latent["family"] is None
+    assert latent.samples.shape == (3, 4, 8, 12) and not latent.samples.any()
+    assert latent.empty is True and latent.family is None and latent.size == (96, 64)
 
 
 def test_empty_latent_refuses_sizes_that_are_not_multiples_of_8(ctx: RunContext) -> None:
@@ -137,8 +137,8 @@ def test_vae_encode_keeps_the_distribution_and_decode_shows_its_mean(engine: Eng
     graph.output("image", graph.add(VAEDecode(vae=sd.vae, latent=encode.latent)).image)
     outputs = engine.run(graph).outputs
     latent = outputs["latent"]
-    assert latent["moments"].shape == (1, 8, 8, 8) and latent["family"] == "sd15"
-    assert torch.equal(latent["samples"], latent["scaling_factor"] * latent["moments"][:, :4])
+    assert latent.moments.shape == (1, 8, 8, 8) and latent.family == "sd15"
+    assert torch.equal(latent.samples, latent.scaling_factor * latent.moments[:, :4])
     assert outputs["image"].shape == (1, SIZE, SIZE, 3)
 
 
