@@ -34,6 +34,7 @@ from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny, Depth
 from nodes.primitives import Bool, Float, Int, JoinText, Math, String
 from nodes.sampling import EmptyLatent, Sampler, VAEDecode, VAEEncode
+from nodes.upscale import ImageScale, LatentUpscale
 
 NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImage, ResizePad,
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
@@ -41,4 +42,4 @@ NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImag
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
          Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop,
          HED, PidiNet, MLSD, OpenPose, Lineart, LineartAnime, NormalBae, MidasDepth, ZoeDepth, ContentShuffle,
-         LineartStandard)
+         LineartStandard, ImageScale, LatentUpscale)
