@@ -12,6 +12,10 @@ One definition of each method serves images and latents; both are resampled as f
   pooling); enlarging, it repeats pixels as nearest does.
 - lanczos (images only): Pillow's LANCZOS, a 3-lobed windowed sinc widened when shrinking, computed here in float
   from Pillow's own coefficients (ComfyUI and the pipelines go through 8-bit PIL images, which rounds to 1/255).
+- bislerp (latents only): bilinear interpolation between the two nearest pixel centres along each axis (across,
+  then down), where each blend of two latent vectors (over the channels) turns the direction spherically and blends
+  the length linearly, as ComfyUI's bislerp does; between unlike neighbours the latents keep their magnitude
+  instead of shrinking towards zero. Vectors that point the same way, or opposite ways, or are zero, blend linearly.
 
 Images are clamped to 0..1 afterwards (bicubic and lanczos overshoot at hard edges); latents are not.
 
@@ -34,10 +38,11 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")  # ComfyUI's names
-LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROPS = ("disabled", "center")
 MAX_SIDE = 16384
 _LANCZOS_LOBES = 3.0
+_PARALLEL = 1 - 1e-5  # |cos| of the angle between two latent vectors beyond which bislerp blends them linearly
 
 
 def target_size(columns: int, rows: int, width: int, height: int, scale_by: float, unit: int = 1) -> tuple[int, int]:
@@ -68,10 +73,13 @@ def center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 def resample(samples: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
-    """float [B, C, H, W] resized to [B, C, height, width] with one of IMAGE_METHODS (see the module docstring)."""
+    """float [B, C, H, W] resized to [B, C, height, width] with one of IMAGE_METHODS or LATENT_METHODS (see the
+    module docstring)."""
     import torch
 
     samples = samples.to(torch.float32)
+    if method == "bislerp":
+        return _slerp_across(_slerp_across(samples, width).transpose(2, 3), height).transpose(2, 3)
     if method == "lanczos":
         rows, columns = samples.shape[2:]
         horizontal = lanczos_weights(columns, width).to(samples.device)
@@ -100,12 +108,36 @@ def lanczos_weights(size: int, target: int) -> torch.Tensor:
     return (weights / torch.where(totals == 0, 1.0, totals)).to(torch.float32)
 
 
+def _slerp_across(samples: torch.Tensor, width: int) -> torch.Tensor:
+    """float [B, C, H, W] resized to width columns by bislerp: each output column blends the two input columns
+    around its centre (as bilinear, align_corners=False), each pixel's C-vector turned spherically."""
+    import torch
+
+    columns = samples.shape[3]
+    positions = ((torch.arange(width, dtype=torch.float64) + 0.5) * columns / width - 0.5).clamp(0, columns - 1)
+    left = positions.floor().long()
+    right = (left + 1).clamp(max=columns - 1)
+    ratio = (positions - left).to(samples.dtype).to(samples.device)
+    a, b = samples[..., left.to(samples.device)], samples[..., right.to(samples.device)]
+    a_length, b_length = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    a_unit = a / torch.where(a_length == 0, 1.0, a_length)
+    b_unit = b / torch.where(b_length == 0, 1.0, b_length)
+    cosine = (a_unit * b_unit).sum(dim=1, keepdim=True).clamp(-1, 1)
+    angle = torch.acos(cosine)
+    sine = torch.where(cosine.abs() > _PARALLEL, 1.0, torch.sin(angle))
+    direction = (torch.sin((1 - ratio) * angle) * a_unit + torch.sin(ratio * angle) * b_unit) / sine
+    turned = direction * ((1 - ratio) * a_length + ratio * b_length)
+    linear = (cosine.abs() > _PARALLEL) | (a_length == 0) | (b_length == 0) | (ratio == 0)
+    return torch.where(linear, (1 - ratio) * a + ratio * b, turned)
+
+
 def _method_input(methods: tuple[str, ...], default: str) -> Input:
     described = {
         "nearest-exact": "nearest-exact copies the nearest pixel (no new values)",
         "bilinear": "bilinear and bicubic are Pillow's filters, antialiased when shrinking",
         "area": "area averages the pixels each output pixel covers (best for shrinking)",
         "lanczos": "lanczos is Pillow's, in float (sharpest)",
+        "bislerp": "bislerp is bilinear that blends latent vectors spherically, keeping their magnitude",
     }
     return Input("method", STRING, "Resampling: " + "; ".join(text for name, text in described.items()
                                                              if name in methods) + ".",

@@ -34,11 +34,13 @@ def scaled(ctx: RunContext, image: torch.Tensor, method: str = "bilinear", width
                             crop=crop)["image"]
 
 
-def pillow_float(image: torch.Tensor, width: int, height: int, method: str) -> np.ndarray:
-    """Pillow's own float resize, one 32-bit float ("F") channel at a time, clamped to 0..1."""
-    channels = [[np.asarray(Image.fromarray(item[..., c], mode="F").resize((width, height), PILLOW_FILTERS[method]))
-                 for c in range(3)] for item in image.numpy()]
-    return np.clip(np.stack([np.stack(item, axis=-1) for item in channels]), 0, 1)
+def pillow_float(image: torch.Tensor, width: int, height: int, method: str, clamp: bool = True) -> np.ndarray:
+    """Pillow's own float resize of [B, H, W, C], one 32-bit float ("F") channel at a time, clamped to 0..1."""
+    channels = [[np.asarray(Image.fromarray(np.ascontiguousarray(item[..., c]), mode="F")
+                            .resize((width, height), PILLOW_FILTERS[method])) for c in range(item.shape[-1])]
+                for item in image.numpy()]
+    resized = np.stack([np.stack(item, axis=-1) for item in channels])
+    return np.clip(resized, 0, 1) if clamp else resized
 
 
 def mean_of_covered_pixels(image: torch.Tensor, width: int, height: int) -> np.ndarray:
@@ -135,14 +137,15 @@ def test_an_upscaled_latent_keeps_its_family_and_scale_and_is_no_longer_an_encod
 
 
 @pytest.mark.parametrize("method", ["bilinear", "bicubic", "area"])
-def test_latents_are_resampled_like_images_without_the_clamp(ctx: RunContext, method: str) -> None:
+def test_latents_are_resampled_as_images_are_but_not_clamped(ctx: RunContext, method: str) -> None:
     latent = encoded_latent()
     latent = latent.replace(samples=latent.samples * 8 - 4)  # latents range beyond 0..1
-    result = upscaled(ctx, latent, method, width=80, height=24)
-    expected = ImageScale().run(ctx, image=latent.samples.permute(0, 2, 3, 1) / 8 + 0.5, method=method, width=10,
-                                height=3, scale_by=1.0, crop="disabled")["image"]
-    assert result.samples.shape == (1, 4, 3, 10) and result.samples.min() < 0
-    torch.testing.assert_close(result.samples, (expected.permute(0, 3, 1, 2) - 0.5) * 8)
+    result = upscaled(ctx, latent, method, width=80, height=24).samples
+    channels_last = latent.samples.permute(0, 2, 3, 1)
+    expected = mean_of_covered_pixels(channels_last, 10, 3) if method == "area" else \
+        pillow_float(channels_last, 10, 3, method, clamp=False)
+    assert result.shape == (1, 4, 3, 10) and result.min() < 0
+    np.testing.assert_allclose(result.permute(0, 2, 3, 1).numpy(), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(("width", "height", "scale_by", "expected"), [
@@ -154,6 +157,31 @@ def test_latents_are_resampled_like_images_without_the_clamp(ctx: RunContext, me
 def test_latent_sizes_are_whole_latents(ctx: RunContext, width: int, height: int, scale_by: float,
                                         expected: tuple[int, int]) -> None:
     assert upscaled(ctx, encoded_latent(), width=width, height=height, scale_by=scale_by).size == expected
+
+
+def test_bislerp_is_bilinear_for_latent_vectors_that_point_the_same_way(ctx: RunContext) -> None:
+    lengths = torch.rand(1, 1, 4, 6, generator=torch.Generator().manual_seed(1)) + 0.1
+    latent = encoded_latent().replace(samples=lengths * torch.tensor([0.2, 0.4, -0.4, 0.8]).view(1, 4, 1, 1))
+    torch.testing.assert_close(upscaled(ctx, latent, "bislerp", scale_by=2.5).samples,
+                               upscaled(ctx, latent, "bilinear", scale_by=2.5).samples)
+
+
+def test_bislerp_keeps_the_length_of_unit_latent_vectors_where_bilinear_shrinks_them(ctx: RunContext) -> None:
+    directions = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(2))
+    latent = encoded_latent().replace(samples=directions / directions.norm(dim=1, keepdim=True))
+    lengths = {method: upscaled(ctx, latent, method, scale_by=2.0).samples.norm(dim=1)
+               for method in ("bislerp", "bilinear")}
+    torch.testing.assert_close(lengths["bislerp"], torch.ones(1, 8, 12))
+    assert lengths["bilinear"].min() < 0.9
+    assert torch.equal(upscaled(ctx, latent, "bislerp").samples, latent.samples)  # the same size: unchanged
+
+
+def test_bislerp_blends_zero_and_opposite_vectors_linearly(ctx: RunContext) -> None:
+    samples = torch.zeros(1, 4, 2, 2)
+    samples[0, :, 0, 0], samples[0, :, 1, 1] = torch.tensor([1.0, 0, 0, 0]), torch.tensor([-1.0, 0, 0, 0])
+    latent = encoded_latent().replace(samples=samples)
+    torch.testing.assert_close(upscaled(ctx, latent, "bislerp", scale_by=3.0).samples,
+                               upscaled(ctx, latent, "bilinear", scale_by=3.0).samples)
 
 
 def test_a_latent_size_that_is_not_whole_latents_is_refused(ctx: RunContext) -> None:
