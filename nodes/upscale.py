@@ -78,47 +78,52 @@ def resample(samples: torch.Tensor, width: int, height: int, method: str) -> tor
     import torch
 
     samples = samples.to(torch.float32)
-    if method == "bislerp":
-        return _slerp_across(_slerp_across(samples, width).transpose(2, 3), height).transpose(2, 3)
-    if method == "lanczos":
-        rows, columns = samples.shape[2:]
-        horizontal = lanczos_weights(columns, width).to(samples.device)
-        vertical = lanczos_weights(rows, height).to(samples.device)
-        return vertical @ (samples @ horizontal.T)  # across first, as Pillow does
+    if method in _SEPARABLE:  # across first, then down, as Pillow does; rows are gathered whole (contiguous)
+        down = _SEPARABLE[method]
+        return down(down(samples.transpose(2, 3).contiguous(), width).transpose(2, 3).contiguous(), height)
     antialias = {"antialias": True} if method in ("bilinear", "bicubic") else {}
     return torch.nn.functional.interpolate(samples, size=(height, width), mode=method, **antialias)
 
 
-def lanczos_weights(size: int, target: int) -> torch.Tensor:
-    """float32 [target, size]: how much each input pixel weighs in each output pixel, as Pillow's Resample.c
-    `precompute_coeffs` computes them for its LANCZOS filter (window, support and normalisation alike)."""
+def _lanczos_down(samples: torch.Tensor, height: int) -> torch.Tensor:
+    """float [B, C, H, W] resized to height rows by Pillow's LANCZOS filter: each output row is a weighted sum of
+    a few input rows, weights and window as Pillow's Resample.c `precompute_coeffs` computes them."""
+    import math
+
     import torch
 
-    scale = size / target
+    rows = samples.shape[2]
+    scale = rows / height
     stretch = max(scale, 1.0)  # shrinking widens the filter over every input pixel an output pixel covers
     support = _LANCZOS_LOBES * stretch
-    centres = ((torch.arange(target, dtype=torch.float64) + 0.5) * scale)[:, None]
-    positions = torch.arange(size, dtype=torch.float64)[None, :]
+    centres = ((torch.arange(height, dtype=torch.float64) + 0.5) * scale)[:, None]
+    first = torch.trunc(centres - support + 0.5).clamp(min=0)
+    positions = first + torch.arange(2 * math.ceil(support) + 1, dtype=torch.float64)  # [height, taps]
     x = (positions - centres + 0.5) / stretch
-    window = (positions >= torch.trunc(centres - support + 0.5).clamp(min=0)) & \
-        (positions < torch.trunc(centres + support + 0.5).clamp(max=size)) & (x >= -_LANCZOS_LOBES) & \
+    window = (positions < torch.trunc(centres + support + 0.5).clamp(max=rows)) & (x >= -_LANCZOS_LOBES) & \
         (x < _LANCZOS_LOBES)
     weights = torch.where(window, torch.sinc(x) * torch.sinc(x / _LANCZOS_LOBES), 0.0)
     totals = weights.sum(dim=1, keepdim=True)
-    return (weights / torch.where(totals == 0, 1.0, totals)).to(torch.float32)
+    # [taps, height] (and a column axis for the weights), each tap's row contiguous: gathering is the costly part
+    weights = (weights / torch.where(totals == 0, 1.0, totals)).T.contiguous().to(samples.device, samples.dtype)
+    indices = positions.clamp(max=rows - 1).long().T.contiguous().to(samples.device)
+    resized = samples[:, :, indices[0]] * weights[0, :, None]
+    for tap in range(1, len(indices)):  # a few whole rows per tap, not a dense [height, rows] product
+        resized += samples[:, :, indices[tap]] * weights[tap, :, None]
+    return resized
 
 
-def _slerp_across(samples: torch.Tensor, width: int) -> torch.Tensor:
-    """float [B, C, H, W] resized to width columns by bislerp: each output column blends the two input columns
-    around its centre (as bilinear, align_corners=False), each pixel's C-vector turned spherically."""
+def _slerp_down(samples: torch.Tensor, height: int) -> torch.Tensor:
+    """float [B, C, H, W] resized to height rows by bislerp: each output row blends the two input rows around its
+    centre (as bilinear, align_corners=False), each pixel's C-vector turned spherically."""
     import torch
 
-    columns = samples.shape[3]
-    positions = ((torch.arange(width, dtype=torch.float64) + 0.5) * columns / width - 0.5).clamp(0, columns - 1)
-    left = positions.floor().long()
-    right = (left + 1).clamp(max=columns - 1)
-    ratio = (positions - left).to(samples.dtype).to(samples.device)
-    a, b = samples[..., left.to(samples.device)], samples[..., right.to(samples.device)]
+    rows = samples.shape[2]
+    positions = ((torch.arange(height, dtype=torch.float64) + 0.5) * rows / height - 0.5).clamp(0, rows - 1)
+    above = positions.floor().long()
+    below = (above + 1).clamp(max=rows - 1)
+    ratio = (positions - above).to(samples.device, samples.dtype)[:, None]
+    a, b = samples[:, :, above.to(samples.device)], samples[:, :, below.to(samples.device)]
     a_length, b_length = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
     a_unit = a / torch.where(a_length == 0, 1.0, a_length)
     b_unit = b / torch.where(b_length == 0, 1.0, b_length)
@@ -129,6 +134,9 @@ def _slerp_across(samples: torch.Tensor, width: int) -> torch.Tensor:
     turned = direction * ((1 - ratio) * a_length + ratio * b_length)
     linear = (cosine.abs() > _PARALLEL) | (a_length == 0) | (b_length == 0) | (ratio == 0)
     return torch.where(linear, (1 - ratio) * a + ratio * b, turned)
+
+
+_SEPARABLE = {"lanczos": _lanczos_down, "bislerp": _slerp_down}
 
 
 def _method_input(methods: tuple[str, ...], default: str) -> Input:
