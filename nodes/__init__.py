@@ -17,6 +17,7 @@ from nodes.annotators import (
     PidiNet,
     ZoeDepth,
 )
+from nodes.adapters import T2IAdapterApply, T2IAdapterLoader
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
 from nodes.mask import (
@@ -42,4 +43,4 @@ NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImag
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
          Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop,
          HED, PidiNet, MLSD, OpenPose, Lineart, LineartAnime, NormalBae, MidasDepth, ZoeDepth, ContentShuffle,
-         LineartStandard, ImageScale, LatentUpscale)
+         LineartStandard, ImageScale, LatentUpscale, T2IAdapterLoader, T2IAdapterApply)

@@ -13,6 +13,7 @@ from graphflow.errors import NodeInputError
 from graphflow.models.components import FAMILY_NAMES, Autoencoder, DiffusionModel
 from graphflow.node import Input, Node, Output
 from graphflow.types import BOOL, CONDITIONING, CONTROL, FLOAT, IMAGE, INT, LATENT, MASK, MODEL, STRING, VAE
+from nodes.adapters import ADAPTER
 from nodes.conditioning import Conditioning
 from nodes.latents import LATENT_SCALE, Latent, check_size
 from nodes.schedulers import SCHEDULER_NAMES
@@ -58,6 +59,8 @@ class Sampler(Node):
               "prompt (the encoded empty prompt for SD1.5, zeros for SDXL).", optional=True),
         Input("control", CONTROL, "ControlNet applications from ControlApply; their residuals add up in list order.",
               optional=True, list=True),
+        Input("adapters", ADAPTER, "Adapter applications from T2IAdapterApply; several T2I-Adapters add up weighted "
+              "by their scales, beside the ControlNets.", optional=True, list=True),
         Input("latent", LATENT, "Start point: EmptyLatent for text-to-image, VAEEncode of an image for img2img (or "
               "inpainting, with a mask). Unlinked: text-to-image at width x height.", optional=True),
         Input("mask", MASK, "Inpainting: 1 (white) is repainted, 0 kept; the size of the latent's image. Unlinked: "
@@ -84,9 +87,10 @@ class Sampler(Node):
     outputs = (Output("latent", LATENT, "The denoised latents, for VAEDecode or another Sampler."),)
 
     def run(self, ctx: RunContext, model: DiffusionModel, positive: Conditioning, negative: Conditioning | None,
-            control: list[ControlApplication] | None, latent: Latent | None, mask: torch.Tensor | None,
-            seed: int, steps: int, cfg: float, scheduler: str, strength: float, guess_mode: bool, width: int,
-            height: int) -> dict[str, Any]:
+            control: list[ControlApplication] | None, adapters: list[Any] | None, latent: Latent | None,
+            mask: torch.Tensor | None, seed: int, steps: int, cfg: float, scheduler: str, strength: float,
+            guess_mode: bool, width: int, height: int) -> dict[str, Any]:
+        from nodes.adapters import adapter_contributors
         from nodes.backends import backend_for
         from nodes.denoise import SamplingRequest, sample
 
@@ -97,7 +101,7 @@ class Sampler(Node):
         batch, width, height = _output_size(model, geometry, controls, latent, width, height)
         _check_inpainting(model, backend.denoiser_channels(model), geometry, latent, mask, batch, width, height)
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seed, steps, cfg, scheduler,
-                                  strength, guess_mode, batch, width, height)
+                                  strength, guess_mode, batch, width, height, adapter_contributors(adapters or ()))
         return {"latent": Latent(sample(ctx, request), model.family, geometry.scale)}
 
 

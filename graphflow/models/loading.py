@@ -32,7 +32,7 @@ from graphflow.models.sources import ModelNotFoundError, ModelSource, require_sa
 # model_index.json names classes; only these are ever instantiated from it (a document is data, not code)
 _COMPONENT_CLASSES = {
     "UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers", "ControlNetModel": "diffusers",
-    "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
+    "T2IAdapter": "diffusers", "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
     "CLIPTokenizer": "transformers", "CLIPTokenizerFast": "transformers",
 }
 _PIPELINE_CLASSES = {
@@ -81,6 +81,16 @@ def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement
                     config: ModelSource | None = None) -> ControlNet:
     handle = _single_model(manager, source, where, "controlnet", "ControlNetModel", "controlnet", config)
     return ControlNet(family_of_unet_config(handle.config), source.key, handle)
+
+
+def load_t2i_adapter(manager: ModelManager, source: ModelSource, where: Placement,
+                     config: ModelSource | None = None) -> ModelHandle:
+    """A T2I-Adapter: its diffusers folder (or a pipeline folder's adapter/), or a single .safetensors file of its
+    weights in diffusers' layout with the config.json of `config` (diffusers converts no other layout for it)."""
+    if source.kind == "file" and config is None:
+        raise ModelNotFoundError(f"'{source.name}' is a single T2I-Adapter file, which holds no config: set the "
+                                 "loader's config input to the T2I-Adapter folder (or hub id) it belongs to")
+    return _single_model(manager, source, where, "t2i_adapter", "T2IAdapter", "adapter", config)
 
 
 def load_vae(manager: ModelManager, source: ModelSource, where: Placement,
@@ -175,7 +185,25 @@ def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -
 
 
 def _from_single_file(class_name: str, path: str, dtype: str, config: str | None) -> Any:
-    return _convert_single_file(_model_class(class_name), path, dtype, config)
+    model_class = _model_class(class_name)
+    if not hasattr(model_class, "from_single_file"):  # no original layout to convert: the file holds its weights
+        return _from_weights_file(model_class, path, dtype, config)
+    return _convert_single_file(model_class, path, dtype, config)
+
+
+def _from_weights_file(model_class: Any, path: str, dtype: str, config: str | None) -> Any:
+    """A model built from `config`'s config.json and given the weights of the .safetensors file at `path`."""
+    from safetensors.torch import load_file
+
+    try:
+        with quiet_progress():
+            model = model_class.from_config(model_class.load_config(config))
+            model.load_state_dict(load_file(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelNotFoundError(f"could not load {path} as a {model_class.__name__} with the config in '{config}' "
+                                 f"({type(error).__name__}: {error}); the file must hold the weights of a model with "
+                                 "that config, in diffusers' layout") from error
+    return model.to(torch_dtype(dtype)).eval()
 
 
 def _convert_single_file(model_class: Any, path: str, dtype: str, config: str | None, **extra: Any) -> Any:

@@ -8,6 +8,7 @@
     sdxl-vae/             a separate SDXL VAE folder (as an fp16-fixed VAE would be)
     controlnet-canny/, controlnet-depth/, controlnet-pose/   SD1.5 ControlNets with different weights
     controlnet-sdxl/      an SDXL ControlNet
+    t2i-adapter-canny/, t2i-adapter-depth/, t2i-adapter-sdxl/, t2i-adapter-sdxl-depth/   T2I-Adapters (SD1.5, SDXL)
     dpt/                  a depth-estimation DPT model with its image processor
 
 The models keep the real ones' geometry where it matters (latents are 1/8 of the image size,
@@ -30,6 +31,8 @@ from graphflow.models.tiny_depth import write_tiny_dpt
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "skip_prk_steps": True}
 CONTROLNETS = {"controlnet-canny": 11, "controlnet-depth": 12, "controlnet-pose": 13}
+T2I_ADAPTERS = {"t2i-adapter-canny": (False, 21), "t2i-adapter-depth": (False, 22), "t2i-adapter-sdxl": (True, 23),
+                "t2i-adapter-sdxl-depth": (True, 24)}
 _VOCAB_SIZE = 514  # 256 byte symbols, the same with "</w>", then start and end of text
 
 # each tiny model's writer, by name; a writer fills an empty folder (torch and diffusers load only when one runs)
@@ -41,6 +44,8 @@ _WRITERS: dict[str, Callable[[Path], Any]] = {
     "controlnet-sdxl": lambda folder: _controlnet(sdxl=True, seed=14).save_pretrained(folder),
     **{name: (lambda folder, seed=seed: _controlnet(sdxl=False, seed=seed).save_pretrained(folder))
        for name, seed in CONTROLNETS.items()},
+    **{name: (lambda folder, sdxl=sdxl, seed=seed: _t2i_adapter(sdxl, seed).save_pretrained(folder))
+       for name, (sdxl, seed) in T2I_ADAPTERS.items()},
     "dpt": write_tiny_dpt,
 }
 TINY_NAMES = tuple(_WRITERS)
@@ -151,6 +156,18 @@ def _controlnet(sdxl: bool, seed: int) -> Any:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
     return controlnet
+
+
+def _t2i_adapter(sdxl: bool, seed: int) -> Any:
+    """A T2I-Adapter whose features fit the tiny UNets. Their first down block has no attention, so it takes its
+    feature after downsampling, at 1/16 of the image: SDXL's layout (16 and 32 channels, both at 1/16) fits; SD1.5's
+    halves the size after each feature, so the SD1.5 adapter has only the first one."""
+    import torch
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    return T2IAdapter(in_channels=3, channels=[16, 32] if sdxl else [16], num_res_blocks=1, downscale_factor=16,
+                      adapter_type="full_adapter_xl" if sdxl else "full_adapter")
 
 
 def _scheduler() -> Any:
