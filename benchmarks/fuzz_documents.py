@@ -38,7 +38,7 @@ from graphflow.events import CancelToken
 from graphflow.node import Input
 from graphflow.registry import NodeRegistry
 from graphflow.templates import parse_assignments
-from graphflow.types import ALL_TYPES
+from graphflow.types import BUILTIN_TYPES
 from graphflow.validation import compile_document, validate_document
 
 GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
@@ -147,7 +147,7 @@ def _param(rng: random.Random) -> Any:
         if type_name != "IMAGE" and rng.random() < 0.5:
             declared["default"] = literal(rng, Input("p", type_name))
         return declared
-    declaration: dict[str, Any] = {"type": rng.choice((*sorted(ALL_TYPES), "int", 3))}
+    declaration: dict[str, Any] = {"type": rng.choice((*sorted(BUILTIN_TYPES), "int", 3))}
     for key in ("default", "description", "min", "max", "choices"):
         if rng.random() < 0.3:
             declaration[key] = junk(rng) if rng.random() < 0.5 else rng.choice((1, 0.5, "x", [1, 2], True))

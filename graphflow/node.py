@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from graphflow import types
+from graphflow.document import NAME_PATTERN
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 
 if TYPE_CHECKING:
@@ -135,7 +136,11 @@ INSTANCE_ATTRIBUTES = frozenset({"values"})  # set on each use of a node in the 
 
 
 class Node:
-    """Base class of every node type. Subclasses declare, they do not register themselves."""
+    """Base class of every node type. Subclasses declare, they do not register themselves.
+
+    A declaration is checked when the class is made: names, types (built-in or registered with
+    `graphflow.types.register`), defaults, and that `run` takes exactly the declared inputs.
+    """
 
     type_name: ClassVar[str] = "Node"
     version: ClassVar[str] = "1.0.0"
@@ -153,28 +158,18 @@ class Node:
         if "type_name" not in cls.__dict__:
             cls.type_name = cls.__name__
         if not isinstance(cls.type_name, str) or not cls.type_name:
-            raise TypeError(f"{cls.__name__}: type_name must be a non-empty text, not {cls.type_name!r}")
-        unwritable = [spec.name for spec in cls.inputs if not _literal(spec.default)
-                      or (spec.choices is not None and not all(map(_literal, spec.choices)))]
-        if unwritable:  # documents, the schema and `graphflow nodes` write them as JSON
-            raise TypeError(f"{cls.type_name}: inputs {unwritable} have defaults or choices that are not JSON values")
-        cls.input_map = {spec.name: spec for spec in cls.inputs}
-        cls.output_map = {spec.name: spec for spec in cls.outputs}
-        if len(cls.input_map) != len(cls.inputs) or len(cls.output_map) != len(cls.outputs):
-            raise TypeError(f"{cls.type_name}: input and output names must be unique")
-        shadowed = [name for name in cls.output_map if hasattr(cls, name) or name in INSTANCE_ATTRIBUTES]
-        if shadowed:
-            raise TypeError(f"{cls.type_name}: output names {shadowed} clash with Node attributes")
-        keyed_lists = [spec.name for spec in cls.inputs if spec.list and (spec.file or spec.model)]
-        if keyed_lists:  # each file or source is read and keyed on its own: a list of them has no one place to be
-            raise TypeError(f"{cls.type_name}: inputs {keyed_lists} are lists of files or model sources, which "
-                            "graphflow cannot key; declare one input per file")
-        unknown = [spec.type for spec in (*cls.inputs, *cls.outputs) if spec.type not in types.ALL_TYPES]
-        if unknown:
-            raise TypeError(f"{cls.type_name}: unknown types {unknown}")
+            raise TypeError(f"{cls.__qualname__}: type_name must be a non-empty text, not {cls.type_name!r}")
+        problems = _declaration_problems(cls)
+        if not problems:
+            cls.input_map = {spec.name: spec for spec in cls.inputs}
+            cls.output_map = {spec.name: spec for spec in cls.outputs}
+            # a base that declares nothing yet (its subclasses do) is checked in them, and when registered
+            problems = run_signature_problems(cls) if cls.inputs or cls.outputs else []
+        if problems:
+            raise TypeError(f"{declared_as(cls)}: " + "; ".join(problems))
         cls.__signature__ = builder_signature(cls.inputs)
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, /, **values: Any) -> None:  # positional-only, so that an input may be named "self"
         errors: list[GraphError] = []
         for name, value in values.items():
             spec = self.input_map.get(name)
@@ -195,13 +190,121 @@ class Node:
     def __getitem__(self, name: str) -> OutputRef:
         return self.__getattr__(name)
 
-    def run(self, ctx: RunContext, **inputs: Any) -> dict[str, Any]:
+    def run(self, ctx: RunContext, /, **inputs: Any) -> dict[str, Any]:
         """Map input values to a dict of output values. Must not change its inputs."""
         raise NotImplementedError
 
     def outputs_still_valid(self, outputs: dict[str, Any]) -> bool:
         """Whether a cached result may be reused (output nodes check their files still exist)."""
         return True
+
+
+def declared_as(cls: type[Node]) -> str:
+    """How errors name a node class: its type name and where the class is defined."""
+    return f"{cls.type_name} ({cls.__module__}.{cls.__qualname__})"
+
+
+def _declaration_problems(cls: type[Node]) -> list[str]:
+    """What is wrong with a node class's inputs and outputs (empty when nothing is)."""
+    if not (isinstance(cls.inputs, tuple | list) and all(isinstance(spec, Input) for spec in cls.inputs)):
+        return [f"inputs must be a tuple of Input, not {types.show_value(cls.inputs)}"]
+    if not (isinstance(cls.outputs, tuple | list) and all(isinstance(spec, Output) for spec in cls.outputs)):
+        return [f"outputs must be a tuple of Output, not {types.show_value(cls.outputs)}"]
+    problems: list[str] = []
+    names = [spec.name for spec in (*cls.inputs, *cls.outputs)]
+    badly_named = [name for name in names if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name)]
+    if badly_named:  # documents write them as input keys and in "node.output" links
+        problems.append(f"names {badly_named} are not letters, digits, '_' and '-' (starting with a letter, digit "
+                        "or '_')")
+    input_names, output_names = [spec.name for spec in cls.inputs], [spec.name for spec in cls.outputs]
+    if len(set(input_names)) != len(input_names) or len(set(output_names)) != len(output_names):
+        problems.append("input and output names must be unique")
+    shadowed = [name for name in output_names if isinstance(name, str) and reserved_output_name(cls, name)]
+    if shadowed:
+        problems.append(f"outputs {shadowed} are named like attributes of the node in the builder "
+                        f"(node.{shadowed[0]} must be the output); rename them")
+    problems.extend(_type_problems(cls))
+    unwritable = [spec.name for spec in cls.inputs if not _literal(spec.default)
+                  or (spec.choices is not None and not all(map(_literal, spec.choices)))]
+    if unwritable:  # documents, the schema and `graphflow nodes` write them as JSON
+        problems.append(f"inputs {unwritable} have defaults or choices that are not JSON values")
+    linked_defaults = [spec.name for spec in cls.inputs if not spec.accepts_literal and types.is_known(spec.type)
+                       and spec.default is not REQUIRED and spec.default is not None]
+    if linked_defaults:
+        problems.append(f"inputs {linked_defaults} take values only through links, so their default can only be "
+                        "None (declare them optional=True instead)")
+    keyed_lists = [spec.name for spec in cls.inputs if spec.list and (spec.file or spec.model)]
+    if keyed_lists:  # each file or source is read and keyed on its own: a list of them has no one place to be
+        problems.append(f"inputs {keyed_lists} are lists of files or model sources, which graphflow cannot key; "
+                        "declare one input per file")
+    return problems
+
+
+def _type_problems(cls: type[Node]) -> list[str]:
+    """Inputs and outputs whose type is neither built in nor registered."""
+    problems = []
+    for kind, specs in (("input", cls.inputs), ("output", cls.outputs)):
+        for spec in specs:
+            if types.is_known(spec.type):
+                continue
+            if not isinstance(spec.type, str):
+                problems.append(f"{kind} '{spec.name}' has type {types.show_value(spec.type)}, which is not a type "
+                                "name (use graphflow.types.IMAGE and the like)")
+                continue
+            upper = spec.type.upper()
+            hint = f"; did you mean {upper!r}?" if types.is_known(upper) else \
+                did_you_mean(spec.type, types.known_types())
+            problems.append(f"{kind} '{spec.name}' has unknown type {spec.type!r}{hint}; a node pack's own type "
+                            f"must be registered before its nodes are declared: "
+                            f"graphflow.types.register({spec.type!r}, \"what its values are\")")
+    return problems
+
+
+def reserved_output_name(cls: type[Node], name: str) -> bool:
+    """Whether an output of `cls` may not be called `name`: in the builder `node.name` is the output, so it cannot
+    be an attribute of the node (a method, a class attribute, one the builder sets, or one Python looks up
+    itself, named with a leading '_')."""
+    return name.startswith("_") or name in INSTANCE_ATTRIBUTES or hasattr(cls, name) or \
+        any(name in inspect.get_annotations(base) for base in cls.__mro__)
+
+
+def run_signature_problems(cls: type[Node]) -> list[str]:
+    """How `cls.run` disagrees with the declared inputs: the engine calls `run(ctx, **inputs)` with every declared
+    input, so run must take each by name (or take **inputs) and nothing else (declared once, in `inputs`)."""
+    try:
+        signature = inspect.signature(cls.run)
+    except (TypeError, ValueError):  # a run that inspect cannot read (written in C): nothing to compare
+        return []
+    parameters = list(signature.parameters.values())
+    bound = [] if not inspect.isfunction(inspect.getattr_static(cls, "run")) else parameters[:1]  # self
+    parameters = parameters[len(bound):]
+    kinds = inspect.Parameter
+    if not parameters or parameters[0].kind not in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD,
+                                                    kinds.VAR_POSITIONAL):
+        return [f"run{signature} must take the run context first: run(self, ctx, ...)"]
+    context = [] if parameters[0].kind == kinds.VAR_POSITIONAL else parameters[:1]
+    rest = parameters[len(context):]
+    problems = []
+    taken = [parameter.name for parameter in (*bound, *context) if parameter.kind != kinds.POSITIONAL_ONLY]
+    clashing = [name for name in taken if name in cls.input_map]
+    if clashing:
+        problems.append(f"inputs {clashing} have the names of run's own parameters (self, ctx); rename the "
+                        "inputs or those parameters")
+    positional = [parameter.name for parameter in rest if parameter.kind == kinds.POSITIONAL_ONLY]
+    if positional:
+        problems.append(f"run's parameters {positional} are positional-only, but inputs are passed by name")
+    named = {parameter.name: parameter for parameter in rest
+             if parameter.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    extra = [name for name in named if name not in cls.input_map]
+    if extra:
+        problems.append(f"run takes parameters {extra} that are not declared inputs "
+                        f"(declared: {', '.join(cls.input_map) or 'none'}); declare them or remove them from run")
+    if not any(parameter.kind == kinds.VAR_KEYWORD for parameter in rest):
+        missing = [name for name in cls.input_map if name not in named and name not in clashing]
+        if missing:
+            problems.append(f"run does not take the declared inputs {missing}; add them to run's parameters "
+                            "(or take **inputs)")
+    return problems
 
 
 def builder_signature(inputs: tuple[Input, ...]) -> inspect.Signature:

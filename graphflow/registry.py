@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from importlib.metadata import entry_points
 
 from graphflow.errors import GraphflowError
-from graphflow.node import Node
+from graphflow.node import Node, declared_as, run_signature_problems
 
 ENTRY_POINT_GROUP = "graphflow.nodes"
 
@@ -29,6 +29,9 @@ class NodeRegistry:
             self.register(node)
 
     def register(self, node: type[Node]) -> type[Node]:
+        problems = run_signature_problems(node)  # checked at declaration too, unless the class declared nothing
+        if problems:
+            raise RegistryError(f"{declared_as(node)} cannot be registered: " + "; ".join(problems))
         existing = self._nodes.get(node.type_name)
         if existing is not None and existing is not node:
             raise RegistryError(f"node type {node.type_name!r} is declared twice: "

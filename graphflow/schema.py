@@ -15,6 +15,7 @@ from graphflow.node import REQUIRED, Input, Node
 from graphflow.registry import NodeRegistry
 from graphflow.validation import NODE_ID
 
+TYPE_KEYWORD = "x-graphflow-type"  # on each input: its value type (JSON Schema keeps unknown keywords as annotations)
 _LITERAL_SCHEMAS = {types.INT: "integer", types.FLOAT: "number", types.BOOL: "boolean", types.STRING: "string"}
 
 
@@ -84,7 +85,8 @@ def input_schema(spec: Input) -> dict[str, Any]:
     if literal is not None:
         single.insert(0, literal)
     options = single + ([{"type": "array", "items": {"anyOf": single}}] if spec.list else [])
-    schema: dict[str, Any] = {"anyOf": options, "description": spec.description}
+    # the value type is an annotation for tools (editors, UIs): JSON cannot check an IMAGE, only a link to one
+    schema: dict[str, Any] = {"anyOf": options, "description": spec.description, TYPE_KEYWORD: spec.type}
     if spec.default is not REQUIRED:
         schema["default"] = spec.default
     return schema
@@ -105,6 +107,8 @@ def _literal_schema(spec: Input) -> dict[str, Any] | None:
 
 
 def _param_schema() -> dict[str, Any]:
+    # every type known when the schema is made, the node packs' own among them, each with what its values are
+    value_types = [{"const": name, "description": spec.description} for name, spec in types.known_types().items()]
     return {"type": "object", "required": ["type"], "additionalProperties": False,
-            "properties": {"type": {"enum": sorted(types.ALL_TYPES)}, "default": {}, "description": {"type": "string"},
+            "properties": {"type": {"anyOf": value_types}, "default": {}, "description": {"type": "string"},
                            "min": {"type": "number"}, "max": {"type": "number"}, "choices": {"type": "array"}}}

@@ -17,7 +17,7 @@ from graphflow.cache import file_digest
 from graphflow.compiled import Link
 from graphflow.document import NAME_PATTERN, migrate, parse_document, read_document_text, shape_errors
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
-from graphflow.node import INSTANCE_ATTRIBUTES, REQUIRED, Input, Node, Output
+from graphflow.node import REQUIRED, Input, Node, Output, reserved_output_name
 from graphflow.paths import file_kind
 from graphflow.registry import NodeRegistry
 
@@ -72,8 +72,8 @@ def _declaration_problems(declaration: Any) -> tuple[str, str, str] | None:
     if not isinstance(declaration, dict):
         return "must be declared as an object", '{"type": ...}', types.describe_literal(declaration)
     type_name = declaration.get("type")
-    if not isinstance(type_name, str) or type_name not in types.ALL_TYPES:
-        return "has an unknown type", f"one of {', '.join(sorted(types.ALL_TYPES))}", types.describe_literal(type_name)
+    if not isinstance(type_name, str) or not types.is_known(type_name):
+        return "has an unknown type", f"one of {', '.join(types.known_types())}", types.describe_literal(type_name)
     extra = sorted(set(declaration) - _PARAM_KEYS)
     if extra:
         return f"has unknown keys {extra}", f"keys among {sorted(_PARAM_KEYS)}", str(extra)
@@ -99,7 +99,7 @@ class TemplateNode(Node):
     template_path: Path
     template_document: dict[str, Any]
 
-    def run(self, ctx: Any, **inputs: Any) -> dict[str, Any]:
+    def run(self, ctx: Any, /, **inputs: Any) -> dict[str, Any]:  # params may be named ctx or self
         raise TypeError("template nodes are expanded into their nodes before a run")
 
 
@@ -165,8 +165,7 @@ class TemplateLoader:
             errors.append(GraphError(Code.INVALID_DOCUMENT, '"nodes" and "outputs" must be objects',
                                      expected="objects", found="something else"))
         elif clashes := [name for name, target in targets.items() if not isinstance(target, str)
-                         or not NAME_PATTERN.fullmatch(name) or hasattr(TemplateNode, name)
-                         or name in INSTANCE_ATTRIBUTES]:
+                         or not NAME_PATTERN.fullmatch(name) or reserved_output_name(TemplateNode, name)]:
             errors.append(GraphError(Code.INVALID_DOCUMENT, f"outputs {clashes} cannot be template outputs: each must "
                                      'be a "node.output" text, named like a param and other than a Node attribute '
                                      "such as run", expected="other output names", found=types.show_value(clashes)))

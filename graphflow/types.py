@@ -1,14 +1,21 @@
 """The value types that flow along edges, and which edges are legal.
 
 Types are plain strings so that documents, schemas and error messages show them as users
-write them. INT widens to FLOAT; nothing else converts implicitly.
+write them. INT widens to FLOAT; nothing else converts implicitly. Node packs add types of
+their own with `register` (a LoRA, a CLIP vision model): those travel only through links,
+between inputs and outputs of exactly that type.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import reprlib
+import threading
+from dataclasses import dataclass
 from typing import Any
+
+from graphflow.errors import GraphflowError
 
 IMAGE = "IMAGE"  # float32 tensor [B, H, W, 3], 0..1
 MASK = "MASK"  # float32 tensor [B, H, W], 1 = repaint / selected
@@ -26,9 +33,83 @@ BOOL = "BOOL"
 STRING = "STRING"
 
 SCALAR_TYPES = frozenset({INT, FLOAT, BOOL, STRING})
-ALL_TYPES = frozenset(
-    {IMAGE, MASK, LATENT, CONDITIONING, CONTROL, MODEL, CLIP, VAE, CONTROLNET, PATHS} | SCALAR_TYPES
-)
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """A type that inputs and outputs may declare. Only the built-in scalars have literals."""
+
+    name: str
+    description: str = ""
+    builtin: bool = False
+
+
+_BUILTIN = {spec.name: spec for spec in (
+    ValueType(IMAGE, "float32 tensor [B, H, W, 3], RGB, values 0..1", True),
+    ValueType(MASK, "float32 tensor [B, H, W], 1 = repaint / selected, 0 = keep", True),
+    ValueType(LATENT, "latents [B, 4, H/8, W/8] with an optional noise mask and their model family", True),
+    ValueType(CONDITIONING, "prompt embeddings (pooled too for SDXL) with their model family", True),
+    ValueType(CONTROL, "one ControlNet application: controlnet, image, scale, start, end", True),
+    ValueType(MODEL, "a denoiser (UNet) held by the model manager, with its patches", True),
+    ValueType(CLIP, "text encoders and tokenizers held by the model manager", True),
+    ValueType(VAE, "an autoencoder held by the model manager", True),
+    ValueType(CONTROLNET, "a ControlNet held by the model manager", True),
+    ValueType(PATHS, "the files an output node wrote", True),
+    ValueType(INT, "a 64-bit integer", True),
+    ValueType(FLOAT, "a finite number", True),
+    ValueType(BOOL, "true or false", True),
+    ValueType(STRING, "text", True),
+)}
+BUILTIN_TYPES = frozenset(_BUILTIN)
+TYPE_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # like the built-in names; always fullmatch
+# name -> declaration. Replaced whole under the lock, never changed in place: readers (validation, every node
+# class being declared) take it without locking and see one consistent table.
+_types: dict[str, ValueType] = dict(_BUILTIN)
+_registering = threading.Lock()
+
+
+class TypeRegistrationError(GraphflowError, ValueError):
+    """A value type cannot be registered: a bad name, or a name already registered differently."""
+
+
+def register(name: str, description: str = "") -> str:
+    """Declare a value type for node packs' inputs and outputs, and return its name.
+
+    Call it at import time, before declaring the nodes that use it: `LORA = types.register("LORA", "a LoRA
+    patch")`. Values of the type are never written literally; they flow through links between inputs and
+    outputs of exactly this type, and their nodes' cache keys follow the keys upstream. Registering a name
+    again with the same description is harmless (two packs may share a type); with another, it is an error.
+    """
+    if type(name) is not str or not TYPE_NAME.fullmatch(name):
+        raise TypeRegistrationError(f"type name {show_value(name)} must be upper case letters, digits and '_', "
+                                    "starting with a letter, at most 64 characters, like IMAGE or CLIP_VISION")
+    if type(description) is not str:
+        raise TypeRegistrationError(f"the description of type {name} must be text, not {show_value(description)}")
+    wanted = ValueType(name, description)
+    global _types
+    with _registering:
+        existing = _types.get(name)
+        if existing is None:
+            _types = {**_types, name: wanted}
+        elif existing.builtin:
+            raise TypeRegistrationError(f"{name} is a built-in type ({existing.description}); "
+                                        "choose another name for a type of your own")
+        elif existing != wanted:
+            raise TypeRegistrationError(f"type {name} is already registered as {existing.description!r}, not "
+                                        f"{description!r}; one of the node packs must rename its type")
+    return name
+
+
+def is_known(name: object) -> bool:
+    """Whether `name` is a built-in or registered type."""
+    return isinstance(name, str) and name in _types
+
+
+def known_types() -> dict[str, ValueType]:
+    """Every type by name, built-in and registered, in name order."""
+    table = _types
+    return {name: table[name] for name in sorted(table)}
+
 
 _JSON_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "object"}
 
