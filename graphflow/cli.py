@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="bound on model weights kept on the device; least recently used models leave first "
                           "(default: keep 1 GiB of GPU memory free)")
     run.add_argument("--compile", action="store_true", help="torch.compile UNets and ControlNets (slow first step)")
+    _add_memory_options(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(command=_run)
 
@@ -124,6 +125,27 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of graph documents")
     schema.set_defaults(command=_schema)
     return parser
+
+
+def _add_memory_options(run: argparse.ArgumentParser) -> None:
+    """The memory options for large images (graphflow.models.memory): run options like --device."""
+    run.add_argument("--vae-tiling", action="store_true",
+                     help="encode and decode in overlapping tiles: large images in bounded memory (changes pixels)")
+    run.add_argument("--vae-tile-size", type=_positive("pixels"), default=None, metavar="PX",
+                     help="with --vae-tiling: the tile size in pixels (default: the VAE's, 512 for SD1.5)")
+    run.add_argument("--vae-slicing", action="store_true", help="encode and decode a batch one image at a time")
+    run.add_argument("--attention-slicing", type=_slice_size, nargs="?", const="auto", default=None,
+                     metavar="auto|max|N", help="compute UNet and ControlNet attention in slices (default when given: "
+                     "auto, half the heads at a time; max: one; N: N heads per slice)")
+
+
+def _slice_size(text: str) -> str | int:
+    return text if text in ("auto", "max") else _positive("attention heads per slice")(text)
+
+
+def _memory_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"vae_tiling": args.vae_tiling, "vae_tile_size": args.vae_tile_size, "vae_slicing": args.vae_slicing,
+            "attention_slicing": args.attention_slicing}
 
 
 def _positive(unit: str) -> Callable[[str], int]:
@@ -235,7 +257,8 @@ def _execute(args: argparse.Namespace, registry: NodeRegistry, on_event: EventHa
 
     models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
                           offload=args.offload, compile=args.compile)
-    options = {"device": args.device, "dtype": args.dtype, "max_image_pixels": args.max_image_pixels}
+    options = {"device": args.device, "dtype": args.dtype, "max_image_pixels": args.max_image_pixels,
+               **_memory_options(args)}
     engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
                     cache_bytes=args.memory_cache_mb << 20, options=options, models=models)
     params = parse_assignments(load_document(args.graph), args.assignments)

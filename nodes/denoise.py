@@ -26,6 +26,7 @@ from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
 from graphflow.models.components import DiffusionModel
 from graphflow.models.devices import torch_dtype
+from graphflow.models.memory import hold_sliced, memory_options, sliced_attention
 from nodes.backends import Geometry, Prompt, UNetBackend, backend_for
 from nodes.conditioning import Conditioning, ControlApplication
 from nodes.latents import Latent, binary_mask, sample_encoded
@@ -121,6 +122,7 @@ class Session:
     scheduler: Any
     device: str
     dtype: torch.dtype
+    attention_slicing: str | int | None = None  # the run's option: the held UNet and ControlNets slice attention
 
 
 class Contributor(Protocol):
@@ -148,7 +150,8 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
     prompt = backend.prompt(guider.rows(request.positive, negative), request.batch, request.width, request.height,
                             device, dtype)
     scheduler = make_scheduler(request.scheduler, model.scheduler_config)
-    session = Session(request, backend, backend.geometry(model), guider, prompt, scheduler, device, dtype)
+    session = Session(request, backend, backend.geometry(model), guider, prompt, scheduler, device, dtype,
+                      memory_options(ctx.options).attention_slicing)
     contributors: list[Any] = [ControlNets(request.controls)] if request.controls else []
     contributors.extend(request.contributors)
     generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -157,7 +160,7 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
         if inpainting is not None:
             contributors.append(inpainting)
         with ExitStack() as held:
-            denoiser = held.enter_context(model.use())
+            denoiser = held.enter_context(sliced_attention(held.enter_context(model.use()), session.attention_slicing))
             for contributor in contributors:
                 contributor.hold(held, session)
             loop = _Loop(session, denoiser, contributors)
@@ -178,7 +181,9 @@ class ControlNets:
         self.session = session
         duplicate = session.guider.guided and not self.guess_mode
         images = [_control_image(control, request, duplicate) for control in self.controls]
-        nets = [held.enter_context(control.controlnet.controlnet.use()) for control in self.controls]
+        # each held alone: attention slicing changes the module other graphs share
+        nets = hold_sliced(held, [control.controlnet.controlnet for control in self.controls],
+                           session.attention_slicing)
         self.active = list(zip(nets, images, self.controls, strict=True))
 
     def contribute(self, call: DenoiserCall) -> None:

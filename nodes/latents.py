@@ -9,12 +9,15 @@ VAEEncode adds the encoder's distribution (`moments`), which the Sampler samples
 generator in the order the diffusers pipelines do (their VAE encode draws from the pipeline's generator);
 with a mask it adds the mask and the masked image's distribution (for 9-channel inpainting UNets).
 `samples` of an encoded image is the distribution's mean, scaled: what VAEDecode shows of it.
+
+Both hold the VAE alone while they run (`held_vae`): the run's VAE tiling / slicing and an fp32 upcast change the
+module every graph shares, only inside that block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 from graphflow.disk_format import payload
 from graphflow.errors import NodeInputError
 from graphflow.models.components import Autoencoder
+from graphflow.models.memory import MemoryOptions
 
 if TYPE_CHECKING:
     import torch
 
 LATENT_SCALE = 8  # pixels per latent along each side of SD1.5 and SDXL VAEs: EmptyLatent's default
+NO_MEMORY_OPTIONS = MemoryOptions()  # no VAE tiling or slicing: the pipelines' default
 
 
 @payload
@@ -117,7 +122,18 @@ def precision(module: Any, upcast: bool) -> Iterator[Any]:
             module.to(dtype)
 
 
-def encode(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
+@contextmanager
+def held_vae(vae: Autoencoder, memory: MemoryOptions, upcast: Callable[[Any], bool]) -> Iterator[Any]:
+    """The VAE module held by this block alone, tiled / sliced as `memory` asks, in fp32 when `upcast(module)`;
+    exactly as it was again after the block (other graphs share it)."""
+    from graphflow.models.memory import configured_vae, exclusive
+
+    with exclusive(vae.vae) as module, configured_vae(module, memory, vae.scale), \
+            precision(module, upcast(module)) as model:
+        yield model
+
+
+def encode(vae: Autoencoder, pixels: torch.Tensor, memory: MemoryOptions = NO_MEMORY_OPTIONS) -> torch.Tensor:
     """The encoder's distribution parameters (mean and log-variance, [B, 8, h, w]) of pixels in -1..1.
 
     The pixels are rounded to the weights' dtype first, even when the VAE runs upcast: the pipelines
@@ -125,18 +141,17 @@ def encode(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
     """
     from graphflow.models import torch_dtype
 
-    with vae.vae.use() as module, \
-            precision(module, needs_upcast(vae, module, vae.precision_family, encoding=True)) as model:
+    with held_vae(vae, memory, lambda module: needs_upcast(vae, module, vae.precision_family, encoding=True)) as model:
         rounded = pixels.to(vae.vae.key.device, torch_dtype(vae.vae.key.dtype))
         return model.encode(rounded.to(model.dtype)).latent_dist.parameters
 
 
-def decode(vae: Autoencoder, latent: Latent) -> torch.Tensor:
+def decode(vae: Autoencoder, latent: Latent, memory: MemoryOptions = NO_MEMORY_OPTIONS) -> torch.Tensor:
     """IMAGE [B, H, W, 3] float32 on the CPU: `vae.decode(latents / scaling_factor)`, then (x / 2 + 0.5) in 0..1."""
     import torch
 
     family = latent.family or vae.precision_family  # EmptyLatent's latents belong to no family yet
-    with vae.vae.use() as module, precision(module, needs_upcast(vae, module, family)) as model:
+    with held_vae(vae, memory, lambda module: needs_upcast(vae, module, family)) as model:
         latents = latent.samples.to(vae.vae.key.device, model.dtype)
         pixels = model.decode(latents / vae.scaling_factor, return_dict=False)[0]
     return (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).to(torch.float32)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
 from graphflow.models.components import FAMILY_NAMES, Autoencoder, DiffusionModel
+from graphflow.models.memory import ATTENTION_OPTIONS, VAE_OPTIONS, memory_options
 from graphflow.node import Input, Node, Output
 from graphflow.types import BOOL, CONDITIONING, CONTROL, FLOAT, IMAGE, INT, LATENT, MASK, MODEL, STRING, VAE
 from nodes.adapters import ADAPTER
@@ -52,6 +53,7 @@ class Sampler(Node):
 
     category = "sampling"
     disk_cache = True
+    uses_options = ATTENTION_OPTIONS  # sliced attention differs from the default in the last bits
     inputs = (
         Input("model", MODEL, "The denoising UNet, from CheckpointLoader."),
         Input("positive", CONDITIONING, "What the image should show, from TextEncode."),
@@ -200,6 +202,7 @@ class VAEEncode(Node):
 
     category = "sampling"
     disk_cache = True
+    uses_options = VAE_OPTIONS  # tiles change the latents, slices their last bits
     inputs = (
         Input("vae", VAE, "The autoencoder, from CheckpointLoader or VAELoader."),
         Input("image", IMAGE, "The image to encode; width and height must be multiples of 8."),
@@ -220,9 +223,10 @@ class VAEEncode(Node):
             raise NodeInputError(f"the mask ({len(mask)} x {mask.shape[2]}x{mask.shape[1]}) must match the image "
                                  f"({len(image)} x {image.shape[2]}x{image.shape[1]}) in size, and be 1 or as many")
         pixels = image_to_pixels(image)
+        memory = memory_options(ctx.options)
         with torch.no_grad():
-            moments = encode(vae, pixels)
-            masked = None if mask is None else encode(vae, pixels * (binary_mask(mask) < 0.5))
+            moments = encode(vae, pixels, memory)
+            masked = None if mask is None else encode(vae, pixels * (binary_mask(mask) < 0.5), memory)
             latent = Latent(vae.scaling_factor * moments.chunk(2, dim=1)[0], vae.family, vae.scale, False, moments,
                             vae.scaling_factor, mask, masked)
         return {"latent": latent}
@@ -232,6 +236,7 @@ class VAEDecode(Node):
     """Decode latents into an image."""
 
     category = "sampling"
+    uses_options = VAE_OPTIONS  # tiles change the pixels, slices their last bits
     inputs = (
         Input("vae", VAE, "The autoencoder, from CheckpointLoader or VAELoader."),
         Input("latent", LATENT, "The latents to decode, e.g. from the Sampler."),
@@ -252,7 +257,7 @@ class VAEDecode(Node):
                                  f"pixels but the VAE ({vae.source}) decodes {vae.latent_channels} channels of "
                                  f"{vae.scale}x{vae.scale}; decode with the VAE of the model that made them")
         with torch.no_grad():
-            return {"image": decode(vae, latent)}
+            return {"image": decode(vae, latent, memory_options(ctx.options))}
 
 
 NODES = (EmptyLatent, Sampler, VAEEncode, VAEDecode)

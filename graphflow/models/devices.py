@@ -62,8 +62,11 @@ def placement(options: dict[str, object]) -> Placement:
 def keyed_options(options: Mapping[str, Any]) -> Mapping[str, Any]:
     """`options` with device and dtype as they resolve on this machine: what cache keys hold, so that `auto` keys
     fp16 on a GPU and fp32 on a CPU (a disk cache shared by both keeps them apart), and `None`, `auto` and `cpu`
-    key one result where they mean the same. Options that do not resolve are kept as given: the node that uses
-    them reports why."""
+    key one result where they mean the same; the memory options likewise (graphflow.models.memory). Options that do
+    not resolve are kept as given: the node that uses them reports why."""
+    from graphflow.models.memory import keyed
+
+    options = keyed(options)  # vae_tiling, attention_slicing, ...: unset and off key one result
     try:
         where = placement(dict(options))
     except (RuntimeError, ValueError):
