@@ -6,6 +6,7 @@ and settings (see nodes/denoise.py); LATENT's layout is in nodes/latents.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from graphflow.context import RunContext
@@ -96,6 +97,7 @@ class Sampler(Node):
         from nodes.backends import backend_for
         from nodes.denoise import SamplingRequest, sample
 
+        model, contributors = _contributing_patches(model)
         controls = tuple(control or ())
         _check_families(model, positive, negative, controls, latent)
         backend = backend_for(model)
@@ -103,8 +105,23 @@ class Sampler(Node):
         batch, width, height = _output_size(model, geometry, controls, latent, width, height)
         _check_inpainting(model, backend.denoiser_channels(model), geometry, latent, mask, batch, width, height)
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seed, steps, cfg, scheduler,
-                                  strength, guess_mode, batch, width, height, adapter_contributors(adapters or ()))
+                                  strength, guess_mode, batch, width, height,
+                                  (*contributors, *adapter_contributors(adapters or ())))
         return {"latent": Latent(sample(ctx, request), model.family, geometry.scale)}
+
+
+def _contributing_patches(model: DiffusionModel) -> tuple[DiffusionModel, tuple[Any, ...]]:
+    """The model without the patches that act by adding to each denoiser call (IP-Adapters) rather than on the
+    UNet's weights, and their contributors: one per patch class (its `contributor` class method), for all its patches
+    in order."""
+    kinds: dict[type, list[Any]] = {}
+    for patch in model.patches:
+        if hasattr(type(patch), "contributor"):
+            kinds.setdefault(type(patch), []).append(patch)
+    if not kinds:
+        return model, ()
+    rest = tuple(patch for patch in model.patches if type(patch) not in kinds)
+    return replace(model, patches=rest), tuple(kind.contributor(tuple(patches)) for kind, patches in kinds.items())
 
 
 def _family_name(family: str) -> str:

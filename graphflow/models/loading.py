@@ -34,6 +34,7 @@ _COMPONENT_CLASSES = {
     "UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers", "ControlNetModel": "diffusers",
     "T2IAdapter": "diffusers", "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
     "CLIPTokenizer": "transformers", "CLIPTokenizerFast": "transformers",
+    "CLIPVisionModelWithProjection": "transformers",
 }
 _PIPELINE_CLASSES = {
     ("sd15", False): "StableDiffusionPipeline", ("sd15", True): "StableDiffusionInpaintPipeline",
@@ -103,6 +104,33 @@ def load_vae(manager: ModelManager, source: ModelSource, where: Placement,
             (source.path / "unet" / "config.json").is_file():
         family = family_of_unet_config(source.read_json("unet/config.json"))
     return Autoencoder(family, source.key, handle, family or vae_family(handle.config))
+
+
+def load_clip_vision(manager: ModelManager, source: ModelSource, where: Placement) -> tuple[ModelHandle, Any]:
+    """(the encoder's handle, its image processor) of a transformers CLIPVisionModelWithProjection folder: config.json,
+    model.safetensors and, when present, preprocessor_config.json (else CLIP's standard preprocessing at the model's
+    image size, as diffusers' `load_ip_adapter` makes it for a pipeline without a feature extractor)."""
+    if source.kind == "file" or not (source.path / "config.json").is_file():
+        raise ModelNotFoundError(f"'{source.name}' is not a CLIP vision model folder: it needs the config.json and "
+                                 "model.safetensors that CLIPVisionModelWithProjection.save_pretrained writes")
+    config = source.read_json("config.json")
+    if config.get("model_type") != "clip_vision_model":
+        raise ModelNotFoundError(f"'{source.name}' is a {config.get('model_type')!r} model, not a CLIP vision model "
+                                 "(model_type 'clip_vision_model', e.g. an IP-Adapter's image_encoder folder)")
+    processor = _image_processor(source, int(config.get("image_size", 224)))
+    source.check_unchanged()
+    handle = _component(manager, source, "", ["transformers", "CLIPVisionModelWithProjection"], config, where,
+                        kind="clip_vision")
+    return handle, processor
+
+
+@lru_cache(maxsize=8)
+def _image_processor(source: ModelSource, image_size: int) -> Any:
+    from transformers import CLIPImageProcessor
+
+    if (source.path / "preprocessor_config.json").is_file():
+        return CLIPImageProcessor.from_pretrained(str(source.path))
+    return CLIPImageProcessor(size=image_size, crop_size=image_size)
 
 
 def vae_family(config: dict[str, Any]) -> Family | None:
