@@ -68,7 +68,11 @@ class UNetBackend:
                dtype: torch.dtype) -> Prompt:
         import torch
 
-        embeds = torch.cat([row.embeds.repeat(batch, 1, 1) for row in rows]).to(device, dtype)
+        from nodes.prompt_weighting import match_lengths
+
+        # rows of different lengths (a chunked long prompt beside a short negative) repeat to one length
+        embeds = torch.cat([embed.repeat(batch, 1, 1) for embed in match_lengths(*(row.embeds for row in rows))])
+        embeds = embeds.to(device, dtype)
         return Prompt(embeds, self.added(rows, batch, width, height, device, dtype))
 
     def added(self, rows: list[Conditioning], batch: int, width: int, height: int, device: str,

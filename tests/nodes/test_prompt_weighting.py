@@ -258,9 +258,6 @@ def test_a_long_weighted_prompt_renders_whole_with_the_default_negative(checkpoi
     assert not torch.equal(image, other_end)  # the words past the 77th token reach the image
 
 
-@pytest.mark.xfail(strict=True, reason="the Sampler pads rows with nodes.prompt_weighting.match_lengths once "
-                                       "nodes/denoise.py's rewrite lands (the prompt rows are concatenated as they "
-                                       "are until then)")
 @pytest.mark.parametrize("checkpoint", ["sd15", "sdxl"])
 def test_a_long_weighted_prompt_renders_with_a_short_unweighted_negative(checkpoint: str, engine: Engine,
                                                                          tiny_models: Path) -> None:
