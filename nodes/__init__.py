@@ -20,7 +20,6 @@ from nodes.annotators import (
 from nodes.adapters import T2IAdapterApply, T2IAdapterLoader
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
-from nodes.ip_adapter import CLIPVisionLoader, IPAdapterApply, IPAdapterLoader
 from nodes.mask import (
     ColorToMask,
     CropToMask,
@@ -32,6 +31,7 @@ from nodes.mask import (
     PasteCrop,
     ThresholdMask,
 )
+from nodes.lora import LoraLoader
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny, Depth
 from nodes.primitives import Bool, Float, Int, JoinText, Math, String
@@ -44,5 +44,4 @@ NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImag
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
          Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop,
          HED, PidiNet, MLSD, OpenPose, Lineart, LineartAnime, NormalBae, MidasDepth, ZoeDepth, ContentShuffle,
-         LineartStandard, ImageScale, LatentUpscale, T2IAdapterLoader, T2IAdapterApply,
-         CLIPVisionLoader, IPAdapterLoader, IPAdapterApply)
+         LineartStandard, LoraLoader, ImageScale, LatentUpscale, T2IAdapterLoader, T2IAdapterApply)
