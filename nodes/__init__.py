@@ -20,6 +20,7 @@ from nodes.annotators import (
 from nodes.adapters import T2IAdapterApply, T2IAdapterLoader
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
+from nodes.ip_adapter import CLIPVisionLoader, IPAdapterApply, IPAdapterLoader
 from nodes.mask import (
     ColorToMask,
     CropToMask,
@@ -44,4 +45,5 @@ NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImag
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
          Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop,
          HED, PidiNet, MLSD, OpenPose, Lineart, LineartAnime, NormalBae, MidasDepth, ZoeDepth, ContentShuffle,
-         LineartStandard, LoraLoader, ImageScale, LatentUpscale, T2IAdapterLoader, T2IAdapterApply)
+         LineartStandard, LoraLoader, ImageScale, LatentUpscale, T2IAdapterLoader, T2IAdapterApply,
+         CLIPVisionLoader, IPAdapterLoader, IPAdapterApply)
