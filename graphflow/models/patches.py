@@ -154,10 +154,12 @@ def read_lora(path: Path, family: str, unet_config: dict[str, Any]) -> LoraWeigh
 @contextmanager
 def patched(handle: ModelHandle, patches: tuple[Any, ...], role: str) -> Iterator[Any]:
     """The module of `handle`, held, with `patches` (those for `role`: "unet", "text_encoder", ...) applied."""
-    unknown = [patch for patch in patches if not isinstance(patch, LoraPatch)]
+    # patches that add to each denoiser call instead (IP-Adapters: a `contributor` class method) are the Sampler's
+    unknown = [kind for kind in {type(patch) for patch in patches}
+               if kind is not LoraPatch and not hasattr(kind, "contributor")]
     if unknown:
-        raise TypeError(f"unknown model patch {unknown[0]!r}")
-    wanted = [patch for patch in patches if patch.applies_to(role)]
+        raise TypeError(f"unknown kind of model patch: {unknown[0].__name__}")
+    wanted = [patch for patch in patches if isinstance(patch, LoraPatch) and patch.applies_to(role)]
     request = tuple((patch.weights.key, patch.strength) for patch in wanted)
     with _lock(handle), handle.use() as module:
         state = _state(module)
