@@ -197,10 +197,11 @@ def _set_scales(unet: Any, scales: list[float]) -> None:
 
 
 def _restore(unet: Any, processors: dict[str, Any], projection: Any, hid_dim_type: Any) -> None:
-    """The UNet as it was before the adapters went in: its own processors, projection and config entry."""
-    unet.set_attn_processor(processors)
+    """The UNet as it was before the adapters went in: its own projection, config entry and processors (in this
+    order: a Plus adapter's projection has attention layers of its own, which attn_processors would count)."""
     unet.encoder_hid_proj = projection
     unet.config.encoder_hid_dim_type = hid_dim_type  # FrozenDict lets attributes change: what the forward reads
+    unet.set_attn_processor(processors)
 
 
 class CLIPVisionLoader(Node):

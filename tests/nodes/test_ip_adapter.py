@@ -26,6 +26,7 @@ from nodes import (
     CLIPVisionLoader,
     ControlApply,
     ControlNetLoader,
+    EmptyLatent,
     IPAdapterApply,
     IPAdapterLoader,
     LoadImage,
@@ -55,9 +56,11 @@ def write_clip_vision(folder: Path) -> Path:
     return folder
 
 
-def write_ip_adapter(unet_folder: Path, path: Path, seed: int, embed_dim: int = 32) -> Path:
+def write_ip_adapter(unet_folder: Path, path: Path, seed: int, plus: bool = False) -> Path:
     """An IP-Adapter for the UNet in `unet_folder`: the layout of diffusers' `create_ip_adapter_state_dict`
-    (key ids 1, 3, 5, ... for the cross-attention layers, in attn_processors order), random weights."""
+    (key ids 1, 3, 5, ... for the cross-attention layers, in attn_processors order), random weights. `plus`: an
+    IP-Adapter Plus, whose resampler reads the image encoder's hidden states (32 wide), else a projection of its
+    32-wide image_embeds."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
@@ -78,10 +81,40 @@ def write_ip_adapter(unet_folder: Path, path: Path, seed: int, embed_dim: int = 
         tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = random(hidden, cross)
         tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = random(hidden, cross)
         key_id += 2
-    tensors.update({"image_proj.proj.weight": random(4 * cross, embed_dim), "image_proj.proj.bias": random(4 * cross),
-                    "image_proj.norm.weight": 1 + random(cross, scale=0.1), "image_proj.norm.bias": random(cross)})
+    if plus:
+        tensors.update({f"image_proj.{name}": value for name, value in plus_projection(cross, seed).items()})
+    else:
+        tensors.update({"image_proj.proj.weight": random(4 * cross, 32), "image_proj.proj.bias": random(4 * cross),
+                        "image_proj.norm.weight": 1 + random(cross, scale=0.1), "image_proj.norm.bias": random(cross)})
     save_file(tensors, str(path))
     return path
+
+
+def plus_projection(cross: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random IP-Adapter Plus resampler (4 queries, 64 wide, one head) in the original file's tensor names: the
+    names diffusers' `_convert_ip_adapter_image_proj_to_diffusers` converts from, turned back."""
+    import re
+
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = IPAdapterPlusImageProjection(embed_dims=32, output_dims=cross, hidden_dims=64, heads=1, num_queries=4)
+    renames = [(r"\.ln0\.", ".0.norm1."), (r"\.ln1\.", ".0.norm2."), (r"\.attn\.to_q\.", ".0.to_q."),
+               (r"\.attn\.to_out\.0\.", ".0.to_out."), (r"\.ff\.0\.", ".1.0."), (r"\.ff\.1\.net\.0\.proj\.", ".1.1."),
+               (r"\.ff\.1\.net\.2\.", ".1.3.")]
+    tensors = {}
+    for name, value in module.state_dict().items():
+        if ".attn.to_v." in name:
+            continue
+        if ".attn.to_k." in name:
+            tensors[name.replace(".attn.to_k.", ".0.to_kv.")] = torch.cat([value, module.state_dict()[
+                name.replace("to_k", "to_v")]])
+            continue
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        tensors[name] = value.clone()
+    return tensors
 
 
 def write_reference_images(folder: Path) -> None:
@@ -103,13 +136,14 @@ def engine(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Engin
     for name, checkpoint, seed in (("ip-sd15.safetensors", "sd15", 1), ("ip-sd15-b.safetensors", "sd15", 2),
                                    ("ip-sdxl.safetensors", "sdxl", 3)):
         write_ip_adapter(tiny_models / checkpoint / "unet", images / name, seed)
+    write_ip_adapter(tiny_models / "sd15" / "unet", images / "ip-plus-sd15.safetensors", 4, plus=True)
     return engine
 
 
-def ip_adapter_graph(tiny_models: Path, checkpoint: str, adapters: tuple[Adapter, ...],
-                     controlnet: bool = False) -> Graph:
-    """CheckpointLoader -> (IPAdapterApply ...) -> Sampler (with the Canny ControlNet) -> VAEDecode, text-to-image at
-    SIZE; output "image"."""
+def ip_adapter_graph(tiny_models: Path, checkpoint: str, adapters: tuple[Adapter, ...], controlnet: bool = False,
+                     **sampler: Any) -> Graph:
+    """CheckpointLoader -> (IPAdapterApply ...) -> Sampler (with the Canny ControlNet; more `sampler` inputs) ->
+    VAEDecode, text-to-image at SIZE; output "image"."""
     graph = Graph("ip-adapter")
     sd = graph.add(CheckpointLoader(model=str(tiny_models / checkpoint)), "sd")
     model = sd.model
@@ -120,13 +154,14 @@ def ip_adapter_graph(tiny_models: Path, checkpoint: str, adapters: tuple[Adapter
     positive = TextEncode(clip=sd.clip, text=PROMPT).conditioning
     control = {"control": [ControlApply(controlnet=ControlNetLoader(model=str(tiny_models / CANNY.model)).controlnet,
                                         image=LoadImage(path=CANNY.image).image).control]} if controlnet else {}
-    sampled = Sampler(model=model, positive=positive, seed=SEED, steps=STEPS, width=SIZE, height=SIZE, **control)
+    sampled = Sampler(model=model, positive=positive, seed=SEED, steps=STEPS, width=SIZE, height=SIZE,
+                      **control | sampler)
     graph.output("image", graph.add(VAEDecode(vae=sd.vae, latent=sampled.latent), "decode").image)
     return graph
 
 
 def pipeline_image(tiny_models: Path, images: Path, checkpoint: str, adapters: tuple[Adapter, ...],
-                   controlnet: bool = False) -> np.ndarray:
+                   controlnet: bool = False, **call: Any) -> np.ndarray:
     """diffusers' own: the pipeline loaded fresh, `load_ip_adapter` of every file, `set_ip_adapter_scale`, and
     `ip_adapter_image` with each adapter's images (a list when an adapter has several)."""
     import diffusers
@@ -149,14 +184,17 @@ def pipeline_image(tiny_models: Path, images: Path, checkpoint: str, adapters: t
         pipeline.set_ip_adapter_scale([scale for _, _, scale in adapters])
         pictures = [[Image.open(images / name).convert("RGB") for name in names] for _, names, _ in adapters]
         arguments["ip_adapter_image"] = [group[0] if len(group) == 1 else group for group in pictures]
+    arguments = {"guidance_scale": 7.5, "height": SIZE, "width": SIZE} | arguments | call
     return pipeline(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), num_inference_steps=STEPS,
-                    guidance_scale=7.5, height=SIZE, width=SIZE, output_type="np", **arguments).images
+                    output_type="np", **arguments).images
 
 
 def assert_parity(case: str, engine: Engine, tiny_models: Path, checkpoint: str, adapters: tuple[Adapter, ...],
-                  controlnet: bool = False) -> None:
-    ours = engine.run(ip_adapter_graph(tiny_models, checkpoint, adapters, controlnet)).outputs["image"]
-    theirs = pipeline_image(tiny_models, images_of(engine), checkpoint, adapters, controlnet)
+                  controlnet: bool = False, sampler: dict[str, Any] | None = None,
+                  call: dict[str, Any] | None = None) -> None:
+    """The graph's image equals the pipeline's; `sampler`: more Sampler inputs, `call`: the pipeline's equivalents."""
+    ours = engine.run(ip_adapter_graph(tiny_models, checkpoint, adapters, controlnet, **sampler or {})).outputs["image"]
+    theirs = pipeline_image(tiny_models, images_of(engine), checkpoint, adapters, controlnet, **call or {})
     difference, same = compare(case, ours, theirs)
     assert same and difference == 0.0, f"{case}: images differ by up to {difference:.3g}"
 
@@ -167,6 +205,8 @@ def assert_parity(case: str, engine: Engine, tiny_models: Path, checkpoint: str,
     ("IP-Adapter SD1.5, scale 0.6", "sd15", (("ip-sd15.safetensors", ("ref-b.png",), 0.6),)),
     ("2 IP-Adapters SD1.5, scales 0.7/0.4", "sd15", (("ip-sd15.safetensors", ("ref-a.png",), 0.7),
                                                      ("ip-sd15-b.safetensors", ("ref-b.png",), 0.4))),
+    ("IP-Adapter Plus SD1.5 (hidden states), 2 images, scale 0.8", "sd15",
+     (("ip-plus-sd15.safetensors", ("ref-a.png", "ref-b.png"), 0.8),)),
     ("IP-Adapter SDXL, 1 image", "sdxl", (("ip-sdxl.safetensors", ("ref-a.png",), 1.0),)),
 ])
 def test_ip_adapter_matches_the_pipeline(case: str, checkpoint: str, adapters: tuple[Adapter, ...], engine: Engine,
@@ -179,19 +219,32 @@ def test_ip_adapter_with_a_controlnet_matches_the_controlnet_pipeline(engine: En
     assert_parity("IP-Adapter + ControlNet SD1.5, 2 images, scale 0.8", engine, tiny_models, "sd15", adapters, True)
 
 
+@pytest.mark.parametrize(("case", "sampler", "call"), [
+    ("IP-Adapter SD1.5, cfg 1 (no negative rows)", {"cfg": 1.0}, {"guidance_scale": 1.0}),
+    ("IP-Adapter SD1.5, EmptyLatent batch 2", {"latent": EmptyLatent(width=SIZE, height=SIZE, batch=2).latent},
+     {"num_images_per_prompt": 2}),
+])
+def test_guidance_and_batches_match_the_pipeline(case: str, sampler: dict[str, Any], call: dict[str, Any],
+                                                 engine: Engine, tiny_models: Path) -> None:
+    adapters = (("ip-sd15.safetensors", ("ref-a.png", "ref-b.png"), 0.8),)
+    assert_parity(case, engine, tiny_models, "sd15", adapters, sampler=sampler, call=call)
+
+
 def test_the_images_change_the_result(engine: Engine, tiny_models: Path) -> None:
     plain = engine.run(ip_adapter_graph(tiny_models, "sd15", ())).outputs["image"]
     prompted = engine.run(ip_adapter_graph(tiny_models, "sd15", (("ip-sd15.safetensors", ("ref-a.png",), 1.0),)))
     assert (prompted.outputs["image"] - plain).abs().max() > 0.01
 
 
-def test_a_graph_without_the_adapter_after_one_with_it_matches_plain_diffusers(engine: Engine,
+@pytest.mark.parametrize(("file", "cfg"), [("ip-sd15.safetensors", 3.0), ("ip-plus-sd15.safetensors", 4.0)])
+def test_a_graph_without_the_adapter_after_one_with_it_matches_plain_diffusers(file: str, cfg: float, engine: Engine,
                                                                               tiny_models: Path) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    with_adapter = (("ip-sd15.safetensors", ("ref-a.png",), 1.0),)
-    assert_parity("IP-Adapter graph, then in the same Engine", engine, tiny_models, "sd15", with_adapter)
-    assert_parity("... a graph without it", engine, tiny_models, "sd15", ())
+    settings = {"sampler": {"cfg": cfg}, "call": {"guidance_scale": cfg}}  # a cfg of its own: nothing cached
+    assert_parity(f"{file}, then in the same Engine", engine, tiny_models, "sd15", ((file, ("ref-a.png",), 1.0),),
+                  **settings)
+    assert_parity("... a graph without it", engine, tiny_models, "sd15", (), **settings)
     key = next(key for key in engine.models.loaded() if key.kind == "unet" and key.source.startswith(
         str(tiny_models / "sd15") + "@"))
     with engine.models.handle(key, lambda: None).use() as unet:  # the shared UNet, as the Sampler left it
