@@ -30,6 +30,7 @@ from nodes import (
     IPAdapterApply,
     IPAdapterLoader,
     LoadImage,
+    LoraLoader,
     Sampler,
     TextEncode,
     VAEDecode,
@@ -41,6 +42,7 @@ pytest.importorskip("diffusers")
 CLIP_VISION = "clip-vision"
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 Adapter = tuple[str, tuple[str, ...], float]  # IP-Adapter file, its image files, scale
+Lora = tuple[Path, float]  # a LoRA file and its strength (for the UNet and the text encoder alike)
 
 
 def write_clip_vision(folder: Path) -> Path:
@@ -141,17 +143,20 @@ def engine(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Engin
 
 
 def ip_adapter_graph(tiny_models: Path, checkpoint: str, adapters: tuple[Adapter, ...], controlnet: bool = False,
-                     **sampler: Any) -> Graph:
-    """CheckpointLoader -> (IPAdapterApply ...) -> Sampler (with the Canny ControlNet; more `sampler` inputs) ->
-    VAEDecode, text-to-image at SIZE; output "image"."""
+                     lora: Lora | None = None, **sampler: Any) -> Graph:
+    """CheckpointLoader -> (LoraLoader) -> (IPAdapterApply ...) -> Sampler (with the Canny ControlNet; more `sampler`
+    inputs) -> VAEDecode, text-to-image at SIZE; output "image"."""
     graph = Graph("ip-adapter")
     sd = graph.add(CheckpointLoader(model=str(tiny_models / checkpoint)), "sd")
-    model = sd.model
+    model, clip = sd.model, sd.clip
+    if lora is not None:
+        patched = LoraLoader(model=model, clip=clip, lora=str(lora[0]), strength_model=lora[1], strength_clip=lora[1])
+        model, clip = patched.model, patched.clip
     for file, images, scale in adapters:
         model = IPAdapterApply(model=model, ip_adapter=IPAdapterLoader(ip_adapter=file).ip_adapter,
                                clip_vision=CLIPVisionLoader(model=CLIP_VISION).clip_vision,
                                image=[LoadImage(path=image).image for image in images], scale=scale).model
-    positive = TextEncode(clip=sd.clip, text=PROMPT).conditioning
+    positive = TextEncode(clip=clip, text=PROMPT).conditioning
     control = {"control": [ControlApply(controlnet=ControlNetLoader(model=str(tiny_models / CANNY.model)).controlnet,
                                         image=LoadImage(path=CANNY.image).image).control]} if controlnet else {}
     sampled = Sampler(model=model, positive=positive, seed=SEED, steps=STEPS, width=SIZE, height=SIZE,
@@ -161,7 +166,7 @@ def ip_adapter_graph(tiny_models: Path, checkpoint: str, adapters: tuple[Adapter
 
 
 def pipeline_image(tiny_models: Path, images: Path, checkpoint: str, adapters: tuple[Adapter, ...],
-                   controlnet: bool = False, **call: Any) -> np.ndarray:
+                   controlnet: bool = False, lora: Lora | None = None, **call: Any) -> np.ndarray:
     """diffusers' own: the pipeline loaded fresh, `load_ip_adapter` of every file, `set_ip_adapter_scale`, and
     `ip_adapter_image` with each adapter's images (a list when an adapter has several)."""
     import diffusers
@@ -179,6 +184,9 @@ def pipeline_image(tiny_models: Path, images: Path, checkpoint: str, adapters: t
         arguments["image"] = Image.open(images / CANNY.image).convert("RGB")
     pipeline = getattr(diffusers, class_name).from_pretrained(tiny_models / checkpoint, **extra)
     pipeline.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipeline.load_lora_weights(lora[0].parent, weight_name=lora[0].name, adapter_name="lora")
+        pipeline.set_adapters(["lora"], adapter_weights=[lora[1]])
     if adapters:
         pipeline.load_ip_adapter(str(images), subfolder="", weight_name=[file for file, _, _ in adapters])
         pipeline.set_ip_adapter_scale([scale for _, _, scale in adapters])
@@ -191,10 +199,11 @@ def pipeline_image(tiny_models: Path, images: Path, checkpoint: str, adapters: t
 
 def assert_parity(case: str, engine: Engine, tiny_models: Path, checkpoint: str, adapters: tuple[Adapter, ...],
                   controlnet: bool = False, sampler: dict[str, Any] | None = None,
-                  call: dict[str, Any] | None = None) -> None:
+                  call: dict[str, Any] | None = None, lora: Lora | None = None) -> None:
     """The graph's image equals the pipeline's; `sampler`: more Sampler inputs, `call`: the pipeline's equivalents."""
-    ours = engine.run(ip_adapter_graph(tiny_models, checkpoint, adapters, controlnet, **sampler or {})).outputs["image"]
-    theirs = pipeline_image(tiny_models, images_of(engine), checkpoint, adapters, controlnet, **call or {})
+    graph = ip_adapter_graph(tiny_models, checkpoint, adapters, controlnet, lora, **sampler or {})
+    theirs = pipeline_image(tiny_models, images_of(engine), checkpoint, adapters, controlnet, lora, **call or {})
+    ours = engine.run(graph).outputs["image"]
     difference, same = compare(case, ours, theirs)
     assert same and difference == 0.0, f"{case}: images differ by up to {difference:.3g}"
 
@@ -228,6 +237,21 @@ def test_guidance_and_batches_match_the_pipeline(case: str, sampler: dict[str, A
                                                  engine: Engine, tiny_models: Path) -> None:
     adapters = (("ip-sd15.safetensors", ("ref-a.png", "ref-b.png"), 0.8),)
     assert_parity(case, engine, tiny_models, "sd15", adapters, sampler=sampler, call=call)
+
+
+def test_ip_adapter_on_a_lora_patched_model_matches_the_pipeline(engine: Engine, tiny_models: Path) -> None:
+    from tests.nodes.test_lora import make_lora
+
+    pytest.importorskip("peft")
+    lora = (make_lora(tiny_models, "sd15", images_of(engine) / "lora", seed=5), 0.8)
+    adapters = (("ip-sd15.safetensors", ("ref-a.png",), 0.7),)
+    assert_parity("LoRA 0.8 + IP-Adapter SD1.5, scale 0.7", engine, tiny_models, "sd15", adapters, lora=lora)
+
+
+def test_attention_slicing_is_refused_with_an_ip_adapter(engine: Engine, tiny_models: Path) -> None:
+    graph = ip_adapter_graph(tiny_models, "sd15", (("ip-sd15.safetensors", ("ref-a.png",), 1.0),))
+    with pytest.raises(NodeExecutionError, match="turn attention slicing off"):
+        engine.run(graph, options={"attention_slicing": "auto"})
 
 
 def test_the_images_change_the_result(engine: Engine, tiny_models: Path) -> None:
