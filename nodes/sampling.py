@@ -90,9 +90,9 @@ class Sampler(Node):
     outputs = (Output("latent", LATENT, "The denoised latents, for VAEDecode or another Sampler."),)
 
     def run(self, ctx: RunContext, model: DiffusionModel, positive: Conditioning, negative: Conditioning | None,
-            control: list[ControlApplication] | None, adapters: list[Any] | None, latent: Latent | None,
-            mask: torch.Tensor | None, seed: int, steps: int, cfg: float, scheduler: str, strength: float,
-            guess_mode: bool, width: int, height: int) -> dict[str, Any]:
+            control: list[ControlApplication] | None, latent: Latent | None, mask: torch.Tensor | None,
+            seed: int, steps: int, cfg: float, scheduler: str, strength: float, guess_mode: bool, width: int,
+            height: int, adapters: list[Any] | None = None) -> dict[str, Any]:
         from nodes.adapters import adapter_contributors
         from nodes.backends import backend_for
         from nodes.denoise import SamplingRequest, sample

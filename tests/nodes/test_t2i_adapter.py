@@ -228,3 +228,14 @@ def test_a_single_weights_file_loads_with_its_config(engine: Engine, tiny_models
 def test_an_sdxl_adapter_on_an_sd15_model_is_refused(engine: Engine, tiny_models: Path) -> None:
     with pytest.raises(GraphflowError, match=r"T2I-Adapter 1 .* is SDXL"):
         engine.run(adapter_graph(tiny_models, "sd15", (Adapter("t2i-adapter-sdxl", "edges.png"),)))
+
+
+def test_an_adapter_guides_img2img_for_its_fraction_of_the_steps_run(engine: Engine, tiny_models: Path) -> None:
+    def img2img(adapters: tuple[Adapter, ...]) -> torch.Tensor:
+        return image_of(engine, adapter_graph(tiny_models, "sdxl", adapters, init_image="init.png", strength=0.5,
+                                              steps=8, width=0, height=0))
+
+    plain = img2img(())
+    # 4 of the 8 steps run; a factor of 0.2 is int(0.8) = 0 of them, 0.25 the first
+    assert torch.equal(img2img((Adapter("t2i-adapter-sdxl", "edges.png", 1.0, 0.2),)), plain)
+    assert (img2img((Adapter("t2i-adapter-sdxl", "edges.png", 1.0, 0.25),)) - plain).abs().max() > 1e-4
