@@ -223,6 +223,9 @@ class _Injected:
 
     def _move(self, device: Any) -> None:
         """The adapters' weights (not the base layers') to `device`, their dtypes as injection left them."""
+        import torch
+
+        device = torch.device(device)
         for _, _, layer in self.layers:
             for child_name, child in layer.named_children():
                 if child_name != "base_layer":

@@ -248,20 +248,29 @@ def test_graphs_with_and_without_a_lora_share_one_base_model_which_stays_unchang
     plain, patched = lora_graph(tiny_models, "sd15", []), lora_graph(tiny_models, "sd15", chain)
     base, with_lora = (diffusers_image(tiny_models, images_of(engine), "sd15", c) for c in ([], chain))
     assert_same_pixels("one Engine: graph without LoRA, first", engine.run(plain).outputs["image"], base)
-    unet_handle = next(key for key in engine.models.loaded() if key.kind == "unet")
-    with engine.models.handle(unet_handle, lambda: None).use() as unet:
-        before = module_state(unet)
-        output_before = _unet_output(unet)
+    keys = {key.kind: key for key in engine.models.loaded() if key.kind in ("unet", "text_encoder")}
+    before = {kind: _held(engine, key, module_state) for kind, key in keys.items()}
+    outputs = _held(engine, keys["unet"], _unet_output), _held(engine, keys["text_encoder"], _encoder_output)
     assert_same_pixels("one Engine: graph with LoRA", engine.run(patched).outputs["image"], with_lora)
-    with engine.models.handle(unet_handle, lambda: None).use() as unet:
-        assert module_state(unet) == before
-        assert torch.equal(_unet_output(unet), output_before)
+    assert {kind: _held(engine, key, module_state) for kind, key in keys.items()} == before
+    assert torch.equal(_held(engine, keys["unet"], _unet_output), outputs[0])
+    assert torch.equal(_held(engine, keys["text_encoder"], _encoder_output), outputs[1])
     assert_same_pixels("one Engine: graph without LoRA, after", engine.run(lora_graph(
         tiny_models, "sd15", [], seed=SEED + 1)).outputs["image"],
         diffusers_image(tiny_models, images_of(engine), "sd15", [], seeds=(SEED + 1,))[0])
-    assert {str(key): count for key, count in engine.models.loads.items() if key.kind != "sd15 lora"} == \
-        {str(key): 1 for key in engine.models.loads if key.kind != "sd15 lora"}
+    assert set(engine.models.loads.values()) == {1}  # the checkpoint's models and the LoRA, each loaded once
     assert sorted(key.kind for key in engine.models.loads) == ["sd15 lora", "text_encoder", "unet", "vae"]
+
+
+def _held(engine: Engine, key: Any, look: Any) -> Any:
+    """`look(module)` for the loaded model of `key`, held as a node holds it, without patches."""
+    with patches.patched(engine.models.handle(key, lambda: None), (), "any") as module:
+        return look(module)
+
+
+def _encoder_output(encoder: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder(torch.arange(2, 40).unsqueeze(0)).last_hidden_state
 
 
 def _unet_output(unet: torch.nn.Module) -> torch.Tensor:
