@@ -4,6 +4,7 @@ Modules here import heavy libraries (torch, cv2) inside `run` only, so that list
 validating nodes stays fast.
 """
 
+from nodes.adapters import T2IAdapterApply, T2IAdapterLoader
 from nodes.annotators import (
     HED,
     MLSD,
@@ -17,10 +18,10 @@ from nodes.annotators import (
     PidiNet,
     ZoeDepth,
 )
-from nodes.adapters import T2IAdapterApply, T2IAdapterLoader
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
 from nodes.ip_adapter import CLIPVisionLoader, IPAdapterApply, IPAdapterLoader
+from nodes.lora import LoraLoader
 from nodes.mask import (
     ColorToMask,
     CropToMask,
@@ -32,7 +33,6 @@ from nodes.mask import (
     PasteCrop,
     ThresholdMask,
 )
-from nodes.lora import LoraLoader
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny, Depth
 from nodes.primitives import Bool, Float, Int, JoinText, Math, String

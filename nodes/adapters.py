@@ -89,7 +89,7 @@ class T2IAdapters:
             raise NodeInputError(f"the model is {FAMILY_NAMES.get(request.model.family, request.model.family)} "
                                  f"({request.model.source}) but {', '.join(wrong)}; use adapters made for its family")
         self.guider = session.guider
-        self.steps = _steps_run(request)
+        self.steps = session.steps_run
         # the adapters run now and are let go: each step only adds the features
         self.features = [_features(application, request) for application in self.applications]
         shapes = {tuple(tuple(feature.shape[1:]) for feature in features) for features in self.features}
@@ -123,15 +123,6 @@ class T2IAdapters:
 
     def after_step(self, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
         return latents
-
-
-def _steps_run(request: SamplingRequest) -> int:
-    """The number of steps the pipelines count the factor against: all of them for text-to-image, the last
-    floor(strength * steps) when starting from an image."""
-    latent = request.latent
-    if latent is None or latent.empty:
-        return request.steps
-    return min(int(request.steps * request.strength), request.steps)
 
 
 def _features(application: T2IAdapterApplication, request: SamplingRequest) -> list[torch.Tensor]:

@@ -123,13 +123,25 @@ class Session:
     device: str
     dtype: torch.dtype
     attention_slicing: str | int | None = None  # the run's option: the held UNet and ControlNets slice attention
+    denoiser: Any = None  # the held denoiser module (patches applied), set before the contributors hold theirs
+
+    @property
+    def steps_run(self) -> int:
+        """The steps the pipelines count fractions of the schedule against (their num_inference_steps after
+        strength): all of them for text-to-image, the last floor(strength * steps) when starting from an image.
+        `DenoiserCall.total` counts denoiser calls instead (steps + 1 for PNDM, 2 per step for Heun)."""
+        latent = self.request.latent
+        if latent is None or latent.empty:
+            return self.request.steps
+        return min(int(self.request.steps * self.request.strength), self.request.steps)
 
 
 class Contributor(Protocol):
     """Adds to every denoiser call (residuals, extra conditioning); may change the latents after a step."""
 
     def hold(self, held: ExitStack, session: Session) -> None:
-        """Enter the models it needs (`held.enter_context(handle.use())`) and prepare its inputs."""
+        """Enter the models it needs (`held.enter_context(handle.use())`; the denoiser is `session.denoiser`,
+        held already) and prepare its inputs; `held.callback` undoes what it changes on a shared module."""
 
     def contribute(self, call: DenoiserCall) -> None:
         """Add to `call.extra` / `call.channels` for this step."""
@@ -161,6 +173,7 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
             contributors.append(inpainting)
         with ExitStack() as held:
             denoiser = held.enter_context(sliced_attention(held.enter_context(model.use()), session.attention_slicing))
+            session.denoiser = denoiser
             for contributor in contributors:
                 contributor.hold(held, session)
             loop = _Loop(session, denoiser, contributors)

@@ -160,7 +160,7 @@ class IPAdapters:
         if model.unet.manager.offload == "sequential" and model.unet.key.device != "cpu":
             raise NodeInputError(f"IP-Adapters cannot be put into {model.unet.key} under sequential offload; use "
                                  "offload 'model' or 'none'")
-        unet = held.enter_context(model.use())
+        unet = session.denoiser  # held by the Sampler, its patches applied
         unet = getattr(unet, "_orig_mod", unet)  # a compiled UNet's own module
         sliced = {type(processor).__name__ for processor in unet.attn_processors.values()} & _SLICED
         if sliced:  # diffusers' sliced processors have no image branch: the adapters would be dropped unseen
