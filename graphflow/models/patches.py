@@ -180,7 +180,10 @@ def patched(handle: ModelHandle, patches: tuple[Any, ...], role: str) -> Iterato
                 loras = [held.enter_context(patch.weights.use()) for patch in wanted]  # held; their files checked
                 injected = _attach(state, module, role, wanted, loras, handle)
                 held.callback(injected.detach, module, offload=handle.manager.offload == "model")
-                _set_strengths(module, role, injected.names, [patch.strength for patch in wanted])
+                strengths = tuple(patch.strength for patch in wanted)
+                if injected.strengths != strengths:  # else the kept layers hold these scales already
+                    _set_strengths(module, role, injected.names, list(strengths))
+                    injected.strengths = strengths
             state.depth, state.request = 1, request
             try:
                 yield module
@@ -194,16 +197,20 @@ class _Injected:
     layer as its base_layer), where they go, and what injecting changed on the module itself."""
 
     names: tuple[str, ...]
-    layers: list[tuple[str, str, Any]]  # (parent module path, attribute, peft layer)
+    # (parent module, None for the module itself: kept here, it would never be collected; attribute; peft layer)
+    layers: list[tuple[Any, str, Any]]
     attributes: dict[str, tuple[Any, Any]]  # what injection set on the module: name -> (its value, the one before)
     frozen: list[tuple[Any, bool]]  # base parameters injection froze (peft does), with their own requires_grad
     device: Any  # where the adapters' weights are
+    # the strengths the layers' scales were last set to (diffusers' set_adapters computes them afresh from these; no
+    # graphflow code scales LoRA layers otherwise)
+    strengths: tuple[float, ...] | None = None
 
     def attach(self, module: Any) -> None:
         """Put the peft layers in place of the module's own layers again (on the module's device, if it moved)."""
         device = next(module.parameters()).device
         for parent, name, layer in self.layers:
-            setattr(module.get_submodule(parent), name, layer)
+            setattr(module if parent is None else parent, name, layer)
         if device != self.device:
             self._move(device)
         for name, (value, _) in self.attributes.items():
@@ -214,7 +221,7 @@ class _Injected:
     def detach(self, module: Any, *, offload: bool) -> None:
         """Put the module's own layers back: the module is again exactly what it was before the first injection."""
         for parent, name, layer in self.layers:
-            setattr(module.get_submodule(parent), name, layer.base_layer)
+            setattr(module if parent is None else parent, name, layer.base_layer)
         _restore(module, {name: before for name, (_, before) in self.attributes.items()})
         for parameter, requires_grad in self.frozen:
             parameter.requires_grad_(requires_grad)
@@ -310,7 +317,7 @@ def _inject(module: Any, role: str, names: tuple[str, ...], loras: list[LoraWeig
     for path, layer in module.named_modules():
         if isinstance(layer, BaseTunerLayer):
             parent, _, attribute = path.rpartition(".")
-            layers.append((parent, attribute, layer))
+            layers.append((module.get_submodule(parent) if parent else None, attribute, layer))
     frozen = [(parameter, requires_grad) for parameter, requires_grad in grads
               if requires_grad and not parameter.requires_grad]
     return _Injected(names, layers, changed(), frozen, next(module.parameters()).device)

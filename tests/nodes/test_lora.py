@@ -319,9 +319,11 @@ def test_a_changed_strength_reruns_what_it_reaches_and_a_strength_change_reuses_
     injections = []
     real_inject = patches._inject
     monkeypatch.setattr(patches, "_inject", lambda *args: injections.append(args[1]) or real_inject(*args))
-    ran = engine.run(lora_graph(tiny_models, "sd15", [(lora, 0.4, 0.2)])).ran
-    assert sorted(ran) == ["decode", "lora0", "positive", "sampler"]  # LoraLoader's key holds both strengths
+    result = engine.run(lora_graph(tiny_models, "sd15", [(lora, 0.4, 0.2)]))
+    assert sorted(result.ran) == ["decode", "lora0", "positive", "sampler"]  # LoraLoader's key holds both strengths
     assert injections == []  # the same LoRA in the same modules: only the strengths are set again
+    assert_same_pixels("SD1.5, kept LoRA layers, strength_model 0.3 -> 0.4", result.outputs["image"],
+                       diffusers_image(tiny_models, images_of(engine), "sd15", [(lora, 0.4, 0.2)]))
     assert engine.run(lora_graph(tiny_models, "sd15", [(lora, 0.4, 0.2)])).ran == []
 
 
