@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from graphflow.context import RunContext
+from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
 from graphflow.types import CLIP, FLOAT, MODEL, STRING
 
@@ -43,7 +44,7 @@ class LoraLoader(Node):
         from graphflow.models.sources import locate
 
         if model.family != clip.family:
-            raise ValueError(f"model is {FAMILY_NAMES[model.family]} but clip is {FAMILY_NAMES[clip.family]}: give "
+            raise NodeInputError(f"model is {FAMILY_NAMES[model.family]} but clip is {FAMILY_NAMES[clip.family]}: give "
                              "the MODEL and CLIP of one checkpoint")
         source = locate(lora, ctx.paths, node=ctx.node, input="lora", files=LORA_FILES)
         weights = load_lora(ctx.models, source, model.family, model.unet.config)

@@ -392,3 +392,17 @@ def test_a_lora_folder_gives_its_one_safetensors_file(engine: Engine, tiny_model
     by_file = engine.run(lora_graph(tiny_models, "sd15", [(loras["sd15-b"], 0.5, 0.5)])).outputs["image"]
     by_folder = engine.run(lora_graph(tiny_models, "sd15", [(loras["sd15-b"].parent, 0.5, 0.5)])).outputs["image"]
     assert torch.equal(by_file, by_folder)
+
+
+def test_a_model_and_clip_of_different_families_are_refused_by_name(tiny_models: Path) -> None:
+    from graphflow.models.manager import ModelManager
+
+    document = {"graphflow": 1, "nodes": {
+        "sd": {"type": "CheckpointLoader", "inputs": {"model": "sd15"}},
+        "xl": {"type": "CheckpointLoader", "inputs": {"model": "sdxl"}},
+        "lora": {"type": "LoraLoader", "inputs": {"model": {"from": "sd.model"}, "clip": {"from": "xl.clip"},
+                                                   "lora": "missing.safetensors"}}},
+        "outputs": {"model": "lora.model"}}
+    engine = Engine(input_dirs=[tiny_models], models=ModelManager())
+    with pytest.raises(NodeExecutionError, match=r"model is SD1\.5 but clip is SDXL"):
+        engine.run(document)
