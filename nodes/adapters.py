@@ -153,21 +153,15 @@ def _adapter_pixels(image: torch.Tensor, width: int, height: int, channels: int)
     """[B, channels, H, W] in 0..1 as the adapter pipelines prepare PIL images: 8-bit, Lanczos-resized to the
     output size; one-channel adapters (sketch, canny) take PIL's grey ("L"). RGB images of the output size are
     used as they are, as the pipelines use tensors."""
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from nodes.imaging import to_uint8
+    from nodes.imaging import resize_like_pil
 
     if channels == 3 and image.shape[1:3] == (height, width):
         return image.to("cpu", torch.float32).permute(0, 3, 1, 2)
     if channels not in (1, 3):
         raise NodeInputError(f"this T2I-Adapter takes {channels}-channel images; graphflow gives RGB (3) or grey (1)")
-    pictures = [Image.fromarray(item) for item in to_uint8(image)]
-    pictures = [picture.convert("L") if channels == 1 else picture for picture in pictures]
-    arrays = [np.asarray(picture.resize((width, height), Image.Resampling.LANCZOS)) for picture in pictures]
-    stacked = np.stack([array[..., None] if array.ndim == 2 else array for array in arrays])
-    return torch.from_numpy(stacked.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    return resize_like_pil(image, width, height, grey=channels == 1).permute(0, 3, 1, 2)
 
 
 def _load_adapter(manager: Any, source: Any, where: Any, config: Any) -> T2IAdapterModel:

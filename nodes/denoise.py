@@ -29,6 +29,7 @@ from graphflow.models.devices import torch_dtype
 from graphflow.models.memory import hold_sliced, memory_options, sliced_attention
 from nodes.backends import Geometry, Prompt, UNetBackend, backend_for
 from nodes.conditioning import Conditioning, ControlApplication
+from nodes.imaging import resize_like_pil
 from nodes.latents import Latent, binary_mask, sample_encoded
 from nodes.schedulers import make_scheduler
 
@@ -232,7 +233,7 @@ def _control_image(control: ControlApplication, request: SamplingRequest, duplic
 
     image = control.image
     if image.shape[1:3] != (request.height, request.width):
-        image = _resize_like_diffusers(image, request.width, request.height)
+        image = resize_like_pil(image, request.width, request.height)
     if image.shape[0] not in (1, request.batch):
         raise NodeInputError(f"a control image batch has {image.shape[0]} images for {request.batch} latents; "
                              "give 1 control image or one per latent")
@@ -241,18 +242,6 @@ def _control_image(control: ControlApplication, request: SamplingRequest, duplic
     pixels = pixels.repeat_interleave(request.batch // pixels.shape[0], dim=0)
     pixels = pixels.to(handle.key.device, torch_dtype(handle.key.dtype))
     return torch.cat([pixels] * 2) if duplicate else pixels
-
-
-def _resize_like_diffusers(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """The pipelines' control image resize: 8-bit RGB through PIL's Lanczos filter."""
-    import numpy as np
-    from PIL import Image
-
-    from nodes.imaging import from_uint8, to_uint8
-
-    resized = [np.asarray(Image.fromarray(item).resize((width, height), Image.Resampling.LANCZOS))
-               for item in to_uint8(image)]
-    return from_uint8(np.stack(resized))
 
 
 def _start(session: Session, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:

@@ -144,6 +144,18 @@ def from_uint8(array: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     return torch.from_numpy(array).to(device, torch.float32).div(255)
 
 
+def resize_like_pil(batch: torch.Tensor, width: int, height: int, *, grey: bool = False) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] resized as the diffusers pipelines resize PIL images: 8-bit, Lanczos, back to 0..1.
+    `grey` converts to PIL's "L" first, giving [B, height, width, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    pictures = [Image.fromarray(item) for item in to_uint8(batch)]
+    arrays = [np.asarray((picture.convert("L") if grey else picture).resize((width, height), Image.Resampling.LANCZOS))
+              for picture in pictures]
+    return from_uint8(np.stack([array[..., None] if array.ndim == 2 else array for array in arrays]))
+
+
 def grey_to_rgb(batch: torch.Tensor) -> torch.Tensor:
     """A one-channel batch [B, H, W] as IMAGE [B, H, W, 3] with the value in every channel."""
     return batch.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
