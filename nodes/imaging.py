@@ -181,13 +181,15 @@ def resize(batch: torch.Tensor, width: int, height: int, interpolation: str) -> 
     return resized.clamp_(0, 1)
 
 
-def fit_box(columns: int, rows: int, width: int, height: int) -> tuple[int, int, int, int]:
+def fit_box(columns: int, rows: int, width: int, height: int, *, truncate: bool = False) -> tuple[int, int, int, int]:
     """Where a columns x rows picture goes when fitted inside width x height keeping its aspect ratio, centred.
 
+    The fitted sides are rounded, or truncated with `truncate` (as the ControlNet guide's preprocessors fit them).
     Returns (fit_width, fit_height, left, top).
     """
     scale = min(width / columns, height / rows)
-    fit_width, fit_height = max(1, round(columns * scale)), max(1, round(rows * scale))
+    side = int if truncate else round
+    fit_width, fit_height = max(1, side(columns * scale)), max(1, side(rows * scale))
     return fit_width, fit_height, (width - fit_width) // 2, (height - fit_height) // 2
 
 

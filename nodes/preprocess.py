@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 THRESHOLDS = ("fixed", "adaptive")
 CHANNELS = ("grey", "per_channel")
+RESIZE_ORDERS = ("image_first", "edges_first")
+DEPTH_RESOLUTIONS = ("input", "model")
 DEPTH_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 _MODEL_SOURCE = ("A Hugging Face hub id (its files are taken from the HF cache, downloaded there first when the hub "
                  "is reachable) or a local folder holding the same files, relative to the input directory.")
@@ -60,7 +62,7 @@ class Canny(Node):
     """Canny edge map of an image: white edges on black, the control image of ControlNet canny models."""
 
     category = "preprocess"
-    version = "1.1.0"
+    version = "1.2.0"
     disk_cache = True
     inputs = (
         Input("image", IMAGE, "The image to find edges in."),
@@ -79,36 +81,57 @@ class Canny(Node):
               default=0, min=0, max=64),
         Input("channels", STRING, "grey finds edges in the luminance (white edges); per_channel finds them in "
               "red, green and blue separately and keeps each in its own channel.", default="grey", choices=CHANNELS),
-        Input("width", INT, "Output width: the image is resized keeping its aspect ratio to fit width x height, "
-              "edges are found at that size, and the map is centred on a black border. 0 = the input's width.",
+        Input("width", INT, "Output width: the picture is fitted inside width x height keeping its aspect ratio "
+              "(see resize_order) and the map is centred on a black border. 0 = the input's width.",
               default=0, min=0, max=16384),
         Input("height", INT, "Output height, as for width; 0 = the input's height.", default=0, min=0, max=16384),
-        Input("interpolation", STRING, "Resampling filter for the resize before edge detection.",
+        Input("resize_order", STRING, "image_first resizes the image to the fitted size (sides rounded) with "
+              "interpolation and finds the edges there: thin, pure white lines. edges_first finds the edges at the "
+              "input's size, then resizes the edge map to the fitted size (sides truncated) bilinearly, OpenCV's "
+              "default, which greys and thickens the lines: the production ControlNet guide's "
+              "AdaptiveCannyPreprocessor, pixel for pixel.", default="image_first", choices=RESIZE_ORDERS),
+        Input("interpolation", STRING, "Resampling filter for the image before edge detection (resize_order "
+              "image_first). edges_first always resizes the edge map bilinearly, as the guide does.",
               default="lanczos", choices=INTERPOLATIONS),
     )
-    outputs = (Output("image", IMAGE, "The edge map: 1 on edges, 0 elsewhere (and on the border), in three channels."),)
+    outputs = (Output("image", IMAGE, "The edge map in three channels: 1 on edges, 0 elsewhere (and on the border); "
+                      "with edges_first, the grey levels k/255 that resizing left."),)
 
     def run(self, ctx: RunContext, image: torch.Tensor, low: int, high: int, thresholds: str, sigma: float,
-            blur: int, channels: str, width: int, height: int, interpolation: str) -> dict[str, Any]:
+            blur: int, channels: str, width: int, height: int, resize_order: str,
+            interpolation: str) -> dict[str, Any]:
         import numpy as np
 
         rows, columns = image.shape[1:3]
         width, height = width or columns, height or rows
-        fit_width, fit_height, left, top = fit_box(columns, rows, width, height)
-        if (fit_width, fit_height) != (columns, rows):
+        edges_first = resize_order == "edges_first"
+        fit_width, fit_height, left, top = fit_box(columns, rows, width, height, truncate=edges_first)
+        if not edges_first and (fit_width, fit_height) != (columns, rows):
             image = resize(image, fit_width, fit_height, interpolation)
         edges = np.stack([canny_edges(rgb, low, high, adaptive=thresholds == "adaptive", sigma=sigma, blur=blur,
                                       per_channel=channels == "per_channel") for rgb in to_uint8(image)])
+        if edges.shape[1:3] != (fit_height, fit_width):
+            edges = resize_edges(edges, fit_width, fit_height)
         edge_map = from_uint8(edges, image.device)
         if (fit_width, fit_height) != (width, height):
             edge_map, _ = pad(edge_map, width, height, left, top, 0.0)
         return {"image": edge_map}
 
 
+def resize_edges(edges: np.ndarray, width: int, height: int) -> np.ndarray:
+    """8-bit edge maps [B, H, W, 3] resized to width x height as the guide resizes them: cv2.resize's default,
+    bilinear on the 8-bit values (OpenCV's fixed-point rounding, which a float resize would not reproduce)."""
+    import cv2
+    import numpy as np
+
+    return np.stack([cv2.resize(item, (width, height), interpolation=cv2.INTER_LINEAR) for item in edges])
+
+
 class Depth(Node):
     """Relative depth of an image from a DPT / MiDaS model (transformers): near is bright, as depth ControlNets want."""
 
     category = "preprocess"
+    version = "1.1.0"
     disk_cache = True
     uses_options = ("device", "dtype")
     inputs = (
@@ -116,11 +139,17 @@ class Depth(Node):
         Input("model", STRING, "Depth-estimation model: Intel/dpt-large, Intel/dpt-hybrid-midas, or another "
               "transformers depth model (config.json, preprocessor_config.json, model.safetensors). " + _MODEL_SOURCE,
               default="Intel/dpt-large", model=True),
+        Input("resolution", STRING, "input resizes the model's prediction to the input's size as its image "
+              "processor does (bicubic for DPT) and keeps the values in float: transformers' depth-estimation "
+              "pipeline. model keeps the prediction at the model's output size (the size its image processor "
+              "resizes to) and truncates the values to 8 bits (k/255): the production ControlNet guide's "
+              "DepthPreprocessor. Both pixel for pixel on the CPU in fp32.",
+              default="input", choices=DEPTH_RESOLUTIONS),
     )
-    outputs = (Output("image", IMAGE, "The depth map at the input's size, stretched so that the farthest point is 0 "
-                      "and the nearest 1, in all three channels."),)
+    outputs = (Output("image", IMAGE, "The depth map, stretched so that the farthest point is 0 and the nearest 1, in "
+                      "all three channels, at the size resolution chooses."),)
 
-    def run(self, ctx: RunContext, image: torch.Tensor, model: str) -> dict[str, Any]:
+    def run(self, ctx: RunContext, image: torch.Tensor, model: str, resolution: str) -> dict[str, Any]:
         import torch
         from PIL import Image
         from transformers.modeling_outputs import DepthEstimatorOutput
@@ -135,12 +164,17 @@ class Depth(Node):
         processor = _load_depth_processor(source)
         pictures = [Image.fromarray(item) for item in to_uint8(image)]
         pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+        # one picture per forward pass, as the depth-estimation pipeline and the guide run them: a batched pass
+        # rounds differently (~1e-6 relative), enough to move an 8-bit step
         with handle.use() as network, torch.inference_mode():
-            predicted = network(pixel_values=pixels.to(device, torch_dtype(dtype))).predicted_depth.float()
-        sizes = [tuple(image.shape[1:3])] * len(pictures)
+            predicted = torch.cat([network(pixel_values=item[None].to(device, torch_dtype(dtype))).predicted_depth
+                                   for item in pixels]).float()
+        sizes = [tuple(image.shape[1:3])] * len(pictures) if resolution == "input" else None  # None: as predicted
         # positional, as transformers' depth-estimation pipeline passes it (ZoeDepth calls it source_sizes)
         results = processor.post_process_depth_estimation(DepthEstimatorOutput(predicted_depth=predicted), sizes)
         depth = torch.stack([normalise(result["predicted_depth"]) for result in results])
+        if resolution == "model":
+            depth = eight_bit(depth)
         return {"image": grey_to_rgb(depth.to(image.device, torch.float32))}
 
 
@@ -148,6 +182,13 @@ def normalise(depth: torch.Tensor) -> torch.Tensor:
     """Values stretched to 0..1 (all 0 when the map is flat)."""
     low, high = depth.min(), depth.max()
     return (depth - low) / (high - low) if high > low else depth.new_zeros(depth.shape)
+
+
+def eight_bit(values: torch.Tensor) -> torch.Tensor:
+    """Values in 0..1 truncated to the 8-bit steps k/255, as the guide's `(depth * 255).astype(np.uint8)` does."""
+    import torch
+
+    return values.mul(255).to(torch.uint8).float().div(255)
 
 
 def _load_depth_model(folder: Path, dtype: str) -> Any:

@@ -14,9 +14,11 @@ from graphflow.errors import ValidationError
 from graphflow.models import ModelManager
 from graphflow.models.sources import ModelNotFoundError
 from graphflow.models.tiny_depth import write_tiny_dpt
+from nodes.imaging import from_uint8
 from nodes.preprocess import Depth
 from tests.nodes.calls import run_node
-from tests.nodes.test_preprocess import photo_like
+from tests.nodes.guide_preprocessors import DepthPreprocessor
+from tests.nodes.test_preprocess import as_uint8, photo_like
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,8 @@ def test_tiny_dpt_is_written_the_same_every_time(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("height, width", [(40, 56), (33, 20)])
-def test_depth_matches_the_transformers_depth_estimation_pipeline(model_ctx: RunContext, dpt: Path, height: int,
-                                                                  width: int) -> None:
+def test_depth_equals_the_transformers_depth_estimation_pipeline_image_by_image(
+        model_ctx: RunContext, dpt: Path, height: int, width: int) -> None:
     from PIL import Image
     from transformers import pipeline
 
@@ -66,10 +68,28 @@ def test_depth_matches_the_transformers_depth_estimation_pipeline(model_ctx: Run
         reference = estimator(picture)
         predicted = reference["predicted_depth"].numpy()
         normalised = (predicted - predicted.min()) / (predicted.max() - predicted.min())
-        np.testing.assert_allclose(depth[index, ..., 0].numpy(), normalised, atol=1e-5)
+        np.testing.assert_array_equal(depth[index, ..., 0].numpy(), normalised)
         assert torch.equal(depth[index, ..., 0], depth[index, ..., 2])
         # the pipeline's own 8-bit picture truncates the same values
-        assert np.abs(np.asarray(reference["depth"]).astype(int) - (depth[index, ..., 0].numpy() * 255)).max() <= 1
+        truncated = (depth[index, ..., 0].numpy() * 255).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(reference["depth"]), truncated)
+    assert depth.min() == 0 and depth.max() == 1
+
+
+@pytest.mark.parametrize("height, width", [(64, 96), (96, 64), (80, 80)])
+def test_depth_at_model_resolution_is_the_guides_depth_preprocessor_pixel_for_pixel(
+        model_ctx: RunContext, dpt: Path, height: int, width: int) -> None:
+    from PIL import Image
+
+    pixels = as_uint8(photo_like(2, height, width).numpy())
+    guide = DepthPreprocessor(dpt)
+
+    depth = run_node(Depth, model_ctx, image=from_uint8(pixels), model=str(dpt), resolution="model")["image"]
+
+    assert depth.shape == (2, 32, 32, 3)  # the tiny processor's size, whatever the input's
+    for index in range(2):
+        expected = np.asarray(guide(Image.fromarray(pixels[index])))
+        np.testing.assert_array_equal(depth[index].numpy(), expected / np.float32(255))
     assert depth.min() == 0 and depth.max() == 1
 
 

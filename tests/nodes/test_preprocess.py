@@ -2,10 +2,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from graphflow.context import RunContext
+from nodes.imaging import fit_box, from_uint8
 from nodes.preprocess import Canny
 from tests.nodes.calls import run_node
+from tests.nodes.guide_preprocessors import AdaptiveCannyPreprocessor
 
 
 def photo_like(batch: int, height: int, width: int) -> torch.Tensor:
@@ -130,3 +133,49 @@ def test_canny_width_or_height_0_keeps_that_side_of_the_input(ctx: RunContext) -
     expected = np.zeros((64, 40), np.uint8)
     expected[20:44] = cv2_canny(image[0].numpy(), 20, 60)  # fits unscaled, centred vertically
     assert_grey_edges(edges, expected)
+
+
+@pytest.mark.parametrize("width, height", [(96, 64), (64, 96), (80, 80)])
+@pytest.mark.parametrize("target", [(64, 64), (96, 64)])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_edges_first_canny_is_the_guides_adaptive_canny_preprocessor_pixel_for_pixel(
+        ctx: RunContext, width: int, height: int, target: tuple[int, int], adaptive: bool) -> None:
+    pixels = as_uint8(photo_like(2, height, width).numpy())
+    guide = AdaptiveCannyPreprocessor(low_threshold=100, high_threshold=200, adaptive=adaptive)
+
+    edges = run_node(Canny, ctx, image=from_uint8(pixels), thresholds="adaptive" if adaptive else "fixed",
+                     low=100, high=200, width=target[0], height=target[1], resize_order="edges_first")["image"]
+
+    for index in range(2):
+        expected = np.asarray(guide(Image.fromarray(pixels[index]), target_size=target))
+        assert expected.any()
+        np.testing.assert_array_equal(edges[index].numpy(), expected / np.float32(255))
+    if (width, height) != target:  # the guide's bilinear resize of the edge map leaves grey levels
+        assert ((edges > 0) & (edges < 1)).any()
+
+
+@pytest.mark.parametrize("width, height, target, rounded, truncated", [
+    (96, 64, (64, 64), (64, 43), (64, 42)),
+    (64, 96, (96, 64), (43, 64), (42, 64)),
+    (80, 80, (96, 64), (64, 64), (64, 64)),
+])
+def test_image_first_rounds_the_fitted_sides_and_edges_first_truncates_them_as_the_guide(
+        width: int, height: int, target: tuple[int, int], rounded: tuple[int, int],
+        truncated: tuple[int, int]) -> None:
+    assert fit_box(width, height, *target)[:2] == rounded
+    assert fit_box(width, height, *target, truncate=True)[:2] == truncated
+
+
+@pytest.mark.parametrize("channels", ["grey", "per_channel"])
+def test_edges_first_keeps_thresholds_blur_and_channels_and_finds_edges_at_the_input_size(
+        ctx: RunContext, channels: str) -> None:
+    image = photo_like(1, 40, 56)
+    options = {"thresholds": "adaptive", "blur": 1, "channels": channels}
+
+    full = run_node(Canny, ctx, image=image, **options)["image"][0]
+    fitted = run_node(Canny, ctx, image=image, width=28, height=28, resize_order="edges_first",
+                      interpolation="nearest", **options)["image"][0]  # interpolation is image_first's only
+
+    expected = np.zeros((28, 28, 3), np.uint8)
+    expected[4:24] = cv2.resize(as_uint8(full.numpy()), (28, 20), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(fitted.numpy(), expected / np.float32(255))
