@@ -20,6 +20,7 @@ from nodes.annotators import (
 )
 from nodes.conditioning import ControlApply, TextEncode
 from nodes.image import LoadImage, LoadMask, ResizePad, SaveImage
+from nodes.inpaint_crop import InpaintCrop, InpaintPaste
 from nodes.ip_adapter import CLIPVisionLoader, IPAdapterApply, IPAdapterLoader
 from nodes.lora import LoraLoader
 from nodes.mask import (
@@ -44,6 +45,7 @@ NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImag
          CheckpointLoader, ControlNetLoader, VAELoader,
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,
          Depth, ImageToMask, ColorToMask, ThresholdMask, CropToMask, PasteCrop,
+         InpaintCrop, InpaintPaste,
          HED, PidiNet, MLSD, OpenPose, Lineart, LineartAnime, NormalBae, MidasDepth, ZoeDepth, ContentShuffle,
          LineartStandard, LoraLoader, ImageScale, LatentUpscale, T2IAdapterLoader, T2IAdapterApply,
          CLIPVisionLoader, IPAdapterLoader, IPAdapterApply)

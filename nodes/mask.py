@@ -29,16 +29,16 @@ def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return map_items(mask, lambda item: cv2.GaussianBlur(item, (size, size), radius / 3))
 
 
-def _check_same_size(**batches: torch.Tensor) -> None:
+def check_same_size(**batches: torch.Tensor) -> None:
     """Raise NodeInputError unless all batches have one height and width, and batch sizes equal or 1."""
     sizes = {name: f"{batch.shape[2]}x{batch.shape[1]}" for name, batch in batches.items()}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} is {size}" for name, size in sizes.items())
         raise NodeInputError(f"sizes differ (width x height): {listed}; resize them to one size, e.g. with ResizePad")
-    _check_batches(**batches)
+    check_batches(**batches)
 
 
-def _check_batches(**batches: torch.Tensor) -> None:
+def check_batches(**batches: torch.Tensor) -> None:
     """Raise NodeInputError unless the batch sizes are equal or 1."""
     if len({batch.shape[0] for batch in batches.values()} - {1}) > 1:
         listed = ", ".join(f"{name} has {batch.shape[0]}" for name, batch in batches.items())
@@ -61,7 +61,7 @@ class MaskBlend(Node):
     def run(
         self, ctx: RunContext, background: torch.Tensor, foreground: torch.Tensor, mask: torch.Tensor, feather: int
     ) -> dict[str, Any]:
-        _check_same_size(background=background, foreground=foreground, mask=mask)
+        check_same_size(background=background, foreground=foreground, mask=mask)
         weight = feather_mask(mask, feather).to(background.device).unsqueeze(-1)
         return {"image": background * (1 - weight) + foreground.to(background.device) * weight}
 
@@ -223,7 +223,7 @@ class CropToMask(Node):
 
     def run(self, ctx: RunContext, image: torch.Tensor, mask: torch.Tensor, padding: int,
             multiple: int) -> dict[str, Any]:
-        _check_same_size(image=image, mask=mask)
+        check_same_size(image=image, mask=mask)
         x, y, width, height = mask_box(mask, padding, multiple)
         region = (slice(None), slice(y, y + height), slice(x, x + width))
         return {"image": image[region].contiguous(), "mask": mask[region].contiguous(),
@@ -260,7 +260,7 @@ class PasteCrop(Node):
         if mask is not None and mask.shape[1:3] not in (crop.shape[1:3], (height, width)):
             raise NodeInputError(f"the mask is {mask.shape[2]}x{mask.shape[1]}; it must match the crop "
                                  f"({crop.shape[2]}x{crop.shape[1]}) or the pasted area ({width}x{height})")
-        _check_batches(image=image, crop=crop, **({} if mask is None else {"mask": mask}))
+        check_batches(image=image, crop=crop, **({} if mask is None else {"mask": mask}))
         crop = _sized(crop, width, height, "lanczos").to(image.device)
         weight = torch.ones((1, height, width), dtype=torch.float32, device=image.device) if mask is None \
             else feather_mask(_sized(mask, width, height, "bilinear"), feather).to(image.device)
