@@ -53,7 +53,7 @@ class CompiledGraph:
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # plans and keys per target set
     # what the next compile of this document may keep (graphflow.incremental): the param values with their
     # declared types, the top-level nodes that use a param, and the values the caller gave
-    param_values: dict[str, tuple[Any, str]] = field(default_factory=dict, repr=False, compare=False)
+    param_values: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
     param_users: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
     given_params: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # as passed to compile
     registry: Any = field(default=None, repr=False, compare=False)  # the NodeRegistry it was compiled against

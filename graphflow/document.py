@@ -31,7 +31,7 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 _TOP_ORDER = ("$schema", "graphflow", "name", "description", "params", "nodes", "outputs")
 _NODE_ORDER = ("type", "template", "version", "inputs")
-_PARAM_ORDER = ("type", "default", "description", "min", "max", "choices")
+_PARAM_ORDER = ("type", "list", "default", "description", "min", "max", "choices")
 
 
 def parse_document(text: str, source: str = "<document>") -> dict[str, Any]:

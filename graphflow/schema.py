@@ -110,5 +110,6 @@ def _param_schema() -> dict[str, Any]:
     # every type known when the schema is made, the node packs' own among them, each with what its values are
     value_types = [{"const": name, "description": spec.description} for name, spec in types.known_types().items()]
     return {"type": "object", "required": ["type"], "additionalProperties": False,
-            "properties": {"type": {"anyOf": value_types}, "default": {}, "description": {"type": "string"},
+            "properties": {"type": {"anyOf": value_types}, "list": {"type": "boolean"}, "default": {},
+                           "description": {"type": "string"},
                            "min": {"type": "number"}, "max": {"type": "number"}, "choices": {"type": "array"}}}

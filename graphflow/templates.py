@@ -7,6 +7,7 @@ outputs are its named `outputs`. Parameter values are data only; nothing is eval
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from graphflow.node import REQUIRED, Input, Node, Output, reserved_output_name
 from graphflow.paths import file_kind
 from graphflow.registry import NodeRegistry
 
-_PARAM_KEYS = {"type", "default", "description", "min", "max", "choices"}
+_PARAM_KEYS = {"type", "list", "default", "description", "min", "max", "choices"}
 MAX_TEMPLATE_DEPTH = 32  # templates used inside templates; real graphs nest two or three
 
 
@@ -57,9 +58,10 @@ def _param_spec(name: str, declaration: Any) -> tuple[Input | None, list[GraphEr
                                  found=found)]
     choices = declaration.get("choices")
     spec = Input(name, declaration["type"], declaration.get("description", ""), declaration.get("default", REQUIRED),
-                 declaration.get("min"), declaration.get("max"), tuple(choices) if choices is not None else None)
+                 declaration.get("min"), declaration.get("max"), tuple(choices) if choices is not None else None,
+                 list=declaration.get("list", False))
     if spec.default is not REQUIRED:
-        errors = spec.check_literal(spec.default, None)
+        errors = param_value_errors(spec, spec.default)
         if errors:
             return None, [GraphError(Code.INVALID_PARAM, f"the default of param '{name}' is not valid: "
                                      f"{errors[0].message}", input=name, expected=errors[0].expected,
@@ -79,6 +81,9 @@ def _declaration_problems(declaration: Any) -> tuple[str, str, str] | None:
         return f"has unknown keys {extra}", f"keys among {sorted(_PARAM_KEYS)}", str(extra)
     if not isinstance(declaration.get("description", ""), str):
         return "has a description that is not text", "a string", types.describe_literal(declaration["description"])
+    if "list" in declaration and (type(declaration["list"]) is not bool or type_name not in types.SCALAR_TYPES):
+        return "has a 'list' that does not apply", "true or false, on an INT, FLOAT, BOOL or STRING param", \
+            f"{types.describe_literal(declaration['list'])} on {type_name}"
     for bound in ("min", "max"):
         if bound in declaration and (type_name not in (types.INT, types.FLOAT)
                                      or not types.literal_matches(types.FLOAT, declaration[bound])):
@@ -89,6 +94,18 @@ def _declaration_problems(declaration: Any) -> tuple[str, str, str] | None:
         return "has choices that do not fit its type", f"a list of {type_name} values", \
             types.describe_literal(declaration["choices"])
     return None
+
+
+def param_value_errors(spec: Input, value: Any) -> list[GraphError]:
+    """Errors for a literal value of the param `spec`: a list of its type for a list param (each item checked
+    against its choices and range), one value of its type otherwise."""
+    if spec.list and not isinstance(value, list):
+        return [GraphError(Code.INVALID_VALUE, f"param '{spec.name}' is a list of {spec.type}", None, spec.name,
+                           f"a list of {spec.type}", types.describe_literal(value))]
+    if not spec.list and isinstance(value, list):
+        return [GraphError(Code.INVALID_VALUE, f"param '{spec.name}' takes one {spec.type}, not a list", None,
+                           spec.name, spec.type, types.describe_literal(value))]
+    return spec.check_literal(value, None)
 
 
 class TemplateNode(Node):
@@ -256,14 +273,35 @@ def parse_assignments(document: dict[str, Any], assignments: list[str]) -> dict[
         elif spec is None:
             errors.append(unknown_param_error(name, specs))
         else:
+            expected = f"a list of {spec.type} (1,2,3 or a JSON list)" if spec.list else spec.type
             try:
-                values[name] = types.parse_text(spec.type, text)
+                values[name] = parse_list_text(spec.type, text) if spec.list else types.parse_text(spec.type, text)
             except ValueError as error:
-                errors.append(GraphError(Code.INVALID_VALUE, f"cannot read {text!r} as {spec.type}: {error}",
-                                         input=name, expected=f"{spec.type}", found=repr(text)))
+                errors.append(GraphError(Code.INVALID_VALUE, f"cannot read {text!r} as {expected}: {error}",
+                                         input=name, expected=expected, found=repr(text)))
     if errors:
         raise ValidationError(errors)
     return values
+
+
+def parse_list_text(type_name: str, text: str) -> list[Any]:
+    """A list param's value from the command line: a JSON list (`[1, 2]`, `["a, b", "c"]`), or items separated
+    by commas (`0,1,2,3`), each read as `type_name`; an empty text is the empty list."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not a JSON list ({error.msg})") from None
+        if not isinstance(items, list):
+            raise ValueError("not a JSON list")
+        if not all(types.literal_matches(type_name, item) for item in items):
+            raise ValueError(f"every item must be {type_name}")
+        return items
+    if not stripped:
+        return []
+    return [types.parse_text(type_name, item.strip() if type_name != types.STRING else item)
+            for item in text.split(",")]
 
 
 class Template:

@@ -20,7 +20,14 @@ from graphflow.incremental import Reuse
 from graphflow.node import REQUIRED, Input, Node, file_link_error, missing_input_error, unknown_input_error
 from graphflow.planning import inherit_plans
 from graphflow.registry import NodeRegistry
-from graphflow.templates import TemplateLoader, TemplateNode, inside_template, parse_params, unknown_param_error
+from graphflow.templates import (
+    TemplateLoader,
+    TemplateNode,
+    inside_template,
+    param_value_errors,
+    parse_params,
+    unknown_param_error,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ class Unbound:
     type: str
 
 
-ParamValues = dict[str, tuple[Any, str]]  # name -> (value, declared type)
+ParamValues = dict[str, tuple[Any, Input]]  # name -> (value, declaration)
 NODE_ID = NAME_PATTERN  # always fullmatch: "$" would let a trailing newline in
 _NODE_KEYS = frozenset({"type", "template", "inputs"})
 _TYPE_NODE_KEYS = _NODE_KEYS | {"version"}  # template nodes pin no version
@@ -213,18 +220,18 @@ class _Compiler:
         for name in values:
             if name not in specs and not any(error.input == name for error in errors):
                 self.errors.append(unknown_param_error(name, specs))
-        resolved: dict[str, Any] = {}
+        resolved: ParamValues = {}
         for name, spec in specs.items():
             if name in values:
                 value = values[name]
                 # a Link (or list of them) comes from the node using this template, already type-checked there
-                problems = [] if links_in(value) else spec.check_literal(value, None)
+                problems = [] if links_in(value) else param_value_errors(spec, value)
                 self.errors.extend(problems)
-                resolved[name] = (Unbound(name, spec.type) if problems else value, spec.type)
+                resolved[name] = (Unbound(name, spec.type) if problems else value, spec)
             elif spec.default is not REQUIRED:
-                resolved[name] = (spec.default, spec.type)
+                resolved[name] = (spec.default, spec)
             else:
-                resolved[name] = (Unbound(name, spec.type), spec.type)
+                resolved[name] = (Unbound(name, spec.type), spec)
                 if not self.as_template:
                     how = "--set NAME=VALUE" if spec.accepts_literal else "a link (use the template as a node)"
                     self.error(Code.MISSING_PARAM_VALUE, f"param '{name}' has no default; give it a value with {how}",
@@ -296,8 +303,15 @@ class _Compiler:
                 self.error(Code.INVALID_VALUE, "this input takes one value, not a list", node_id, spec.name,
                            f"{spec.type}", types.describe_literal(value))
                 return None
-            return [self._item(node_id, spec, item, classes, params, prefix) for item in value]
+            items: list[Any] = []
+            for item in value:  # a list param's items take its place in the list
+                checked = self._item(node_id, spec, item, classes, params, prefix)
+                spliced = _list_param(item, params) and isinstance(checked, list)
+                items.extend(checked if spliced else [checked])
+            return items
         item = self._item(node_id, spec, value, classes, params, prefix)
+        if _list_param(value, params):
+            return item  # already the list
         return [item] if spec.list else item
 
     def _item(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
@@ -348,10 +362,12 @@ class _Compiler:
             self.error(Code.UNKNOWN_PARAM, f"the input uses param '{name}', which the document does not declare "
                        "or which has no value", node_id, spec.name, 'a name declared under "params"', repr(name))
             return None
-        value, param_type = params[name]
-        if not types.is_compatible(param_type, spec.type):
-            self.error(Code.TYPE_MISMATCH, f"param '{name}' is {param_type} but '{spec.name}' takes {spec.type}",
-                       node_id, spec.name, spec.type, f"{param_type} param '{name}'")
+        value, declared = params[name]
+        param_type = f"a list of {declared.type}" if declared.list else declared.type
+        if not types.is_compatible(declared.type, spec.type) or (declared.list and not spec.list):
+            takes = f"a list of {spec.type}" if spec.list else f"one {spec.type}"
+            self.error(Code.TYPE_MISMATCH, f"param '{name}' is {param_type} but '{spec.name}' takes {takes}",
+                       node_id, spec.name, takes, f"{param_type} param '{name}'")
             return None
         if isinstance(value, Unbound):
             return None  # no value to check; a missing one is reported once, on the param
@@ -417,3 +433,11 @@ class _Compiler:
                 node.inputs = inputs
         for name, link in outputs.items():
             outputs[name] = follow(link)
+
+
+def _list_param(value: Any, params: ParamValues) -> bool:
+    """Whether `value` is a reference to a list-typed param."""
+    if type(value) is not dict or len(value) != 1 or not isinstance(value.get("param"), str):
+        return False
+    declared = params.get(value["param"])
+    return declared is not None and declared[1].list
