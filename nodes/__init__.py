@@ -36,11 +36,11 @@ from nodes.mask import (
 )
 from nodes.models import CheckpointLoader, ControlNetLoader, VAELoader
 from nodes.preprocess import Canny, Depth
-from nodes.primitives import Bool, Float, Int, JoinText, Math, String
+from nodes.primitives import Bool, Float, Int, JoinText, Math, SelectText, String
 from nodes.sampling import EmptyLatent, Sampler, VAEDecode, VAEEncode
 from nodes.upscale import ImageScale, LatentUpscale
 
-NODES = (Int, Float, String, Bool, Math, JoinText, LoadImage, LoadMask, SaveImage, ResizePad,
+NODES = (Int, Float, String, Bool, Math, JoinText, SelectText, LoadImage, LoadMask, SaveImage, ResizePad,
          MaskBlend, FeatherMask, GrowMask, InvertMask, Canny,
          CheckpointLoader, ControlNetLoader, VAELoader,
          TextEncode, ControlApply, EmptyLatent, Sampler, VAEEncode, VAEDecode,

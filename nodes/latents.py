@@ -47,6 +47,8 @@ class Latent:
     scaling_factor: float | None = None
     mask: torch.Tensor | None = None  # VAEEncode with a mask: MASK [B, H, W]
     masked_moments: torch.Tensor | None = None
+    # the Sampler with a list of seeds: the batch is this many equal groups, each sampled on its own (one seed)
+    groups: int = 1
 
     @property
     def channels(self) -> int:

@@ -68,6 +68,24 @@ class JoinText(Node):
         return {"text": separator.join(text for text in texts if text)}
 
 
+class SelectText(Node):
+    """Pick a text by name from a table, e.g. a style's prompt: texts[i] for the i-th of names, else the fallback."""
+
+    category = "primitive"
+    inputs = (
+        Input("name", STRING, "What to look up, e.g. a template's style param."),
+        Input("names", STRING, "The table's names, in order; a name given twice picks its first text.", list=True),
+        Input("texts", STRING, "The table's texts, one per name.", list=True),
+        Input("fallback", STRING, "The text for a name that is not in the table.", default=""),
+    )
+    outputs = (Output("text", STRING, "The text of the name, or the fallback."),)
+
+    def run(self, ctx: RunContext, name: str, names: list[str], texts: list[str], fallback: str) -> dict[str, Any]:
+        if len(names) != len(texts):
+            raise NodeInputError(f"the table has {len(names)} names but {len(texts)} texts; give one text per name")
+        return {"text": texts[names.index(name)] if name in names else fallback}
+
+
 _OPERATIONS = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,

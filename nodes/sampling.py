@@ -53,6 +53,7 @@ class Sampler(Node):
     """Denoise latents with a UNet, prompts and ControlNets: text-to-image, img2img or inpainting."""
 
     category = "sampling"
+    version = "1.1.0"  # seed takes a list
     disk_cache = True
     uses_options = ATTENTION_OPTIONS  # sliced attention differs from the default in the last bits
     inputs = (
@@ -70,7 +71,9 @@ class Sampler(Node):
               "the mask given to VAEEncode, if any. 9-channel inpainting UNets need VAEEncode to have it too.",
               optional=True),
         Input("seed", INT, "Noise seed: the same seed and settings give the same image, and the same as diffusers "
-              "with generator=torch.Generator('cpu').manual_seed(seed).", default=0, min=0, max=2**64 - 1),
+              "with generator=torch.Generator('cpu').manual_seed(seed). A list of seeds samples one image per seed "
+              "(times the batch), each on its own, so each equals the diffusers call with that seed; VAEDecode "
+              "decodes them one at a time too.", default=0, min=0, max=2**64 - 1, list=True),
         Input("steps", INT, "Denoising steps of the full schedule.", default=30, min=1, max=1000),
         Input("cfg", FLOAT, "Classifier-free guidance scale; 1 or less turns guidance (and the negative) off.",
               default=7.5, min=0.0, max=100.0),
@@ -91,8 +94,10 @@ class Sampler(Node):
 
     def run(self, ctx: RunContext, model: DiffusionModel, positive: Conditioning, negative: Conditioning | None,
             control: list[ControlApplication] | None, latent: Latent | None, mask: torch.Tensor | None,
-            seed: int, steps: int, cfg: float, scheduler: str, strength: float, guess_mode: bool, width: int,
-            height: int, adapters: list[Any] | None = None) -> dict[str, Any]:
+            seed: int | list[int], steps: int, cfg: float, scheduler: str, strength: float, guess_mode: bool,
+            width: int, height: int, adapters: list[Any] | None = None) -> dict[str, Any]:
+        import torch
+
         from nodes.adapters import adapter_contributors
         from nodes.backends import backend_for
         from nodes.denoise import SamplingRequest, sample
@@ -104,10 +109,21 @@ class Sampler(Node):
         geometry = backend.geometry(model)
         batch, width, height = _output_size(model, geometry, controls, latent, width, height)
         _check_inpainting(model, backend.denoiser_channels(model), geometry, latent, mask, batch, width, height)
-        request = SamplingRequest(model, positive, negative, controls, latent, mask, seed, steps, cfg, scheduler,
+        seeds = _seeds(seed)
+        request = SamplingRequest(model, positive, negative, controls, latent, mask, seeds[0], steps, cfg, scheduler,
                                   strength, guess_mode, batch, width, height,
                                   (*contributors, *adapter_contributors(adapters or ())))
-        return {"latent": Latent(sample(ctx, request), model.family, geometry.scale)}
+        samples = [sample(ctx, replace(request, seed=each)) for each in seeds]
+        return {"latent": Latent(torch.cat(samples) if len(samples) > 1 else samples[0], model.family, geometry.scale,
+                                 groups=len(samples))}
+
+
+def _seeds(seed: int | list[int]) -> list[int]:
+    """The seeds to sample with, one image (times the batch) each."""
+    seeds = seed if isinstance(seed, list) else [seed]
+    if not seeds:
+        raise NodeInputError("seed is an empty list; give one seed, or a list with one seed per image")
+    return seeds
 
 
 def _contributing_patches(model: DiffusionModel) -> tuple[DiffusionModel, tuple[Any, ...]]:
@@ -273,8 +289,14 @@ class VAEDecode(Node):
             raise NodeInputError(f"the latents have {latent.channels} channels of {latent.scale}x{latent.scale} "
                                  f"pixels but the VAE ({vae.source}) decodes {vae.latent_channels} channels of "
                                  f"{vae.scale}x{vae.scale}; decode with the VAE of the model that made them")
+        memory = memory_options(ctx.options)
         with torch.no_grad():
-            return {"image": decode(vae, latent, memory_options(ctx.options))}
+            if latent.groups == 1:
+                return {"image": decode(vae, latent, memory)}
+            # sampled one seed at a time: each seed's images decoded on their own too, as its pipeline call would
+            rows = latent.samples.shape[0] // latent.groups
+            return {"image": torch.cat([decode(vae, latent.replace(samples=latent.samples[start:start + rows]), memory)
+                                        for start in range(0, latent.samples.shape[0], rows)])}
 
 
 NODES = (EmptyLatent, Sampler, VAEEncode, VAEDecode)
