@@ -129,8 +129,10 @@ class TextEncode(Node):
     inputs = (
         Input("clip", CLIP, "The text encoder(s) of a checkpoint, from CheckpointLoader."),
         Input("text", STRING, "The prompt; CLIP reads the first 77 tokens unless weighting is on.", default=""),
-        Input("clip_skip", INT, "Skip this many of the text encoder's last layers (diffusers' clip_skip; ComfyUI's "
-              "CLIPSetLastLayer -1 - clip_skip); 0 uses them all.", default=0, min=0, max=24),
+        Input("clip_skip", INT, "Skip this many of the text encoder's last layers (ComfyUI's CLIPSetLastLayer "
+              "-1 - clip_skip); 0 uses them all. It applies to this text only; diffusers' clip_skip=N applies to the "
+              "prompt and never to the negative prompt, so to match it set N on the positive TextEncode and leave "
+              "the negative one at 0 (an unlinked negative is the pipelines' already).", default=0, min=0, max=24),
         Input("weighting", BOOL, "(word:1.2) emphasis and prompts longer than 77 tokens, as A1111 and ComfyUI read "
               "them: (word) x1.1, [word] /1.1, nesting multiplies, \\( a literal bracket; long prompts are encoded in "
               "75-token chunks instead of cut off. Off: the diffusers pipelines' embeddings.", default=False),

@@ -144,3 +144,18 @@ def test_inpainting_a_crop_renders_the_region_at_the_output_size_and_pastes_it_b
     outside = mask[0] == 0
     assert torch.equal(pasted[0][outside], original[0][outside])
     assert not torch.equal(pasted[0][~outside], original[0][~outside])
+
+
+@pytest.mark.parametrize(("graph", "pipeline"), [("img2img_style.json", "StableDiffusionControlNetImg2ImgPipeline"),
+                                                 ("inpaint.json", "StableDiffusionControlNetInpaintPipeline"),
+                                                 ("inpaint_crop.json", "StableDiffusionControlNetInpaintPipeline")])
+def test_refinement_graphs_default_to_the_pipelines_controlnet_scale(graph: str, pipeline: str) -> None:
+    """A user who sets no scale gets the pipeline's controlnet_conditioning_scale (0.8 img2img, 0.5 inpainting)."""
+    import inspect
+
+    import diffusers
+
+    signature = inspect.signature(getattr(diffusers, pipeline).__call__)
+    compiled = Engine(input_dirs=[ROOT]).compile(GRAPHS / graph)
+    [control] = [node for node in compiled.nodes.values() if node.node_type.type_name == "ControlApply"]
+    assert control.inputs["scale"] == signature.parameters["controlnet_conditioning_scale"].default

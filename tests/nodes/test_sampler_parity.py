@@ -17,6 +17,7 @@ from graphflow import Engine
 from nodes import EmptyLatent
 from tests.nodes.sampling_graphs import (
     CANNY,
+    PROMPT,
     SIZE,
     Control,
     Pipelines,
@@ -113,6 +114,26 @@ def test_prompt_and_size_settings_match_the_pipeline(case: str, graph_arguments:
                                                      tiny_models: Path, pipelines: Pipelines) -> None:
     theirs = pipelines.run(pipelines.pipeline(SD_CONTROLNET), **pipeline_arguments)
     assert_same_pixels(case, engine, sampling_graph(tiny_models, **graph_arguments), theirs)
+
+
+def _clip_skipped(pipeline: Any, clip_skip: int) -> torch.Tensor:
+    """The prompt's embeddings as StableDiffusionPipeline.encode_prompt makes them for clip_skip: the hidden state
+    clip_skip layers before the last, through the final layer norm. (Its own call reaches the norm as
+    text_encoder.text_model.final_layer_norm, which transformers 5 moved, so it cannot run here.)"""
+    tokens = pipeline.tokenizer(PROMPT, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipeline.text_encoder(tokens, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return pipeline.text_encoder.final_layer_norm(hidden)
+
+
+@pytest.mark.parametrize("negative", [None, "blurry, dark"])
+def test_clip_skip_applies_to_the_prompt_only_as_in_the_pipeline(negative: str | None, engine: Engine,
+                                                                 tiny_models: Path, pipelines: Pipelines) -> None:
+    pipeline = pipelines.pipeline(SD_CONTROLNET)
+    theirs = pipelines.run(pipeline, prompt=None, prompt_embeds=_clip_skipped(pipeline, 1), negative_prompt=negative)
+    assert_same_pixels(f"clip_skip 1, negative {negative!r}", engine,
+                       sampling_graph(tiny_models, clip_skip=1, negative=negative), theirs)
 
 
 @pytest.mark.parametrize(("case", "size"), [
