@@ -124,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the JSON Schema of graph documents")
     schema.set_defaults(command=_schema)
+
+    from graphflow.training.cli import add_train_controlnet
+
+    add_train_controlnet(commands)
     return parser
 
 

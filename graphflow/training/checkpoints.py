@@ -1,0 +1,193 @@
+"""Training checkpoints, written whole or not at all, and read back to resume; nothing is ever unpickled.
+
+    OUT/checkpoint-STEP/controlnet/            the ControlNet so far (save_pretrained: config.json + safetensors)
+    OUT/checkpoint-STEP/optimizer.safetensors  the optimizer's tensors (AdamW moments and step counts)
+    OUT/checkpoint-STEP/training_state.json    step, losses so far, optimizer settings, loss scaler, the config
+    OUT/controlnet/                            the final ControlNet, loadable by ControlNetLoader
+
+Each folder is written under a temporary name beside its target (`.NAME.XXXXXXXX.tmp`), synced, then renamed into
+place, so a killed run leaves complete checkpoints and temporary folders, which the next run removes. One run at a
+time may write into an output folder (`OutputLock`). Samples, noise and timesteps derive from the seed and the step,
+so the seed is all the random state a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphflow.training.config import TrainingError
+
+if TYPE_CHECKING:
+    import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so nothing stops two runs sharing a folder there
+    fcntl = None  # type: ignore[assignment]
+
+CONTROLNET = "controlnet"
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+FORMAT = 1
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_STAGING = re.compile(r"\.(checkpoint-\d+|controlnet)\..+\.tmp")
+_LOCK_FILE = ".train-controlnet.lock"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What a checkpoint records besides the weights: enough to continue exactly where it stopped."""
+
+    step: int
+    losses: list[float]
+    fixed: dict[str, Any]  # TrainConfig.fixed_for_resume() of the run that wrote it
+    optimizer: dict[str, Any]  # the optimizer's state_dict without its tensors
+    scaler: dict[str, Any] | None  # the fp16 loss scaler's state, if there is one
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "step": self.step, "losses": self.losses, "fixed": self.fixed,
+                "optimizer": self.optimizer, "scaler": self.scaler, "config": self.config}
+
+
+class OutputLock:
+    """Held while a run writes into `folder`: a second run into the same folder is refused, not interleaved."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._handle = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._handle)
+            raise TrainingError(f"another training run is writing into {folder}; wait for it or choose another "
+                                "output folder") from None
+        for entry in folder.iterdir():  # left by a run that was killed while writing a checkpoint
+            if _STAGING.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def release(self) -> None:
+        if self._handle >= 0:
+            os.close(self._handle)
+            self._handle = -1
+
+
+def checkpoints(folder: Path) -> dict[int, Path]:
+    """The complete checkpoints in `folder` by step."""
+    if not folder.is_dir():
+        return {}
+    found = {int(match[1]): entry for entry in folder.iterdir()
+             if (match := _CHECKPOINT.fullmatch(entry.name)) and (entry / STATE_FILE).is_file()}
+    return dict(sorted(found.items()))
+
+
+def write_directory(parent: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """`parent/name` filled by `write(folder)` in a temporary folder, synced and renamed into place (replacing a
+    folder of that name)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    target = parent / name
+    try:
+        write(staging)
+        _sync_tree(staging)
+        if target.exists():
+            replaced = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+            os.replace(target, replaced / name)
+            os.replace(staging, target)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _sync(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        _sync(path)
+    _sync(folder)
+
+
+def _sync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # some file systems cannot sync folders
+            os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_checkpoint(out: Path, step: int, controlnet: Any, optimizer: Any, state: TrainingState,
+                    keep: int | None) -> Path:
+    """Write OUT/checkpoint-STEP (see the module docstring); then keep only the `keep` latest, if set."""
+    from safetensors.torch import save_file
+
+    tensors, plain = _split_optimizer_state(optimizer.state_dict())
+    record = TrainingState(state.step, state.losses, state.fixed, plain, state.scaler, state.config)
+
+    def write(folder: Path) -> None:
+        controlnet.save_pretrained(folder / CONTROLNET, safe_serialization=True)
+        save_file(tensors, str(folder / OPTIMIZER_FILE))
+        (folder / STATE_FILE).write_text(json.dumps(record.to_json(), indent=2) + "\n", encoding="utf-8")
+
+    path = write_directory(out, f"checkpoint-{step}", write)
+    if keep is not None:
+        for old in list(checkpoints(out).values())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_state(checkpoint: Path) -> TrainingState:
+    """The training state a checkpoint folder records; TrainingError when it is missing or not graphflow's."""
+    path = checkpoint / STATE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainingError(f"{checkpoint} is not a training checkpoint: cannot read {STATE_FILE} ({error})") from None
+    fields = ("step", "losses", "fixed", "optimizer", "scaler", "config")
+    if not isinstance(record, dict) or record.get("format") != FORMAT or any(key not in record for key in fields):
+        raise TrainingError(f"{path} is not a graphflow training state of format {FORMAT}")
+    return TrainingState(*(record[key] for key in fields))
+
+
+def load_optimizer_state(checkpoint: Path, state: TrainingState) -> dict[str, Any]:
+    """The optimizer state_dict saved in `checkpoint`, tensors on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(checkpoint / OPTIMIZER_FILE))
+    except (OSError, SafetensorError) as error:
+        raise TrainingError(f"cannot read the optimizer state {checkpoint / OPTIMIZER_FILE}: {error}") from None
+    plain = state.optimizer
+    values: dict[int, dict[str, Any]] = {int(index): dict(entry) for index, entry in plain["state"].items()}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        values.setdefault(int(index), {})[key] = tensor
+    return {"state": values, "param_groups": plain["param_groups"]}
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors named "PARAM.KEY", the rest as JSON values) of an optimizer state_dict."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, {"state": plain, "param_groups": state_dict["param_groups"]}
