@@ -138,6 +138,8 @@ def _add_memory_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--vae-tile-size", type=_positive("pixels"), default=None, metavar="PX",
                      help="with --vae-tiling: the tile size in pixels (default: the VAE's, 512 for SD1.5)")
     run.add_argument("--vae-slicing", action="store_true", help="encode and decode a batch one image at a time")
+    run.add_argument("--swap-controlnets", action="store_true",
+                     help="hold each ControlNet on the device only inside its guidance window (same pixels)")
     run.add_argument("--attention-slicing", type=_slice_size, nargs="?", const="auto", default=None,
                      metavar="auto|max|N", help="compute UNet and ControlNet attention in slices (default when given: "
                      "auto, half the heads at a time; max: one; N: N heads per slice)")
@@ -149,7 +151,7 @@ def _slice_size(text: str) -> str | int:
 
 def _memory_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"vae_tiling": args.vae_tiling, "vae_tile_size": args.vae_tile_size, "vae_slicing": args.vae_slicing,
-            "attention_slicing": args.attention_slicing}
+            "attention_slicing": args.attention_slicing, "swap_controlnets": args.swap_controlnets}
 
 
 def _positive(unit: str) -> Callable[[str], int]:

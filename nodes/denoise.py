@@ -124,6 +124,7 @@ class Session:
     device: str
     dtype: torch.dtype
     attention_slicing: str | int | None = None  # the run's option: the held UNet and ControlNets slice attention
+    swap_controlnets: bool = False  # the run's option: each ControlNet held only inside its window
     denoiser: Any = None  # the held denoiser module (patches applied), set before the contributors hold theirs
 
     @property
@@ -163,8 +164,9 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
     prompt = backend.prompt(guider.rows(request.positive, negative), request.batch, request.width, request.height,
                             device, dtype)
     scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+    memory = memory_options(ctx.options)
     session = Session(request, backend, backend.geometry(model), guider, prompt, scheduler, device, dtype,
-                      memory_options(ctx.options).attention_slicing)
+                      memory.attention_slicing, memory.swap_controlnets)
     contributors: list[Any] = [ControlNets(request.controls)] if request.controls else []
     contributors.extend(request.contributors)
     generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -195,14 +197,20 @@ class ControlNets:
         self.session = session
         duplicate = session.guider.guided and not self.guess_mode
         images = [_control_image(control, request, duplicate) for control in self.controls]
-        # each held alone: attention slicing changes the module other graphs share
-        nets = hold_sliced(held, [control.controlnet.controlnet for control in self.controls],
-                           session.attention_slicing)
-        self.active = list(zip(nets, images, self.controls, strict=True))
+        handles = [control.controlnet.controlnet for control in self.controls]
+        if session.swap_controlnets:
+            self.nets: list[Any] = [_WindowHeld(handle, session.attention_slicing, held) for handle in handles]
+        else:  # each held alone for the whole loop: attention slicing changes the module other graphs share
+            self.nets = hold_sliced(held, handles, session.attention_slicing)
+        self.active = list(zip(self.nets, images, self.controls, strict=True))
 
     def contribute(self, call: DenoiserCall) -> None:
-        active = [(net, image, scale) for net, image, control in self.active
-                  if (scale := control.scale * control.keep(call.index, call.total)) != 0]
+        scales = [control.scale * control.keep(call.index, call.total) for control in self.controls]
+        if self.session.swap_controlnets:
+            for net, control in zip(self.nets, self.controls, strict=True):
+                net.follow(control, call.index, call.total)
+        active = [(net, image, scale) for (net, image, _), scale in zip(self.active, scales, strict=True)
+                  if scale != 0]
         if not active:
             call.extra.update(down_block_additional_residuals=None, mid_block_additional_residual=None)
             return
@@ -218,6 +226,9 @@ class ControlNets:
                                     added_cond_kwargs=prompt.added, return_dict=False)
             down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
             mid = net_mid if mid is None else mid + net_mid
+        if self.session.swap_controlnets:
+            for net in self.nets:
+                net.finish(call.index)
         if zero_pad:
             down = [guider.zero_unconditional(d) for d in down]
             mid = guider.zero_unconditional(mid)
@@ -225,6 +236,44 @@ class ControlNets:
 
     def after_step(self, latents: torch.Tensor, timesteps: torch.Tensor, index: int) -> torch.Tensor:
         return latents
+
+
+class _WindowHeld:
+    """A ControlNet held only over the steps of its window (memory option `swap_controlnets`): loaded and put on
+    the device at its first step, off the device after its last. Each call holds the module alone just while it
+    runs, so a run waiting for one never holds another ControlNet meanwhile (no circular waits between runs)."""
+
+    def __init__(self, handle: Any, slice_size: str | int | None, loop: ExitStack) -> None:
+        self.handle, self.slice_size = handle, slice_size
+        self.window: ExitStack | None = None
+        self.steps: tuple[int, int] | None = None  # first and last step with a non-zero scale
+        loop.callback(self.release)  # an error or a cancel between steps lets go too
+
+    def follow(self, control: ControlApplication, index: int, total: int) -> None:
+        """Hold the ControlNet from the first step of its window (before the call of step `index`)."""
+        if self.steps is None:
+            active = [step for step in range(total) if control.scale * control.keep(step, total) != 0]
+            self.steps = (active[0], active[-1]) if active else (total, -1)
+        first, last = self.steps
+        if first <= index <= last and self.window is None:
+            self.window = ExitStack()
+            self.window.enter_context(self.handle.use(offload_after=True))
+
+    def finish(self, index: int) -> None:
+        """After the call of step `index`: let go when it was the window's last."""
+        if self.steps is not None and index >= self.steps[1]:
+            self.release()
+
+    def release(self) -> None:
+        if self.window is not None:
+            self.window.close()
+            self.window = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from graphflow.models.memory import exclusive
+
+        with exclusive(self.handle) as module, sliced_attention(module, self.slice_size) as net:
+            return net(*args, **kwargs)
 
 
 def _control_image(control: ControlApplication, request: SamplingRequest, duplicate: bool) -> torch.Tensor:

@@ -57,9 +57,10 @@ class ModelHandle:
     load: Callable[[], Any] = field(repr=False)
     config: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def use(self) -> Any:
-        """`with handle.use() as model:` — the model on its device, held (never evicted) inside the block."""
-        return self.manager.use(self)
+    def use(self, *, offload_after: bool = False) -> Any:
+        """`with handle.use() as model:` — the model on its device, held (never evicted) inside the block;
+        `offload_after`: off the device when the block ends and no one else holds it."""
+        return self.manager.use(self, offload_after=offload_after)
 
     @property
     def sources(self) -> tuple[Any, ...]:
@@ -135,6 +136,7 @@ class ModelManager:
         self.compile = compile
         self.reserve_bytes = reserve_bytes
         self.loads: Counter[ModelKey] = Counter()
+        self.placements: Counter[ModelKey] = Counter()  # times each model was put on its device (budget-counted)
         self._handles: dict[ModelKey, ModelHandle] = {}
         self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()
         self._loading: dict[ModelKey, _Loading] = {}
@@ -151,8 +153,9 @@ class ModelManager:
             return existing
 
     @contextmanager
-    def use(self, handle: ModelHandle) -> Iterator[Any]:
-        """The handle's model, loaded once however many threads ask for it at once, on its device while held."""
+    def use(self, handle: ModelHandle, *, offload_after: bool = False) -> Iterator[Any]:
+        """The handle's model, loaded once however many threads ask for it at once, on its device while held;
+        with `offload_after` (or offload mode `model`) it leaves the device when its last holder lets go."""
         used = _USED.get()
         if used is not None:
             used.add(handle)
@@ -163,7 +166,7 @@ class ModelManager:
         finally:
             with self._lock:
                 entry.holders -= 1
-                offload = self.offload == "model" and entry.holders == 0 and entry.on_device
+                offload = (offload_after or self.offload == "model") and entry.holders == 0 and entry.on_device
                 if offload:
                     entry.on_device = False
             if offload:
@@ -174,6 +177,11 @@ class ModelManager:
         """Bytes of the models now on their devices (counting CPU-device models as on device)."""
         with self._lock:
             return sum(entry.bytes for entry in self._entries.values() if entry.on_device)
+
+    def on_device(self) -> list[ModelKey]:
+        """The loaded models now on their devices, as the budget counts them."""
+        with self._lock:
+            return [key for key, entry in self._entries.items() if entry.on_device]
 
     def loaded(self) -> list[ModelKey]:
         with self._lock:
@@ -258,6 +266,7 @@ class ModelManager:
             else:
                 victims = self._make_room(key, entry.bytes)
                 entry.on_device = True
+                self.placements[key] += 1
         for other, evicted in victims:
             self._settle(other, evicted)
         self._settle(key, entry)

@@ -8,8 +8,11 @@ They are run options (`Engine(options=...)`, `engine.run(..., options=...)`, `gr
 - `vae_slicing` (bool): a batch goes through the VAE one image at a time (`vae.enable_slicing()`).
 - `attention_slicing` ("auto", "max", a slice size, or True for "auto"): the UNet and ControlNets compute
   attention in slices (`pipe.enable_attention_slicing(slice_size)`).
+- `swap_controlnets` (bool): the Sampler holds each ControlNet only inside its guidance window: one whose window
+  has not begun is not loaded yet, one whose window has ended leaves the device (`ModelManager.use(...,
+  offload_after=True)`), so many ControlNets with windows need the memory of those active at once. The same pixels.
 
-None of them is bit-equal to the default path (on the CPU with the tiny models slicing changes the last float
+None of the first four is bit-equal to the default path (on the CPU with the tiny models slicing changes the last float
 bits, ~1e-6; tiling changes pixels), so each joins the cache keys of the nodes using it (`keyed`).
 
 diffusers switches these on the module that every graph shares; `configured_vae` and `sliced_attention` do it
@@ -43,6 +46,7 @@ class MemoryOptions(NamedTuple):
     vae_tile_size: int | None = None  # pixels; None: the VAE's own (its config's sample_size)
     vae_slicing: bool = False
     attention_slicing: str | int | None = None  # None: off; "auto", "max" or a slice size
+    swap_controlnets: bool = False  # the same pixels: never keyed
 
     def keyed(self) -> dict[str, Any]:
         """The options as cache keys hold them: a tile size only counts when tiling is on."""
@@ -53,7 +57,8 @@ class MemoryOptions(NamedTuple):
 def memory_options(options: Mapping[str, Any]) -> MemoryOptions:
     """The memory options in a run's `options`; unset (or None) is off. Raise MemoryOptionError on a bad value."""
     return MemoryOptions(_flag(options, "vae_tiling"), _tile_size(options.get("vae_tile_size")),
-                         _flag(options, "vae_slicing"), _slice_size(options.get("attention_slicing")))
+                         _flag(options, "vae_slicing"), _slice_size(options.get("attention_slicing")),
+                         _flag(options, "swap_controlnets"))
 
 
 def keyed(options: Mapping[str, Any]) -> Mapping[str, Any]:
