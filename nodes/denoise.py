@@ -152,8 +152,9 @@ class Contributor(Protocol):
         """The latents after step `index` (most contributors return them as they are)."""
 
 
-def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
-    """Denoised latents [B, C, H/scale, W/scale] for `request`, reporting each step through `ctx.progress`."""
+def sample(ctx: RunContext, request: SamplingRequest, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Denoised latents [B, C, H/scale, W/scale] for `request`, reporting each step through `ctx.progress`; `part`
+    (i, n): this is the i-th of n samplings of one node, and reports its steps as that share of the whole."""
     import torch
 
     model = request.model
@@ -180,7 +181,7 @@ def sample(ctx: RunContext, request: SamplingRequest) -> torch.Tensor:
             for contributor in contributors:
                 contributor.hold(held, session)
             loop = _Loop(session, denoiser, contributors)
-            return loop.run(ctx, latents, timesteps, _step_arguments(scheduler, generator))
+            return loop.run(ctx, latents, timesteps, _step_arguments(scheduler, generator), part)
 
 
 class ControlNets:
@@ -414,16 +415,17 @@ class _Loop:
     denoiser: Any
     contributors: list[Any]
 
-    def run(self, ctx: RunContext, latents: torch.Tensor, timesteps: torch.Tensor,
-            step_arguments: dict[str, Any]) -> torch.Tensor:
+    def run(self, ctx: RunContext, latents: torch.Tensor, timesteps: torch.Tensor, step_arguments: dict[str, Any],
+            part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         scheduler = self.session.scheduler
         total = len(timesteps)
+        done, parts = part[0] * total, part[1] * total
         for index, timestep in enumerate(timesteps):
             noise = self.predict_noise(latents, timestep, index, total)
             latents = scheduler.step(noise, timestep, latents, **step_arguments, return_dict=False)[0]
             for contributor in self.contributors:
                 latents = contributor.after_step(latents, timesteps, index)
-            ctx.progress(index + 1, total)
+            ctx.progress(done + index + 1, parts)
         return latents
 
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, index: int, total: int) -> torch.Tensor:

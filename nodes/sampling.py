@@ -113,7 +113,7 @@ class Sampler(Node):
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seeds[0], steps, cfg, scheduler,
                                   strength, guess_mode, batch, width, height,
                                   (*contributors, *adapter_contributors(adapters or ())))
-        samples = [sample(ctx, replace(request, seed=each)) for each in seeds]
+        samples = [sample(ctx, replace(request, seed=each), (index, len(seeds))) for index, each in enumerate(seeds)]
         return {"latent": Latent(torch.cat(samples) if len(samples) > 1 else samples[0], model.family, geometry.scale,
                                  groups=len(samples))}
 

@@ -232,3 +232,26 @@ def test_an_sd15_vae_decodes_empty_latents_in_fp16_like_the_sd15_pipelines(tiny_
         decoded = vae.decode(torch.zeros(1, 4, 8, 8, dtype=torch.float16) / vae.config.scaling_factor).sample
     theirs = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
     assert torch.equal(ours, theirs)
+
+
+def test_a_list_of_seeds_samples_each_seed_on_its_own(tiny_models: Path, tmp_path: Path) -> None:
+    """seed [3, 5] with a batch of 2: four images, each seed's two equal to a run with that seed alone."""
+    from nodes import CheckpointLoader, EmptyLatent, Sampler, TextEncode, VAEDecode
+
+    def render(seed: int | list[int], events: list | None = None) -> torch.Tensor:
+        graph = Graph("seeds")
+        sd = graph.add(CheckpointLoader(model=str(tiny_models / "sd15")), "sd")
+        text = graph.add(TextEncode(clip=sd.clip, text="a lamp"), "text")
+        latent = graph.add(EmptyLatent(width=32, height=32, batch=2), "latent")
+        sampled = graph.add(Sampler(model=sd.model, positive=text.conditioning, latent=latent.latent, seed=seed,
+                                    steps=2, scheduler="euler"), "sampler")
+        graph.output("image", graph.add(VAEDecode(vae=sd.vae, latent=sampled.latent), "decode").image)
+        return Engine(input_dirs=[tiny_models], output_dir=tmp_path).run(graph, on_event=(events.append if events is not None else None)
+                                               ).outputs["image"]
+
+    events: list = []
+    both = render([3, 5], events)
+    assert both.shape[0] == 4
+    assert torch.equal(both[:2], render(3)) and torch.equal(both[2:], render(5))
+    steps = [(event.step, event.total) for event in events if isinstance(event, NodeProgress)]
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one bar over both seeds
