@@ -14,13 +14,14 @@ one that never stopped.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphflow.models.sources import ModelSource, locate
+from graphflow.training.base_model import FrozenBase, load_frozen_base, locate_base_model, weight_dtype
 from graphflow.training.checkpoints import (
     CONTROLNET,
     OutputLock,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from graphflow.models.manager import ModelManager
     from graphflow.paths import PathPolicy
 
-_WHO = "train-controlnet"  # how path errors name the run
+_WHO = "train-controlnet"  # the progress bar's name
 
 
 @dataclass(frozen=True)
@@ -71,27 +72,6 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
-@dataclass
-class _Frozen:
-    """The base model's parts that stay fixed, and the noise schedule."""
-
-    vae: Any
-    unet: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-    dtype: torch.dtype
-
-    def place(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move the models to `device` in `dtype` (torch's own `to`: diffusers' warns of float32-only modules, which
-        these models do not have)."""
-        import torch
-
-        for part in (self.vae, self.unet, self.text_encoder):
-            torch.nn.Module.to(part, device=device, dtype=dtype)
-        self.dtype = dtype
-
-
 def train_controlnet(config: TrainConfig, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Train a ControlNet as `config` says; `on_step` is called after every optimizer step (raise to stop)."""
     config.check()
@@ -112,7 +92,7 @@ class _Trainer:
         self.config = config
         self.paths = paths
         self.out = paths.output_root
-        source = _base_model(config, paths)
+        source = locate_base_model(config.base_model, paths)
         self.resume_from = _resume_point(config, self.out)
         self.state = read_state(self.resume_from) if self.resume_from else None
         if self.state is not None:
@@ -121,9 +101,9 @@ class _Trainer:
         self.device = self.accelerator.device
         self.models = ModelManager()  # the control template's and validation graph's models, freed with the run
         self.samples = _samples(config, paths, self.models, self.device.type)  # before the models: data errors first
-        self.frozen = _load_frozen(source)
+        self.frozen: FrozenBase = load_frozen_base(source)
         controlnet = _controlnet(config, self.frozen.unet, self.resume_from)  # from the float32 UNet, as diffusers
-        self.frozen.place(self.device, _weight_dtype(config.mixed_precision, torch))
+        self.frozen.place(self.device, weight_dtype(config.mixed_precision))
         optimizer = torch.optim.AdamW(controlnet.parameters(), lr=config.learning_rate, betas=config.adam_betas,
                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
         self.controlnet, self.optimizer = self.accelerator.prepare(controlnet, optimizer)
@@ -137,7 +117,11 @@ class _Trainer:
         self._orders: dict[int, list[int]] = {}
 
     def _restore(self, state: TrainingState, checkpoint: Path) -> None:
+        """The optimizer's moments (and the fp16 loss scale) from `checkpoint`; its settings stay the config's."""
         self.optimizer.load_state_dict(load_optimizer_state(checkpoint, state))
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group.update(betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
         if self.accelerator.scaler is not None and state.scaler:
             self.accelerator.scaler.load_state_dict(state.scaler)
 
@@ -194,6 +178,9 @@ class _Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach().item()
+        if not math.isfinite(total):
+            raise TrainingError(f"the loss is {total} at step {step}: training diverged; lower the learning rate "
+                                "(or use bf16 instead of fp16), then resume from the last checkpoint")
         return total / accumulation
 
     def _indices(self, number: int) -> list[int]:
@@ -214,11 +201,8 @@ class _Trainer:
         import torch.nn.functional as F
 
         frozen, device = self.frozen, self.device
-        with torch.no_grad():
-            pixels = batch.targets.to(device, frozen.dtype)
-            latents = frozen.vae.encode(pixels).latent_dist.sample(generator=generator)
-            latents = latents * frozen.vae.config.scaling_factor
-            text = _encode_prompts(frozen, batch.prompts, device)
+        latents = frozen.latents(batch.targets, generator)
+        text = frozen.encode_prompts(batch.prompts)
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         timesteps = torch.randint(0, frozen.scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator).to(device)
@@ -228,7 +212,7 @@ class _Trainer:
         prediction = frozen.unet(noisy, timesteps, encoder_hidden_states=text,
                                  down_block_additional_residuals=[residual.to(frozen.dtype) for residual in down],
                                  mid_block_additional_residual=middle.to(frozen.dtype), return_dict=False)[0]
-        return F.mse_loss(prediction.float(), _target(frozen.scheduler, latents, noise, timesteps).float())
+        return F.mse_loss(prediction.float(), frozen.target(latents, noise, timesteps).float())
 
     def _after_step(self, step: int, losses: list[float], result: TrainResult) -> None:
         """Checkpoint every `checkpoint_every` steps, at every validated step and at the last one; validate."""
@@ -246,27 +230,6 @@ class _Trainer:
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.controlnet)
-
-
-def _base_model(config: TrainConfig, paths: PathPolicy) -> ModelSource:
-    """The base model's located source: a diffusers SD1.5-family checkpoint folder, hub snapshot or tiny model."""
-    from graphflow.models.components import family_of_unet_config
-
-    source = locate(config.base_model, paths, node=_WHO, input="base_model", pipeline=True)
-    if source.kind == "file" or not (source.path / "model_index.json").is_file():
-        raise TrainingError(f"the base model '{config.base_model}' must be a diffusers checkpoint folder (a hub id, "
-                            "a local folder with model_index.json, or tiny:sd15); single .safetensors files are not "
-                            "trained on")
-    index = source.read_json("model_index.json")
-    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if part not in index]
-    if missing:
-        raise TrainingError(f"the base model '{config.base_model}' lacks {', '.join(missing)}")
-    unet = source.read_json("unet/config.json")
-    if family_of_unet_config(unet) != "sd15" or unet.get("in_channels") != 4:
-        raise TrainingError(f"the base model '{config.base_model}' is not an SD1.5-family text-to-image model "
-                            "(4 latent channels, no pooled text embeddings); training SDXL or inpainting ControlNets "
-                            "is not supported yet")
-    return source
 
 
 def _resume_point(config: TrainConfig, out: Path) -> Path | None:
@@ -292,6 +255,8 @@ def _check_resumable(config: TrainConfig, state: TrainingState, checkpoint: Path
     if changed:
         raise TrainingError(f"cannot resume from {checkpoint}: these settings differ from the run that wrote it: "
                             f"{'; '.join(changed)} (they decide which samples and noise each step sees)")
+    if state.step > config.steps:
+        raise TrainingError(f"cannot resume from {checkpoint}: it is at step {state.step}, past steps={config.steps}")
 
 
 def _accelerator(config: TrainConfig) -> Any:
@@ -309,34 +274,6 @@ def _accelerator(config: TrainConfig) -> Any:
         raise TrainingError("train-controlnet runs in one process on one device; `accelerate launch` with several "
                             "processes is not supported")
     return accelerator
-
-
-def _weight_dtype(mixed_precision: str, torch: Any) -> torch.dtype:
-    """The frozen models' dtype: half precision under mixed precision (the ControlNet itself stays float32)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def _load_frozen(source: ModelSource) -> _Frozen:
-    """The base model's VAE, UNet and text encoder, frozen, in float32 on the CPU; its tokenizer and noise schedule."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from graphflow.models.loading import quiet_progress
-    from graphflow.models.sources import require_safetensors
-
-    folder = str(source.path)
-    for part in ("vae", "unet", "text_encoder"):
-        require_safetensors(source.path / part, f"'{source.name}' {part}")
-    with quiet_progress():
-        vae, unet, text_encoder = (
-            model_class.from_pretrained(folder, subfolder=part, use_safetensors=True).requires_grad_(False).eval()
-            for model_class, part in ((AutoencoderKL, "vae"), (UNet2DConditionModel, "unet"),
-                                      (CLIPTextModel, "text_encoder")))
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_config(source.read_json("scheduler/scheduler_config.json"))
-    source.check_unchanged()
-    return _Frozen(vae, unet, text_encoder, tokenizer, scheduler, torch.float32)
 
 
 def _controlnet(config: TrainConfig, unet: Any, checkpoint: Path | None) -> Any:
@@ -361,8 +298,6 @@ def _controlnet(config: TrainConfig, unet: Any, checkpoint: Path | None) -> Any:
 def _initialise_control_encoder(encoder: Any, seed: int) -> None:
     """Initialise the control-image encoder as torch does by default (the only part `from_unet` neither copies from
     the UNet nor zeroes), from a generator of `seed`."""
-    import math
-
     import torch
 
     generator = _generator(seed, 2, 0)
@@ -383,22 +318,6 @@ def _samples(config: TrainConfig, paths: PathPolicy, models: ModelManager, devic
         template = ControlTemplate(config.control_template, config.control_params, engine)
     triples = read_triples(config.data, paths, with_controls=template is None)
     return TrainingSamples(triples, config.resolution, template)
-
-
-def _encode_prompts(frozen: _Frozen, prompts: list[str], device: torch.device) -> torch.Tensor:
-    tokens = frozen.tokenizer(prompts, padding="max_length", max_length=frozen.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt")
-    return frozen.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
-
-
-def _target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict, as the scheduler config's prediction_type says."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise TrainingError(f"the base model's scheduler predicts {kind!r}; training supports epsilon and v_prediction")
 
 
 def _generator(seed: int, stream: int, number: int) -> torch.Generator:

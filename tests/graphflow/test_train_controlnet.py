@@ -5,7 +5,10 @@ ordinary graph and changes its render, and bad data is refused with messages tha
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -137,15 +140,17 @@ def test_a_resumed_run_computes_the_same_losses_and_weights(tiny_models: Path, t
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
-def test_the_command_trains_from_jsonl_with_template_made_controls(tiny_models: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_trains_from_jsonl_with_template_made_controls_keeping_the_last_checkpoint(
+        tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_circles_dataset(tmp_path / "data", count=2, size=32)
     shutil.rmtree(data / "conditioning")
     lines = [json.dumps({"image": f"images/{index}.png", "text": f"circle {index}"}) for index in range(2)]
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
+    (out / ".checkpoint-7.k1ll3d00.tmp").mkdir(parents=True)  # what a run killed while writing a checkpoint leaves
     status = main(["train-controlnet", "--base-model", str(tiny_models / "sd15"), "--data", str(data / "train.jsonl"),
                    "--out", str(out), "--steps", "2", "--batch-size", "2", "--resolution", "32", "--device", "cpu",
+                   "--checkpoint-every", "1", "--keep-checkpoints", "1",
                    "--conditioning-channels", "8,8,16,16", "--control-template", str(CANNY_TEMPLATE),
                    "--control-set", "low=50", "--validate-every", "2", "--validation-steps", "1", "--quiet",
                    "--input-dir", str(tmp_path), "--input-dir", str(tiny_models), "--input-dir", str(ROOT)])
@@ -155,6 +160,23 @@ def test_the_command_trains_from_jsonl_with_template_made_controls(tiny_models: 
     control = np.asarray(Image.open(out / "validation" / "control-0.png"))
     assert set(np.unique(control)) >= {0, 255}  # Canny edges of the first circle, made by the template
     assert (out / "controlnet" / "config.json").is_file()
+    assert sorted(path.name for path in out.iterdir()) == [".train-controlnet.lock", "checkpoint-2", "controlnet",
+                                                           "validation"]
+
+
+def test_bf16_mixed_precision_trains_in_a_process_of_its_own(tiny_models: Path, tmp_path: Path) -> None:
+    # a process of its own: accelerate keeps one mixed-precision setting per process
+    data = write_circles_dataset(tmp_path / "data", count=2, size=32)
+    command = [sys.executable, "-m", "graphflow.cli", "train-controlnet", "--base-model", str(tiny_models / "sd15"),
+               "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "2",
+               "--resolution", "32", "--device", "cpu", "--mixed-precision", "bf16", "--conditioning-channels",
+               "8,8,16,16", "--quiet", "--input-dir", str(tmp_path), "--input-dir", str(tiny_models)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr
+    assert "trained 2 steps" in completed.stdout
+    weights = load_file(tmp_path / "out" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # trained in float32 under autocast
 
 
 def test_template_made_controls_come_from_the_engine_cache_the_second_time(tiny_models: Path, tmp_path: Path) -> None:
