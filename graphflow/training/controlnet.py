@@ -101,6 +101,11 @@ class _Trainer:
         self.device = self.accelerator.device
         self.models = ModelManager()  # the control template's and validation graph's models, freed with the run
         self.samples = _samples(config, paths, self.models, self.device.type)  # before the models: data errors first
+        self.validation = None
+        if config.validate_every:
+            from graphflow.training.validation import ValidationRenderer
+
+            self.validation = ValidationRenderer(config, paths, self.samples, self.models, self.device.type)
         self.frozen: FrozenBase = load_frozen_base(source)
         controlnet = _controlnet(config, self.frozen.unet, self.resume_from)  # from the float32 UNet, as diffusers
         self.frozen.place(self.device, weight_dtype(config.mixed_precision))
@@ -109,11 +114,6 @@ class _Trainer:
         self.controlnet, self.optimizer = self.accelerator.prepare(controlnet, optimizer)
         if self.state is not None and self.resume_from is not None:
             self._restore(self.state, self.resume_from)
-        self.validation = None
-        if config.validate_every:
-            from graphflow.training.validation import ValidationRenderer
-
-            self.validation = ValidationRenderer(config, paths, self.samples, self.models, self.device.type)
         self._orders: dict[int, list[int]] = {}
 
     def _restore(self, state: TrainingState, checkpoint: Path) -> None:

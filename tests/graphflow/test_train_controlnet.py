@@ -179,17 +179,23 @@ def test_bf16_mixed_precision_trains_in_a_process_of_its_own(tiny_models: Path, 
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # trained in float32 under autocast
 
 
-def test_template_made_controls_come_from_the_engine_cache_the_second_time(tiny_models: Path, tmp_path: Path) -> None:
+def test_template_made_controls_come_from_the_cache_the_second_time(tmp_path: Path) -> None:
     from graphflow.training.dataset import ControlTemplate
 
     data = write_circles_dataset(tmp_path / "data", count=1)
-    engine = Engine(input_dirs=[tmp_path, ROOT], output_dir=tmp_path / "out", models=ModelManager())
-    template = ControlTemplate(CANNY_TEMPLATE, {"low": 50}, engine)
     target = data / "images" / "0.png"
+
+    def engine() -> Engine:
+        return Engine(input_dirs=[tmp_path, ROOT], output_dir=tmp_path / "out", disk_cache=tmp_path / "cache",
+                      models=ModelManager())
+
+    template = ControlTemplate(CANNY_TEMPLATE, {"low": 50}, engine())
     first = np.asarray(template(target))
-    again = engine.run(template.document(target), outputs=["control"])
-    assert again.ran == [] and np.array_equal(np.asarray(template(target)), first)
     assert first.max() == 255 and first.shape == (SIZE, SIZE, 3)
+    in_memory = template.engine.run(template.document(target), outputs=["control"])
+    next_process = engine().run(template.document(target), outputs=["control"])  # a fresh engine: from disk
+    assert in_memory.ran == next_process.ran == []
+    assert np.array_equal(np.asarray(ControlTemplate(CANNY_TEMPLATE, {"low": 50}, engine())(target)), first)
 
 
 def test_a_missing_dataset_is_refused_by_path(tiny_models: Path, tmp_path: Path) -> None:
@@ -238,3 +244,16 @@ def test_a_fresh_run_never_mixes_with_old_checkpoints(tiny_models: Path, tmp_pat
                    "--out", str(tmp_path / "out"), "--input-dir", str(tmp_path), "--input-dir", str(tiny_models)])
     assert status == 1
     assert "already holds checkpoints (checkpoint-5); resume" in capsys.readouterr().err
+
+
+def test_a_validation_graph_without_a_controlnet_param_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    data = write_circles_dataset(tmp_path / "data", count=1)
+    with pytest.raises(TrainingError, match="must declare a 'controlnet' param"):
+        train_controlnet(config(tiny_models, data, tmp_path / "out", validate_every=1,
+                                validation_graph=CANNY_TEMPLATE))
+
+
+def test_an_sdxl_base_model_is_refused_before_anything_loads(tiny_models: Path, tmp_path: Path) -> None:
+    data = write_circles_dataset(tmp_path / "data", count=1)
+    with pytest.raises(TrainingError, match=r"not an SD1\.5-family text-to-image model"):
+        train_controlnet(config(tiny_models, data, tmp_path / "out", base_model=str(tiny_models / "sdxl")))
