@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model-memory-mb", type=_megabytes, default=None, metavar="MB",
                      help="bound on model weights kept on the device; least recently used models leave first "
                           "(default: keep 1 GiB of GPU memory free)")
-    run.add_argument("--compile", action="store_true", help="torch.compile UNets and ControlNets (slow first step)")
+    _add_compile_options(run)
     _add_memory_options(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(command=_run)
@@ -129,6 +129,31 @@ def _parser() -> argparse.ArgumentParser:
 
     add_train_controlnet(commands)
     return parser
+
+
+def _add_compile_options(run: argparse.ArgumentParser) -> None:
+    """torch.compile (graphflow.models.compilation): run options like --device."""
+    from graphflow.models.compilation import COMPILE_MODES, COMPONENTS, DEFAULT_COMPONENTS
+
+    run.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                     help="torch.compile the --compile-components with this mode (default when given: default; "
+                          f"{', '.join(COMPILE_MODES)}); the first step is slow")
+    run.add_argument("--compile-components", type=_components, default=None, metavar="LIST",
+                     help=f"with --compile: the modules to compile, some of {','.join(COMPONENTS)} "
+                          f"(default: {','.join(DEFAULT_COMPONENTS)})")
+
+
+def _components(text: str) -> list[str]:
+    from graphflow.models.compilation import CompileOptionError, parse_components
+
+    try:
+        return list(parse_components(text))
+    except CompileOptionError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("option compile_components", "")) from None
+
+
+def _compile_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"compile": args.compile, "compile_components": args.compile_components}
 
 
 def _add_memory_options(run: argparse.ArgumentParser) -> None:
@@ -262,9 +287,9 @@ def _execute(args: argparse.Namespace, registry: NodeRegistry, on_event: EventHa
     from graphflow.models import ModelManager
 
     models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
-                          offload=args.offload, compile=args.compile)
+                          offload=args.offload)
     options = {"device": args.device, "dtype": args.dtype, "max_image_pixels": args.max_image_pixels,
-               **_memory_options(args)}
+               **_compile_options(args), **_memory_options(args)}
     engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
                     cache_bytes=args.memory_cache_mb << 20, options=options, models=models)
     params = parse_assignments(load_document(args.graph), args.assignments)

@@ -126,13 +126,13 @@ def precision(module: Any, upcast: bool) -> Iterator[Any]:
 
 @contextmanager
 def held_vae(vae: Autoencoder, memory: MemoryOptions, upcast: Callable[[Any], bool]) -> Iterator[Any]:
-    """The VAE module held by this block alone, tiled / sliced as `memory` asks, in fp32 when `upcast(module)`;
-    exactly as it was again after the block (other graphs share it)."""
+    """The VAE module held by this block alone, tiled / sliced as `memory` asks, in fp32 when `upcast(module)`,
+    compiled when `vae` says so; exactly as it was again after the block (other graphs share it)."""
     from graphflow.models.memory import configured_vae, exclusive
 
     with exclusive(vae.vae) as module, configured_vae(module, memory, vae.scale), \
             precision(module, upcast(module)) as model:
-        yield model
+        yield vae.compiled(model)
 
 
 def encode(vae: Autoencoder, pixels: torch.Tensor, memory: MemoryOptions = NO_MEMORY_OPTIONS) -> torch.Tensor:

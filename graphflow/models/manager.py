@@ -25,7 +25,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "model", "sequential")
-COMPILED_KINDS = frozenset({"unet", "controlnet"})
 # diffusers, transformers and accelerate patch process globals while they build a model (accelerate's empty-weights
 # init swaps nn.Module.register_parameter; transformers swaps torch.nn.init's functions and the default dtype). Two
 # builds at once can leave a patch in place for good: every module made afterwards lands on the meta device. So every
@@ -35,17 +34,19 @@ LOAD_LOCK = threading.RLock()
 
 @dataclass(frozen=True)
 class ModelKey:
-    """What identifies one loaded model: kind, where it comes from, precision and device."""
+    """What identifies one loaded model: kind, where it comes from, precision, device and quantization."""
 
     kind: str
     source: str
     subfolder: str = ""
     dtype: str = "fp32"
     device: str = "cpu"
+    quantization: str = ""  # e.g. "int8 (torchao)" (graphflow.models.quantization); "" for the weights as stored
 
     def __str__(self) -> str:
         where = f"{self.source}/{self.subfolder}" if self.subfolder else self.source
-        return f"{self.kind} {where} ({self.dtype}, {self.device})"
+        quantized = f", {self.quantization}" if self.quantization else ""
+        return f"{self.kind} {where} ({self.dtype}, {self.device}{quantized})"
 
 
 @dataclass(eq=False)
@@ -110,11 +111,12 @@ class _Loading:
 
 
 def module_bytes(model: Any) -> int:
-    """Bytes of a torch module's parameters and buffers (0 for anything else)."""
+    """Bytes a torch module's parameters and buffers really store, quantised ones too (0 for anything else)."""
     if not hasattr(model, "parameters"):
         return 0
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(tensor.element_size() * tensor.nelement() for tensor in tensors)
+    from graphflow.models.quantization import tensor_bytes
+
+    return sum(tensor_bytes(tensor) for tensor in [*model.parameters(), *model.buffers()])
 
 
 class ModelManager:
@@ -122,12 +124,14 @@ class ModelManager:
 
     `offload`: `none` keeps models on the device; `model` moves each to the device only while a
     node holds it; `sequential` streams weights layer by layer from the CPU (accelerate), for GPUs
-    too small for one model. `compile` runs UNets and ControlNets through `torch.compile`.
+    too small for one model. `compile` (True or a torch.compile mode) is the `compile` run option of the Engines
+    using this manager unless they set their own (graphflow.models.compilation): models are never compiled in
+    place, a node runs a compiled wrapper sharing their weights.
     Without a budget on a GPU, models are evicted when free GPU memory would drop below
     `reserve_bytes`.
     """
 
-    def __init__(self, budget_bytes: int | None = None, *, offload: str = "none", compile: bool = False,
+    def __init__(self, budget_bytes: int | None = None, *, offload: str = "none", compile: bool | str = False,
                  reserve_bytes: int = 1 << 30) -> None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"unknown offload mode '{offload}'; expected one of {', '.join(OFFLOAD_MODES)}")
@@ -248,8 +252,6 @@ class ModelManager:
             model.eval()  # gradients stay as loaded: nodes run under no_grad, and freezing fp16 weights
             # would change which CPU kernels run, and so the pixels, against a stock diffusers pipeline
         entry = _Entry(model, module_bytes(model))
-        if self.compile and handle.key.kind in COMPILED_KINDS and hasattr(model, "compile"):
-            model.compile()
         if self.offload == "sequential" and handle.key.device != "cpu" and hasattr(model, "parameters"):
             from accelerate import cpu_offload
 

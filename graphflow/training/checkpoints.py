@@ -120,7 +120,10 @@ def _sync_tree(folder: Path) -> None:
 
 
 def _sync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows; its rename is what matters there
+        return
     try:
         with contextlib.suppress(OSError):  # some file systems cannot sync folders
             os.fsync(handle)

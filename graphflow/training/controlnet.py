@@ -38,7 +38,6 @@ from graphflow.training.dataset import Batch, ControlTemplate, TrainingSamples, 
 if TYPE_CHECKING:
     import torch
 
-    from graphflow.models.manager import ModelManager
     from graphflow.paths import PathPolicy
 
 _WHO = "train-controlnet"  # the progress bar's name
@@ -87,8 +86,6 @@ class _Trainer:
     def __init__(self, config: TrainConfig, paths: PathPolicy) -> None:
         import torch
 
-        from graphflow.models.manager import ModelManager
-
         self.config = config
         self.paths = paths
         self.out = paths.output_root
@@ -99,13 +96,12 @@ class _Trainer:
             _check_resumable(config, self.state, self.resume_from)
         self.accelerator = _accelerator(config)
         self.device = self.accelerator.device
-        self.models = ModelManager()  # the control template's and validation graph's models, freed with the run
-        self.samples = _samples(config, paths, self.models, self.device.type)  # before the models: data errors first
+        self.samples = _samples(config, paths, self.device.type)  # before the models load: data errors come first
         self.validation = None
         if config.validate_every:
             from graphflow.training.validation import ValidationRenderer
 
-            self.validation = ValidationRenderer(config, paths, self.samples, self.models, self.device.type)
+            self.validation = ValidationRenderer(config, paths, self.samples, self.device.type)
         self.frozen: FrozenBase = load_frozen_base(source)
         controlnet = _controlnet(config, self.frozen.unet, self.resume_from)  # from the float32 UNet, as diffusers
         self.frozen.place(self.device, weight_dtype(config.mixed_precision))
@@ -308,13 +304,16 @@ def _initialise_control_encoder(encoder: Any, seed: int) -> None:
             torch.nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
 
 
-def _samples(config: TrainConfig, paths: PathPolicy, models: ModelManager, device: str) -> TrainingSamples:
+def _samples(config: TrainConfig, paths: PathPolicy, device: str) -> TrainingSamples:
+    """The dataset's examples, their control images made by the control template if there is one."""
     from graphflow.engine import Engine
+    from graphflow.models.manager import ModelManager
 
     template = None
     if config.control_template is not None:
+        # the template's models (a depth estimator, say) are this run's own, let go with it
         engine = Engine(input_dirs=list(paths.input_roots), output_dir=paths.output_root,
-                        disk_cache=config.cache_dir, models=models, options={"device": device})
+                        disk_cache=config.cache_dir, models=ModelManager(), options={"device": device})
         template = ControlTemplate(config.control_template, config.control_params, engine)
     triples = read_triples(config.data, paths, with_controls=template is None)
     return TrainingSamples(triples, config.resolution, template)

@@ -19,7 +19,6 @@ from graphflow.templates import parse_params
 from graphflow.training.config import TrainConfig, TrainingError
 
 if TYPE_CHECKING:
-    from graphflow.models.manager import ModelManager
     from graphflow.training.dataset import TrainingSamples
 
 VALIDATION_FOLDER = "validation"
@@ -70,9 +69,9 @@ class ValidationRenderer:
     written to OUT/validation/control-0.png, with its prompt unless prompts are given.
     """
 
-    def __init__(self, config: TrainConfig, paths: PathPolicy, samples: TrainingSamples, models: ModelManager,
-                 device: str) -> None:
+    def __init__(self, config: TrainConfig, paths: PathPolicy, samples: TrainingSamples, device: str) -> None:
         from graphflow.engine import Engine
+        from graphflow.models.manager import ModelManager
 
         self.config = config
         self.folder = paths.output_root / VALIDATION_FOLDER
@@ -85,8 +84,9 @@ class ValidationRenderer:
                                 "checkpoint's ControlNet folder goes there)")
         self.pairs = self._pairs(paths, samples)
         # the output folder is an input root too: the checkpoints and control images written there are read back
+        self.models = ModelManager()
         self.engine = Engine(input_dirs=[*paths.input_roots, paths.output_root], output_dir=self.folder,
-                             models=models, options={"device": device})
+                             models=self.models, options={"device": device})
 
     def _pairs(self, paths: PathPolicy, samples: TrainingSamples) -> list[tuple[Path, str]]:
         images = [paths.input_path(str(image), input="validation_images") for image in self.config.validation_images]
@@ -103,7 +103,14 @@ class ValidationRenderer:
         return list(zip(images, prompts, strict=True))
 
     def render(self, step: int, controlnet: Path) -> list[Path]:
-        """The PNGs of every validation pair rendered with the ControlNet folder `controlnet`."""
+        """The PNGs of every validation pair rendered with the ControlNet folder `controlnet`. The models are
+        let go afterwards: each checkpoint's ControlNet is another model, and renders are far apart."""
+        try:
+            return self._render(step, controlnet)
+        finally:
+            self.models.clear()
+
+    def _render(self, step: int, controlnet: Path) -> list[Path]:
         files: list[Path] = []
         for index, (control, prompt) in enumerate(self.pairs):
             values = {"checkpoint": self.config.base_model, "controlnet": str(controlnet), "control": str(control),

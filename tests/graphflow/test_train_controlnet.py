@@ -140,6 +140,17 @@ def test_a_resumed_run_computes_the_same_losses_and_weights(tiny_models: Path, t
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
+def test_a_v_prediction_base_is_trained_on_the_velocity(tiny_models: Path, tmp_path: Path) -> None:
+    data = write_circles_dataset(tmp_path / "data", count=2, size=32)
+    v_base = shutil.copytree(tiny_models / "sd15", tmp_path / "sd15-v")
+    scheduler = v_base / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
+    settings = config(tiny_models, data, tmp_path / "epsilon", steps=1, batch_size=2, resolution=32)
+    epsilon = train_controlnet(settings)
+    velocity = train_controlnet(replace(settings, base_model=str(v_base), out=tmp_path / "velocity"))
+    assert np.isfinite(velocity.losses[0]) and velocity.losses[0] != epsilon.losses[0]
+
+
 def test_the_command_trains_from_jsonl_with_template_made_controls_keeping_the_last_checkpoint(
         tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_circles_dataset(tmp_path / "data", count=2, size=32)
