@@ -202,7 +202,8 @@ class ControlNets:
         if session.swap_controlnets:
             self.nets: list[Any] = [_WindowHeld(handle, session.attention_slicing, held) for handle in handles]
         else:  # each held alone for the whole loop: attention slicing changes the module other graphs share
-            self.nets = hold_sliced(held, handles, session.attention_slicing)
+            nets = hold_sliced(held, handles, session.attention_slicing)
+            self.nets = [control.controlnet.compiled(net) for net, control in zip(nets, self.controls, strict=True)]
         self.active = list(zip(self.nets, images, self.controls, strict=True))
 
     def contribute(self, call: DenoiserCall) -> None:

@@ -7,10 +7,12 @@ loading weights, so nodes can check compatibility (family, channels) before anyt
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from graphflow.models.compilation import Compilation
 from graphflow.models.manager import ModelHandle
 
 Family = Literal["sd15", "sdxl"]
@@ -28,12 +30,14 @@ class DiffusionModel:
     # applied while a node uses the UNet, in order, never to the weights other values share (graphflow.models.patches)
     patches: tuple[Any, ...] = ()
     latent_scale: int = 8  # pixels per latent of the checkpoint's VAE (its 2 ** (blocks - 1))
+    compile: Compilation | None = None  # the run's torch.compile choice for the UNet (graphflow.models.compilation)
 
     def use(self) -> AbstractContextManager[Any]:
-        """`with model.use() as unet:` — the UNet on its device with this value's patches applied inside the block."""
+        """`with model.use() as unet:` — the UNet on its device with this value's patches applied inside the block,
+        compiled when the value says so."""
         from graphflow.models.patches import patched
 
-        return patched(self.unet, self.patches, "unet")
+        return _compiled(patched(self.unet, self.patches, "unet"), self.compile)
 
     @property
     def in_channels(self) -> int:
@@ -52,13 +56,15 @@ class TextEncoders:
     # SDXL pipelines use zero embeddings, not the encoded "", for an empty negative prompt
     force_zeros_for_empty_prompt: bool = False
     patches: tuple[Any, ...] = ()  # applied while a node uses an encoder, like DiffusionModel.patches
+    compile: Compilation | None = None  # the run's torch.compile choice for the text encoders
 
     def use(self, index: int) -> AbstractContextManager[Any]:
-        """`with clip.use(i) as encoder:` — text encoder `i` on its device, with this value's patches applied."""
+        """`with clip.use(i) as encoder:` — text encoder `i` on its device, with this value's patches applied,
+        compiled when the value says so."""
         from graphflow.models.patches import patched
 
         role = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
-        return patched(self.encoders[index], self.patches, role)
+        return _compiled(patched(self.encoders[index], self.patches, role), self.compile)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +82,11 @@ class Autoencoder:
     # the family whose pipelines' precision rules apply when the latents do not say (a VAE loaded on its own: its
     # scaling factor's family, a guess that never refuses anything)
     precision_family: Family | None = None
+    compile: Compilation | None = None  # the run's torch.compile choice for encode and decode
+
+    def compiled(self, module: Any) -> Any:
+        """The held VAE `module` as this value runs it: with compiled encode and decode when it says so."""
+        return module if self.compile is None else self.compile.wrap_vae(module)
 
     @property
     def scale(self) -> int:
@@ -100,6 +111,18 @@ class ControlNet:
     family: Family
     source: str
     controlnet: ModelHandle
+    compile: Compilation | None = None  # the run's torch.compile choice for the ControlNet
+
+    def compiled(self, module: Any) -> Any:
+        """The held ControlNet `module` as this value runs it: compiled when it says so."""
+        return module if self.compile is None else self.compile.wrap(module)
+
+
+@contextmanager
+def _compiled(held: AbstractContextManager[Any], compilation: Compilation | None) -> Iterator[Any]:
+    """The module `held` holds, compiled by `compilation` (a wrapper sharing its weights) when there is one."""
+    with held as module:
+        yield module if compilation is None else compilation.wrap(module)
 
 
 def vae_scale(config: dict[str, Any]) -> int:

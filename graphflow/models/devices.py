@@ -62,11 +62,13 @@ def placement(options: dict[str, object]) -> Placement:
 def keyed_options(options: Mapping[str, Any]) -> Mapping[str, Any]:
     """`options` with device and dtype as they resolve on this machine: what cache keys hold, so that `auto` keys
     fp16 on a GPU and fp32 on a CPU (a disk cache shared by both keeps them apart), and `None`, `auto` and `cpu`
-    key one result where they mean the same; the memory options likewise (graphflow.models.memory). Options that do
-    not resolve are kept as given: the node that uses them reports why."""
-    from graphflow.models.memory import keyed
+    key one result where they mean the same; the memory and compile options likewise (graphflow.models.memory,
+    graphflow.models.compilation). Options that do not resolve are kept as given: the node that uses them reports
+    why."""
+    from graphflow.models import compilation, memory
 
-    options = keyed(options)  # vae_tiling, attention_slicing, ...: unset and off key one result
+    options = memory.keyed(options)  # vae_tiling, attention_slicing, ...: unset and off key one result
+    options = compilation.keyed(options)  # compile_unet, ...: how each component is compiled, None when it is not
     try:
         where = placement(dict(options))
     except (RuntimeError, ValueError):

@@ -27,6 +27,7 @@ from graphflow.models.components import (
 )
 from graphflow.models.devices import Placement, torch_dtype
 from graphflow.models.manager import LOAD_LOCK, ModelHandle, ModelKey, ModelManager
+from graphflow.models.quantization import Quantization, QuantizationError
 from graphflow.models.sources import ModelNotFoundError, ModelSource, require_safetensors, verified
 
 # model_index.json names classes; only these are ever instantiated from it (a document is data, not code)
@@ -36,6 +37,7 @@ _COMPONENT_CLASSES = {
     "CLIPTokenizer": "transformers", "CLIPTokenizerFast": "transformers",
     "CLIPVisionModelWithProjection": "transformers",
 }
+QUANTIZED_PARTS = ("unet", "text_encoder", "text_encoder_2")  # a checkpoint's VAE is convolutions: kept as stored
 _PIPELINE_CLASSES = {
     ("sd15", False): "StableDiffusionPipeline", ("sd15", True): "StableDiffusionInpaintPipeline",
     ("sdxl", False): "StableDiffusionXLPipeline", ("sdxl", True): "StableDiffusionXLInpaintPipeline",
@@ -50,10 +52,16 @@ class Checkpoint:
 
 
 def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement,
-                    config: ModelSource | None = None) -> Checkpoint:
+                    config: ModelSource | None = None, quantization: Quantization | None = None) -> Checkpoint:
     """A checkpoint's MODEL, CLIP and VAE from a diffusers folder or a single .safetensors file (converted with the
-    configs of `config`, a diffusers checkpoint folder, when given)."""
+    configs of `config`, a diffusers checkpoint folder, when given); `quantization` applies to the UNet and the text
+    encoders."""
     if source.kind == "file":
+        if quantization is not None:
+            raise QuantizationError(f"input quantize: '{source.name}' is a single-file checkpoint, which diffusers "
+                                    "converts as a whole pipeline, and its single-file pipelines take no quantization "
+                                    "config; convert it to a diffusers folder once (StableDiffusionPipeline."
+                                    "from_single_file(...).save_pretrained(folder)) and load that folder quantised")
         return _single_file_checkpoint(manager, source, where, config)
     if not (source.path / "model_index.json").is_file():
         raise ModelNotFoundError(f"'{source.name}' is not a diffusers checkpoint folder: {source.path} has no "
@@ -68,7 +76,8 @@ def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement
     scheduler = source.read_json("scheduler/scheduler_config.json")
     tokenizers = tuple(_tokenizer(source, name) for name in ("tokenizer", "tokenizer_2") if name in index)
     source.check_unchanged()
-    handles = {part: _component(manager, source, part, index[part], configs[part], where) for part in parts}
+    handles = {part: _component(manager, source, part, index[part], configs[part], where,
+                                quantization=quantization if part in QUANTIZED_PARTS else None) for part in parts}
     family = family_of_unet_config(handles["unet"].config)
     clip = TextEncoders(family, source.key, tokenizers,
                         tuple(handles[name] for name in ("text_encoder", "text_encoder_2") if name in handles),
@@ -79,8 +88,9 @@ def load_checkpoint(manager: ModelManager, source: ModelSource, where: Placement
 
 
 def load_controlnet(manager: ModelManager, source: ModelSource, where: Placement,
-                    config: ModelSource | None = None) -> ControlNet:
-    handle = _single_model(manager, source, where, "controlnet", "ControlNetModel", "controlnet", config)
+                    config: ModelSource | None = None, quantization: Quantization | None = None) -> ControlNet:
+    handle = _single_model(manager, source, where, "controlnet", "ControlNetModel", "controlnet", config,
+                           quantization)
     return ControlNet(family_of_unet_config(handle.config), source.key, handle)
 
 
@@ -140,12 +150,15 @@ def vae_family(config: dict[str, Any]) -> Family | None:
 
 
 def _single_model(manager: ModelManager, source: ModelSource, where: Placement, kind: str, class_name: str,
-                  subfolder: str, config: ModelSource | None) -> ModelHandle:
+                  subfolder: str, config: ModelSource | None,
+                  quantization: Quantization | None = None) -> ModelHandle:
     """A ControlNet or VAE: its own folder, the matching subfolder of a checkpoint folder, or a single file."""
     if source.kind == "file":
         load = verified(partial(_from_single_file, class_name, str(source.path), where.dtype,
-                                str(config.path) if config else None), source, *_sources(config))
-        handle = manager.handle(ModelKey(kind, _with_config(source, config), "", where.dtype, where.device), load)
+                                str(config.path) if config else None, **_quantizing(quantization)),
+                        source, *_sources(config))
+        key = ModelKey(kind, _with_config(source, config), "", where.dtype, where.device, _quantized(quantization))
+        handle = manager.handle(key, load)
         # a single file carries no config.json: load now, so the config (family, scaling factor) is known
         # and a file that cannot be converted fails in its loader node rather than in a later Sampler
         with handle.use() as module:
@@ -157,7 +170,8 @@ def _single_model(manager: ModelManager, source: ModelSource, where: Placement, 
                                  f"{source.path / sub}")
     config_json = source.read_json(f"{sub}/config.json" if sub else "config.json")
     source.check_unchanged()
-    return _component(manager, source, sub, ["diffusers", class_name], config_json, where, kind=kind)
+    return _component(manager, source, sub, ["diffusers", class_name], config_json, where, kind=kind,
+                      quantization=quantization)
 
 
 def _sources(config: ModelSource | None) -> tuple[ModelSource, ...]:
@@ -169,8 +183,18 @@ def _with_config(source: ModelSource, config: ModelSource | None) -> str:
     return source.key if config is None else f"{source.key} with config {config.key}"
 
 
+def _quantized(quantization: Quantization | None) -> str:
+    """What a ModelKey holds of a quantization: its name, "" for none."""
+    return "" if quantization is None else str(quantization)
+
+
+def _quantizing(quantization: Quantization | None) -> dict[str, Quantization]:
+    """The keyword a load function takes a quantization by; none for the weights as stored."""
+    return {} if quantization is None else {"quantization": quantization}
+
+
 def _component(manager: ModelManager, source: ModelSource, subfolder: str, declared: Any, config: dict[str, Any],
-               where: Placement, kind: str | None = None) -> ModelHandle:
+               where: Placement, kind: str | None = None, quantization: Quantization | None = None) -> ModelHandle:
     """The handle of one diffusers component; `config` is its config.json, read (and checked) by the caller."""
     class_name = declared[1] if isinstance(declared, list) and len(declared) == 2 else None
     if class_name not in _COMPONENT_CLASSES:
@@ -178,8 +202,10 @@ def _component(manager: ModelManager, source: ModelSource, subfolder: str, decla
                                  f"does not load (supported: {', '.join(sorted(_COMPONENT_CLASSES))})")
     folder = source.path / subfolder
     require_safetensors(folder, f"'{source.name}' {subfolder or kind}")
-    load = verified(partial(_from_pretrained, class_name, str(source.path), subfolder, where.dtype), source)
-    return manager.handle(ModelKey(kind or subfolder, source.key, subfolder, where.dtype, where.device), load, config)
+    load = verified(partial(_from_pretrained, class_name, str(source.path), subfolder, where.dtype,
+                            **_quantizing(quantization)), source)
+    key = ModelKey(kind or subfolder, source.key, subfolder, where.dtype, where.device, _quantized(quantization))
+    return manager.handle(key, load, config)
 
 
 def _model_class(class_name: str) -> Any:
@@ -205,18 +231,26 @@ def quiet_progress() -> Iterator[None]:
                 transformers_logging.enable_progress_bar()
 
 
-def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str) -> Any:
-    kwargs = {"subfolder": subfolder} if subfolder else {}
+def _from_pretrained(class_name: str, folder: str, subfolder: str, dtype: str,
+                     quantization: Quantization | None = None) -> Any:
+    kwargs: dict[str, Any] = {"subfolder": subfolder} if subfolder else {}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization.config(_COMPONENT_CLASSES[class_name])
     with quiet_progress():
         return _model_class(class_name).from_pretrained(folder, dtype=torch_dtype(dtype), use_safetensors=True,
                                                         **kwargs)
 
 
-def _from_single_file(class_name: str, path: str, dtype: str, config: str | None) -> Any:
+def _from_single_file(class_name: str, path: str, dtype: str, config: str | None,
+                      quantization: Quantization | None = None) -> Any:
     model_class = _model_class(class_name)
     if not hasattr(model_class, "from_single_file"):  # no original layout to convert: the file holds its weights
+        if quantization is not None:
+            raise QuantizationError(f"input quantize: a single-file {class_name} cannot be loaded quantised; load "
+                                    "its diffusers folder instead")
         return _from_weights_file(model_class, path, dtype, config)
-    return _convert_single_file(model_class, path, dtype, config)
+    extra = {} if quantization is None else {"quantization_config": quantization.config("diffusers")}
+    return _convert_single_file(model_class, path, dtype, config, **extra)
 
 
 def _from_weights_file(model_class: Any, path: str, dtype: str, config: str | None) -> Any:

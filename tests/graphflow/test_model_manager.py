@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -92,17 +91,28 @@ def test_model_offload_moves_weights_to_the_gpu_only_while_held() -> None:
     assert model.weight.device.type == "cpu"
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on the CPU needs a C compiler")
-def test_compile_runs_unets_through_torch_compile_with_the_same_results() -> None:
+def test_compile_true_is_the_engines_default_option_and_never_compiles_the_shared_model_in_place() -> None:
+    from graphflow import Engine
+
     manager = ModelManager(compile=True)
-    plain = _linear(8)
-    inputs = torch.randn(2, 8)
-    with manager.handle(_key("compiled"), lambda: plain).use() as model:
-        assert model._compiled_call_impl is not None  # nn.Module.compile() swaps the call in place
-        assert torch.allclose(model(inputs), torch.nn.functional.linear(inputs, plain.weight, plain.bias))
-    with manager.handle(ModelKey("vae", "v"), lambda: _linear(8)).use() as vae:
-        assert vae._compiled_call_impl is None  # only UNets and ControlNets are compiled
+    with manager.handle(_key("unet"), lambda: _linear(8)).use() as model:
+        assert model._compiled_call_impl is None  # runs compile a wrapper of their own (graphflow.models.compilation)
+    assert Engine(models=manager).models.compile is True
+
+
+def test_the_manager_counts_the_bytes_quantised_weights_store() -> None:
+    pytest.importorskip("optimum.quanto", reason="needs the graphflow[quantize] extra")
+    from optimum.quanto import freeze, qint8, quantize
+
+    model = torch.nn.Sequential(_linear(64))
+    quantize(model, weights=qint8)  # quanto swaps the children for quantised ones
+    freeze(model)
+    assert model[0].weight.element_size() == 4  # the tensor subclass reports the fp32 it stands for
+    manager = ModelManager()
+    with manager.handle(_key("q"), lambda: model).use():
+        pass
+    # int8 data, one fp32 scale per output row, the fp32 bias, quanto's two fp32 activation scales (buffers)
+    assert manager.device_bytes == module_bytes(model) == 64 * 64 + 64 * 4 + 64 * 4 + 2 * 4
 
 
 class _GpuLinear(torch.nn.Linear):
