@@ -209,6 +209,21 @@ def test_template_made_controls_come_from_the_cache_the_second_time(tmp_path: Pa
     assert np.array_equal(np.asarray(ControlTemplate(CANNY_TEMPLATE, {"low": 50}, engine())(target)), first)
 
 
+def test_examples_are_cropped_square_and_scaled_as_diffusers_trains_them(tmp_path: Path) -> None:
+    from graphflow.training.dataset import TrainingSamples, Triple
+
+    Image.fromarray(np.full((60, 100, 3), 255, np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(tmp_path / "wide-control.png")
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(tmp_path / "square-control.png")
+    samples = TrainingSamples([Triple(tmp_path / "wide.png", tmp_path / "wide-control.png", "wide"),
+                               Triple(tmp_path / "wide.png", tmp_path / "square-control.png", "askew")], 32)
+    batch = samples.batch([0])
+    assert batch.targets.shape == batch.controls.shape == (1, 3, 32, 32) and batch.prompts == ["wide"]
+    assert batch.targets.min() == batch.targets.max() == 1.0 and batch.controls.max() == 0.0  # [-1, 1] and [0, 1]
+    with pytest.raises(TrainingError, match="is 50x50, the target 100x60: they must have the same aspect ratio"):
+        samples.batch([1])
+
+
 def test_a_missing_dataset_is_refused_by_path(tiny_models: Path, tmp_path: Path) -> None:
     with pytest.raises(PathError, match="no such file or folder"):
         train_controlnet(config(tiny_models, tmp_path / "absent", tmp_path / "out"))
