@@ -149,7 +149,7 @@ def _components(text: str) -> list[str]:
     try:
         return list(parse_components(text))
     except CompileOptionError as error:
-        raise argparse.ArgumentTypeError(str(error).replace("option compile_components", "")) from None
+        raise argparse.ArgumentTypeError(str(error).removeprefix("option compile_components ")) from None
 
 
 def _compile_options(args: argparse.Namespace) -> dict[str, Any]:

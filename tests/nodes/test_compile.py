@@ -60,9 +60,11 @@ def test_compiled_components_give_eager_pixels_and_leave_the_shared_modules_eage
 
 
 def test_a_second_compiled_run_compiles_nothing_again(engine: Engine, tiny_models: Path) -> None:
-    engine.run(sampling_graph(tiny_models), options=TRACED)
+    options = {**TRACED, "compile_components": EVERYTHING}
+    engine.run(sampling_graph(tiny_models), options=options)
     before = captured()
-    engine.run(sampling_graph(tiny_models, seed=11), options=TRACED)  # a new Sampler run, the same modules and mode
+    # new wrappers of the same modules (a new Sampler, TextEncode and VAEDecode run), the same mode: no new graph
+    engine.run(sampling_graph(tiny_models, seed=11, negative="blurry"), options=options)
     assert captured() == before
 
 

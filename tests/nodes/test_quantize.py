@@ -166,3 +166,16 @@ def test_bitsandbytes_int8_on_cuda_shrinks_the_unet(tiny_models: Path, tmp_path:
         with values["model"].unet.use() as unet:
             sizes[mode] = module_bytes(unet)
     assert sizes["int8"] < 0.8 * sizes["none"]
+
+
+def test_a_single_file_checkpoint_asked_to_quantise_says_to_convert_it_to_a_folder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from graphflow.models import ModelManager
+
+    pytest.importorskip("torchao", reason=EXTRA)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, tmp_path / "sd.safetensors")
+    document = {"graphflow": 1, "nodes": {"sd": {"type": "CheckpointLoader", "inputs": {
+        "model": "sd.safetensors", "quantize": "int8"}}}, "outputs": {"model": "sd.model"}}
+    with pytest.raises(NodeExecutionError, match=r"single-file checkpoint.*save_pretrained"):
+        Engine(input_dirs=[tmp_path], models=ModelManager()).run(document)
