@@ -122,7 +122,8 @@ def run_train_controlnet(args: argparse.Namespace, registry: NodeRegistry) -> in
     try:
         result = train_controlnet(config_from_args(args))
     except GraphflowError as error:
-        print(f"error: {printable(str(error), limit=None)}", file=sys.stderr)
+        lines = "\n".join(printable(line, limit=None) for line in str(error).split("\n"))  # each line escaped
+        print(f"error: {lines}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: the checkpoints in {printable(str(args.out))} stay; continue with --resume",

@@ -316,6 +316,8 @@ def _samples(config: TrainConfig, paths: PathPolicy, device: str) -> TrainingSam
                         disk_cache=config.cache_dir, models=ModelManager(), options={"device": device})
         template = ControlTemplate(config.control_template, config.control_params, engine)
     triples = read_triples(config.data, paths, with_controls=template is None)
+    if template is not None:
+        template.check(triples[0].target)
     return TrainingSamples(triples, config.resolution, template)
 
 

@@ -21,7 +21,7 @@ and centre-cropped to a square; targets become [-1, 1], control images stay in [
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,13 +181,18 @@ class ControlTemplate:
                           "control": {"template": str(self.path), "inputs": inputs}},
                 "outputs": {"control": f"control.{self.output}"}}
 
+    def check(self, target: Path) -> None:
+        """Validate the graph for `target` (the template's params and inputs), running nothing."""
+        try:
+            self.engine.compile(self.document(target))
+        except ValidationError as error:
+            raise TrainingError(f"the control template {self.path} cannot run on {target}: {error}") from error
+
     def __call__(self, target: Path) -> Image.Image:
         from PIL import Image
 
-        try:
-            result = self.engine.run(self.document(target), outputs=["control"])
-        except ValidationError as error:
-            raise TrainingError(f"the control template {self.path} cannot run on {target}: {error}") from error
+        self.check(target)
+        result = self.engine.run(self.document(target), outputs=["control"])
         pixels = result.outputs["control"][0].mul(255).round().clamp(0, 255).byte().numpy()
         return Image.fromarray(pixels)
 
@@ -213,9 +218,6 @@ class TrainingSamples:
 
     def __len__(self) -> int:
         return len(self.triples)
-
-    def __iter__(self) -> Iterator[Triple]:
-        return iter(self.triples)
 
     def example(self, index: int) -> tuple[Image.Image, Image.Image]:
         """The target and control image of example `index`, resized and cropped as training sees them."""

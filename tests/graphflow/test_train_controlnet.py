@@ -253,6 +253,13 @@ def test_a_template_without_an_image_param_is_refused(tiny_models: Path, tmp_pat
                                 control_template=ROOT / "graphs" / "controlnet_canny.json"))
 
 
+def test_an_unknown_control_template_param_is_refused_before_anything_loads(tiny_models: Path, tmp_path: Path) -> None:
+    data = write_circles_dataset(tmp_path / "data", count=1)
+    with pytest.raises(TrainingError, match=r"control template .* cannot run on .*unknown"):
+        train_controlnet(config(tiny_models, data, tmp_path / "out", control_template=CANNY_TEMPLATE,
+                                control_params={"lowest": 5}))
+
+
 def test_settings_that_cannot_work_are_all_listed(tiny_models: Path, tmp_path: Path) -> None:
     settings = config(tiny_models, tmp_path, tmp_path / "out", resolution=60, batch_size=0, mixed_precision="fp8")
     with pytest.raises(TrainingError) as caught:
