@@ -90,7 +90,7 @@ class _Trainer:
         self.paths = paths
         self.out = paths.output_root
         source = locate_base_model(config.base_model, paths)
-        self.resume_from = _resume_point(config, self.out)
+        self.resume_from = _resume_point(config, paths)
         self.state = read_state(self.resume_from) if self.resume_from else None
         if self.state is not None:
             _check_resumable(config, self.state, self.resume_from)
@@ -228,16 +228,21 @@ class _Trainer:
         return self.accelerator.unwrap_model(self.controlnet)
 
 
-def _resume_point(config: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint to continue from: the latest one with `resume=True` (None if there is none yet), the one
-    given; refuses to start afresh over checkpoints of another run."""
+def _resume_point(config: TrainConfig, paths: PathPolicy) -> Path | None:
+    """The checkpoint to continue from: the latest one with `resume=True` (None if there is none yet), or the one
+    given (inside the output or an input directory); refuses to start afresh over checkpoints of another run."""
+    out = paths.output_root
     found = checkpoints(out)
     if config.resume is True:
         return found[max(found)] if found else None
     if isinstance(config.resume, Path):
-        if not (config.resume / "training_state.json").is_file():
-            raise TrainingError(f"cannot resume from {config.resume}: it is not a training checkpoint folder")
-        return config.resume
+        checkpoint = config.resume.resolve()
+        if not any(checkpoint.is_relative_to(root) for root in (out, *paths.input_roots)):
+            raise TrainingError(f"cannot resume from {checkpoint}: it is outside the output directory {out} and the "
+                                "input directories")
+        if not (checkpoint / "training_state.json").is_file():
+            raise TrainingError(f"cannot resume from {checkpoint}: it is not a training checkpoint folder")
+        return checkpoint
     if found:
         raise TrainingError(f"{out} already holds checkpoints ({', '.join(path.name for path in found.values())}); "
                             "resume to continue that run, or choose another output folder")

@@ -290,3 +290,10 @@ def test_an_sdxl_base_model_is_refused_before_anything_loads(tiny_models: Path, 
     data = write_circles_dataset(tmp_path / "data", count=1)
     with pytest.raises(TrainingError, match=r"not an SD1\.5-family text-to-image model"):
         train_controlnet(config(tiny_models, data, tmp_path / "out", base_model=str(tiny_models / "sdxl")))
+
+
+def test_resuming_from_a_checkpoint_outside_the_allowed_directories_is_refused(tiny_models: Path,
+                                                                                tmp_path: Path) -> None:
+    data = write_circles_dataset(tmp_path / "data", count=1)
+    with pytest.raises(TrainingError, match="outside the output directory"):
+        train_controlnet(config(tiny_models, data, tmp_path / "out", resume=Path("/proc")))
