@@ -121,7 +121,7 @@ def run_train_controlnet(args: argparse.Namespace, registry: NodeRegistry) -> in
 
     try:
         result = train_controlnet(config_from_args(args))
-    except GraphflowError as error:
+    except (GraphflowError, OSError) as error:  # OSError: an output folder that cannot be written, a full disk
         lines = "\n".join(printable(line, limit=None) for line in str(error).split("\n"))  # each line escaped
         print(f"error: {lines}", file=sys.stderr)
         return 1
