@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
-from graphflow.models.components import DiffusionModel
+from graphflow.models.components import ControlNet, DiffusionModel
 from graphflow.models.devices import torch_dtype
 from graphflow.models.memory import hold_sliced, memory_options, sliced_attention
 from nodes.backends import Geometry, Prompt, UNetBackend, backend_for
@@ -200,7 +200,8 @@ class ControlNets:
         images = [_control_image(control, request, duplicate) for control in self.controls]
         handles = [control.controlnet.controlnet for control in self.controls]
         if session.swap_controlnets:
-            self.nets: list[Any] = [_WindowHeld(handle, session.attention_slicing, held) for handle in handles]
+            self.nets: list[Any] = [_WindowHeld(control.controlnet, session.attention_slicing, held)
+                                    for control in self.controls]
         else:  # each held alone for the whole loop: attention slicing changes the module other graphs share
             nets = hold_sliced(held, handles, session.attention_slicing)
             self.nets = [control.controlnet.compiled(net) for net, control in zip(nets, self.controls, strict=True)]
@@ -245,8 +246,8 @@ class _WindowHeld:
     the device at its first step, off the device after its last. Each call holds the module alone just while it
     runs, so a run waiting for one never holds another ControlNet meanwhile (no circular waits between runs)."""
 
-    def __init__(self, handle: Any, slice_size: str | int | None, loop: ExitStack) -> None:
-        self.handle, self.slice_size = handle, slice_size
+    def __init__(self, controlnet: ControlNet, slice_size: str | int | None, loop: ExitStack) -> None:
+        self.controlnet, self.handle, self.slice_size = controlnet, controlnet.controlnet, slice_size
         self.window: ExitStack | None = None
         self.steps: tuple[int, int] | None = None  # first and last step with a non-zero scale
         loop.callback(self.release)  # an error or a cancel between steps lets go too
@@ -275,7 +276,7 @@ class _WindowHeld:
         from graphflow.models.memory import exclusive
 
         with exclusive(self.handle) as module, sliced_attention(module, self.slice_size) as net:
-            return net(*args, **kwargs)
+            return self.controlnet.compiled(net)(*args, **kwargs)
 
 
 def _control_image(control: ControlApplication, request: SamplingRequest, duplicate: bool) -> torch.Tensor:

@@ -17,7 +17,8 @@ from graphflow.models.manager import module_bytes
 from tests.nodes.sampling_graphs import Control, make_engine, sampling_graph
 
 # ten steps of Euler: canny guides 0-2, depth 3-6, pose 7-9 (diffusers' keep rule: i/n >= start and (i+1)/n <= end)
-WINDOWS = (Control("controlnet-canny", "edges.png", 1.0, 0.0, 0.3), Control("controlnet-depth", "depth.png", 0.8, 0.3, 0.7),
+WINDOWS = (Control("controlnet-canny", "edges.png", 1.0, 0.0, 0.3),
+           Control("controlnet-depth", "depth.png", 0.8, 0.3, 0.7),
            Control("controlnet-pose", "pose.png", 0.6, 0.7, 1.0))
 STEPS = 10
 
@@ -94,10 +95,15 @@ def test_a_controlnet_with_no_step_in_its_window_is_never_loaded(tiny_models: Pa
     assert _controlnets(engine.models) == {"controlnet-canny": "off"}
 
 
-@pytest.mark.parametrize("extra", [{"attention_slicing": "max"}, {"guess_mode": True}])
+COMPILED = {"compile": "default", "compile_backend": "eager", "compile_components": ["controlnet"]}
+
+
+@pytest.mark.parametrize("extra", [{"attention_slicing": "max"}, {"guess_mode": True}, COMPILED],
+                         ids=["attention_slicing", "guess_mode", "compiled"])
 def test_swapping_keeps_the_pixels_with_other_options(tiny_models: Path, tmp_path: Path, extra: dict) -> None:
-    options = {name: value for name, value in extra.items() if name == "attention_slicing"}
-    sampler = {name: value for name, value in extra.items() if name != "attention_slicing"}
+    run_options = {"attention_slicing", *COMPILED}
+    options = {name: value for name, value in extra.items() if name in run_options}
+    sampler = {name: value for name, value in extra.items() if name not in run_options}
     graph = sampling_graph(tiny_models, controls=WINDOWS, steps=4, **sampler)
     reference = _engine(tiny_models, tmp_path / "all", **options).run(graph).outputs["image"]
     swapped = _engine(tiny_models, tmp_path / "swap", **options, swap_controlnets=True).run(graph)

@@ -251,10 +251,13 @@ def test_the_cli_takes_the_memory_options() -> None:
     args = _parser().parse_args(["run", "g.json", "--vae-tiling", "--vae-tile-size", "256", "--vae-slicing",
                                  "--attention-slicing"])
     assert _memory_options(args) == {"vae_tiling": True, "vae_tile_size": 256, "vae_slicing": True,
-                                     "attention_slicing": "auto"}
+                                     "attention_slicing": "auto", "swap_controlnets": False}
     sliced = _parser().parse_args(["run", "g.json", "--attention-slicing", "2"])
     assert _memory_options(sliced)["attention_slicing"] == 2
     assert _memory_options(_parser().parse_args(["run", "g.json"])) == {
-        "vae_tiling": False, "vae_tile_size": None, "vae_slicing": False, "attention_slicing": None}
+        "vae_tiling": False, "vae_tile_size": None, "vae_slicing": False, "attention_slicing": None,
+        "swap_controlnets": False}
+    swapped = _parser().parse_args(["run", "g.json", "--swap-controlnets"])
+    assert _memory_options(swapped)["swap_controlnets"] is True
     with pytest.raises(SystemExit):
         _parser().parse_args(["run", "g.json", "--attention-slicing", "half"])

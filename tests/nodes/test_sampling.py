@@ -246,8 +246,8 @@ def test_a_list_of_seeds_samples_each_seed_on_its_own(tiny_models: Path, tmp_pat
         sampled = graph.add(Sampler(model=sd.model, positive=text.conditioning, latent=latent.latent, seed=seed,
                                     steps=2, scheduler="euler"), "sampler")
         graph.output("image", graph.add(VAEDecode(vae=sd.vae, latent=sampled.latent), "decode").image)
-        return Engine(input_dirs=[tiny_models], output_dir=tmp_path).run(graph, on_event=(events.append if events is not None else None)
-                                               ).outputs["image"]
+        engine = Engine(input_dirs=[tiny_models], output_dir=tmp_path)
+        return engine.run(graph, on_event=events.append if events is not None else None).outputs["image"]
 
     events: list = []
     both = render([3, 5], events)
