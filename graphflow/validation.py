@@ -224,8 +224,9 @@ class _Compiler:
         for name, spec in specs.items():
             if name in values:
                 value = values[name]
-                # a Link (or list of them) comes from the node using this template, already type-checked there
-                problems = [] if links_in(value) else param_value_errors(spec, value)
+                # a Link (or list of them) comes from the node using this template, already type-checked there, and
+                # an Unbound from that node's own param with no value, reported on that param
+                problems = [] if links_in(value) or isinstance(value, Unbound) else param_value_errors(spec, value)
                 self.errors.extend(problems)
                 resolved[name] = (Unbound(name, spec.type) if problems else value, spec)
             elif spec.default is not REQUIRED:
@@ -304,14 +305,17 @@ class _Compiler:
                            f"{spec.type}", types.describe_literal(value))
                 return None
             items: list[Any] = []
+            unbound: Unbound | None = None
             for item in value:  # a list param's items take its place in the list
                 checked = self._item(node_id, spec, item, classes, params, prefix)
+                if isinstance(checked, Unbound):
+                    unbound = unbound or checked
                 spliced = _list_param(item, params) and isinstance(checked, list)
                 items.extend(checked if spliced else [checked])
-            return items
+            return items if unbound is None else unbound  # a list holding a param with no value is not known yet
         item = self._item(node_id, spec, value, classes, params, prefix)
-        if _list_param(value, params):
-            return item  # already the list
+        if _list_param(value, params) or isinstance(item, Unbound):
+            return item  # already the list, or not known yet
         return [item] if spec.list else item
 
     def _item(self, node_id: str, spec: Input, value: Any, classes: dict[str, type[Node] | None],
@@ -370,7 +374,7 @@ class _Compiler:
                        node_id, spec.name, takes, f"{param_type} param '{name}'")
             return None
         if isinstance(value, Unbound):
-            return None  # no value to check; a missing one is reported once, on the param
+            return value  # no value to check; a missing one is reported once, on the param
         if links_in(value):
             if spec.file or spec.model:
                 self.errors.append(file_link_error(spec, node_id, f"param '{name}' linked to {value}"))
