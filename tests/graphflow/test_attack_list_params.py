@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphflow import Engine, ValidationError, default_registry, dumps, parse_document, save_document
+from graphflow import Engine, Graph, ValidationError, default_registry, dumps, parse_document, save_document
 from graphflow.cli import main
 from graphflow.document import MAX_VALUES
 from graphflow.schema import document_schema
@@ -163,6 +163,44 @@ def test_checking_a_template_with_a_required_list_param(folder: Path) -> None:
                                                                                           "value")]
     assert errors_of(lambda: Engine().compile(document(REQUIRED_WORDS, join({"param": "words"})))) == [
         ("missing_param_value", None, "words")]
+
+
+def test_an_edited_template_file_or_a_new_list_value_reruns_only_the_template_node(tmp_path: Path) -> None:
+    def template(default: list[str]) -> None:
+        save_document(document({"words": {"type": "STRING", "list": True, "default": default}},
+                               join({"param": "words"})), tmp_path / "t.json")
+
+    def outer(inputs: dict, params: dict | None = None) -> Path:
+        nodes = {"use": {"template": "t.json", "inputs": inputs}, "k": {"type": "JoinText", "inputs": {"texts": ["k"]}}}
+        save_document(document(params or {}, nodes, {"text": "use.text", "k": "k.text"}, name="o"),
+                      tmp_path / "o.json")
+        return tmp_path / "o.json"
+
+    engine = Engine(input_dirs=[tmp_path])
+    template(["a"])
+    assert engine.run(outer({})).outputs["text"] == "a"
+    template(["a", "b"])
+    edited = engine.run(tmp_path / "o.json")
+    assert edited.outputs["text"] == "a-b" and edited.ran == ["use/join"] and edited.cached == ["k"]
+    path = outer({"words": {"param": "ws"}}, {"ws": {"type": "STRING", "list": True, "default": ["p"]}})
+    for values, expected in (({}, "p"), ({"ws": ["q", "r"]}, "q-r"), ({"ws": []}, "")):
+        result = engine.run(path, values)
+        assert (result.outputs["text"], result.ran, result.cached) == (expected, ["use/join"], ["k"])
+
+
+def test_a_graph_loaded_into_the_builder_keeps_its_list_params() -> None:
+    graph = Graph.from_document(SEEDS_DOCUMENT)
+    assert dumps(graph.to_document()) == dumps(SEEDS_DOCUMENT)
+    assert Engine().run(graph, {"words": ["w"]}).outputs["text"] == "<, w, >"
+
+
+@pytest.mark.xfail(strict=True, reason="graphflow/builder.py Graph.param has no list= keyword: a list param cannot "
+                   "be declared in Python (TypeError), only loaded from a document")
+def test_the_builder_declares_a_list_param() -> None:
+    graph = Graph("seeds")
+    words = graph.param("words", "STRING", ["a", "b"], list=True)  # type: ignore[call-arg]
+    graph.output("text", graph.add(REGISTRY.get("JoinText")(texts=words), "join").text)
+    assert Engine().run(graph, {"words": ["x", "y"]}).outputs["text"] == "x, y"
 
 
 # -- values, limits and item types -------------------------------------------------------------------------------------
