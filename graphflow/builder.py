@@ -20,7 +20,7 @@ from typing import Any
 from graphflow.compiled import Link
 from graphflow.document import dumps, load_document, save_document
 from graphflow.errors import Code, GraphError, ValidationError
-from graphflow.node import REQUIRED, Node, OutputRef, ParamRef, missing_input_error
+from graphflow.node import REQUIRED, Input, Node, OutputRef, ParamRef, missing_input_error
 from graphflow.registry import NodeRegistry, default_registry
 from graphflow.templates import TemplateLoader, TemplateNode, parse_params
 from graphflow.validation import NODE_ID, compile_document
@@ -80,21 +80,23 @@ class Graph:
         return node
 
     def param(self, name: str, type: str, default: Any = REQUIRED, description: str = "", *,
-              min: float | None = None, max: float | None = None, choices: tuple[Any, ...] | None = None) -> ParamRef:
-        """Declare a template parameter and return a reference to use as an input value."""
-        declaration: dict[str, Any] = {"type": type}
+              min: float | None = None, max: float | None = None, choices: tuple[Any, ...] | None = None,
+              list: bool = False) -> ParamRef:
+        """Declare a template parameter and return a reference to use as an input value; `list`: a list of
+        `type` values (for list inputs)."""
+        declaration: dict[str, Any] = {"type": type, **({"list": True} if list else {})}
         if default is not REQUIRED:
             declaration["default"] = default
         if description:
             declaration["description"] = description
-        for key, value in (("min", min), ("max", max), ("choices", list(choices) if choices else None)):
+        for key, value in (("min", min), ("max", max), ("choices", [*choices] if choices else None)):
             if value is not None:
                 declaration[key] = value
         _, errors = parse_params({"params": {name: declaration}})
         if errors:
             raise ValidationError(errors)
         self.params[name] = declaration
-        return ParamRef(name, type)
+        return ParamRef(name, type, list)
 
     def output(self, name: str, ref: OutputRef) -> None:
         """Name a result of the graph."""
@@ -150,14 +152,14 @@ class Graph:
         graph = cls(document.get("name", ""), document.get("description", ""))
         graph.extra = {"$schema": document["$schema"]} if "$schema" in document else {}  # validation allows no other
         graph.params = dict(document.get("params", {}))
-        param_types = {name: spec.type for name, spec in parse_params(document)[0].items()}
+        param_specs = parse_params(document)[0]
         entries = document["nodes"]
         # Links need their source built first; the document's own order is restored afterwards.
         for node_id in dict.fromkeys(compiled_id.split("/")[0] for compiled_id in compiled.order):
             entry = entries[node_id]
             node_type = registry.get(entry["type"]) if "type" in entry else \
                 loader.node_class(loader.resolve(entry["template"], base, node_id), (), node_id)
-            values = {name: _builder_value(value, graph, param_types)
+            values = {name: _builder_value(value, graph, param_specs)
                       for name, value in entry.get("inputs", {}).items()}
             graph.add(node_type(**values), node_id)
             if "version" in entry:
@@ -206,13 +208,14 @@ def _refs(value: Any) -> list[OutputRef]:
     return []
 
 
-def _builder_value(value: Any, graph: Graph, param_types: dict[str, str]) -> Any:
+def _builder_value(value: Any, graph: Graph, params: dict[str, Input]) -> Any:
     if isinstance(value, list):
-        return [_builder_value(item, graph, param_types) for item in value]
+        return [_builder_value(item, graph, params) for item in value]
     if isinstance(value, dict) and "from" in value:
         link = Link.parse(value["from"])
         return graph[link.node][link.output]
     if isinstance(value, dict) and "param" in value:
-        return ParamRef(value["param"], param_types.get(value["param"], ""))
+        spec = params.get(value["param"])
+        return ParamRef(value["param"], spec.type, spec.list) if spec is not None else ParamRef(value["param"])
     return value
 

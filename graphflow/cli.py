@@ -242,8 +242,8 @@ def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
         values = parse_assignments(document, args.assignments)
         compile_document(document, registry, values, base_dir=args.graph.resolve().parent, as_template=True)
         errors: list[GraphError] = []
-        unbound = [f"{name} ({spec.type})" for name, spec in parse_params(document)[0].items()
-                   if spec.required and name not in values]
+        unbound = [f"{name} ({'a list of ' if spec.list else ''}{spec.type})"
+                   for name, spec in parse_params(document)[0].items() if spec.required and name not in values]
     except ValidationError as error:
         errors = error.errors
     if args.json:

@@ -128,6 +128,7 @@ class ParamRef:
 
     name: str
     type: str = field(default="", compare=False)
+    list: bool = field(default=False, compare=False)  # a list param: a list of `type` values
 
 
 _REMEMBERED = frozenset({str, int, float, bool})  # hashable literals, told apart by type (1, 1.0 and True differ)
@@ -354,8 +355,10 @@ def file_link_error(spec: Input, node: str | None, found: str) -> GraphError:
 def check_builder_value(spec: Input, value: Any, node: str | None) -> list[GraphError]:
     """Check one builder argument: a handle's type, a parameter, or a literal."""
     if spec.list and isinstance(value, (list, tuple)):
+        item_spec = Input(spec.name, spec.type, min=spec.min, max=spec.max, choices=spec.choices)
+        # a list param among the items is spliced in: checked like one at the list input itself
         return [error for item in value for error in check_builder_value(
-            Input(spec.name, spec.type, min=spec.min, max=spec.max, choices=spec.choices), item, node)]
+            spec if isinstance(item, ParamRef) and item.list else item_spec, item, node)]
     if isinstance(value, OutputRef):
         if spec.file or spec.model:
             return [file_link_error(spec, node, f"{value.type} from {value.node.type_name}.{value.name}")]
@@ -364,6 +367,10 @@ def check_builder_value(spec: Input, value: Any, node: str | None) -> list[Graph
         return [GraphError(Code.TYPE_MISMATCH, f"cannot connect {value.type} output to {spec.type} input",
                            node, spec.name, spec.type, f"{value.type} from {value.node.type_name}.{value.name}")]
     if isinstance(value, ParamRef):
+        if value.list and not spec.list:
+            return [GraphError(Code.TYPE_MISMATCH, f"param '{value.name}' is a list of {value.type} but this input "
+                               f"takes one {spec.type}", node, spec.name, f"one {spec.type}",
+                               f"a list of {value.type} param '{value.name}'")]
         if not value.type or types.is_compatible(value.type, spec.type):
             return []
         return [GraphError(Code.TYPE_MISMATCH, f"param '{value.name}' is {value.type} but this input takes "

@@ -199,9 +199,15 @@ class ControlNets:
         duplicate = session.guider.guided and not self.guess_mode
         images = [_control_image(control, request, duplicate) for control in self.controls]
         handles = [control.controlnet.controlnet for control in self.controls]
-        if session.swap_controlnets:
-            self.nets: list[Any] = [_WindowHeld(control.controlnet, session.attention_slicing, held)
-                                    for control in self.controls]
+        if session.swap_controlnets:  # one holder per ControlNet, over the steps of all its uses
+            windows: dict[int, _WindowHeld] = {}
+            for control in self.controls:
+                key = id(control.controlnet.controlnet)
+                if key not in windows:
+                    windows[key] = _WindowHeld(control.controlnet, session.attention_slicing, held)
+                windows[key].controls.append(control)
+            self.windows = list(windows.values())
+            self.nets: list[Any] = [windows[id(control.controlnet.controlnet)] for control in self.controls]
         else:  # each held alone for the whole loop: attention slicing changes the module other graphs share
             nets = hold_sliced(held, handles, session.attention_slicing)
             self.nets = [control.controlnet.compiled(net) for net, control in zip(nets, self.controls, strict=True)]
@@ -210,8 +216,8 @@ class ControlNets:
     def contribute(self, call: DenoiserCall) -> None:
         scales = [control.scale * control.keep(call.index, call.total) for control in self.controls]
         if self.session.swap_controlnets:
-            for net, control in zip(self.nets, self.controls, strict=True):
-                net.follow(control, call.index, call.total)
+            for window in self.windows:
+                window.follow(call.index, call.total)
         active = [(net, image, scale) for (net, image, _), scale in zip(self.active, scales, strict=True)
                   if scale != 0]
         if not active:
@@ -230,8 +236,8 @@ class ControlNets:
             down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
             mid = net_mid if mid is None else mid + net_mid
         if self.session.swap_controlnets:
-            for net in self.nets:
-                net.finish(call.index)
+            for window in self.windows:
+                window.finish(call.index)
         if zero_pad:
             down = [guider.zero_unconditional(d) for d in down]
             mid = guider.zero_unconditional(mid)
@@ -242,20 +248,23 @@ class ControlNets:
 
 
 class _WindowHeld:
-    """A ControlNet held only over the steps of its window (memory option `swap_controlnets`): loaded and put on
-    the device at its first step, off the device after its last. Each call holds the module alone just while it
-    runs, so a run waiting for one never holds another ControlNet meanwhile (no circular waits between runs)."""
+    """A ControlNet held only over the steps of its windows (memory option `swap_controlnets`; the ControlNet may
+    be used several times in the control list, `controls`): loaded and put on the device at the first step any of
+    them guides, off the device after the last. Each call holds the module alone just while it runs, so a run
+    waiting for one never holds another ControlNet meanwhile (no circular waits between runs)."""
 
     def __init__(self, controlnet: ControlNet, slice_size: str | int | None, loop: ExitStack) -> None:
         self.controlnet, self.handle, self.slice_size = controlnet, controlnet.controlnet, slice_size
+        self.controls: list[ControlApplication] = []
         self.window: ExitStack | None = None
         self.steps: tuple[int, int] | None = None  # first and last step with a non-zero scale
         loop.callback(self.release)  # an error or a cancel between steps lets go too
 
-    def follow(self, control: ControlApplication, index: int, total: int) -> None:
-        """Hold the ControlNet from the first step of its window (before the call of step `index`)."""
+    def follow(self, index: int, total: int) -> None:
+        """Hold the ControlNet from the first step of its windows (before the call of step `index`)."""
         if self.steps is None:
-            active = [step for step in range(total) if control.scale * control.keep(step, total) != 0]
+            active = [step for step in range(total)
+                      if any(control.scale * control.keep(step, total) != 0 for control in self.controls)]
             self.steps = (active[0], active[-1]) if active else (total, -1)
         first, last = self.steps
         if first <= index <= last and self.window is None:

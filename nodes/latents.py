@@ -62,6 +62,17 @@ class Latent:
     def replace(self, **changes: Any) -> Latent:
         return dataclasses.replace(self, **changes)
 
+    def group(self, index: int) -> Latent:
+        """The images of the `index`-th of `groups` (one seed's, from a Sampler given a list of seeds)."""
+        rows = self.samples.shape[0] // self.groups
+        part = slice(index * rows, (index + 1) * rows)
+
+        def batch(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor if tensor is None or tensor.shape[0] == 1 else tensor[part]
+
+        return self.replace(samples=self.samples[part], moments=batch(self.moments), mask=batch(self.mask),
+                            masked_moments=batch(self.masked_moments), groups=1)
+
 
 def check_size(width: int, height: int, what: str, fix: str = "", scale: int = LATENT_SCALE) -> None:
     """Raise NodeInputError unless both sides are positive multiples of `scale` (whole latents)."""

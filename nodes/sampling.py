@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from nodes.backends import Geometry
     from nodes.conditioning import ControlApplication
+    from nodes.denoise import SamplingRequest
 
 _MAX_SIDE = 16384
 
@@ -113,9 +114,30 @@ class Sampler(Node):
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seeds[0], steps, cfg, scheduler,
                                   strength, guess_mode, batch, width, height,
                                   (*contributors, *adapter_contributors(adapters or ())))
-        samples = [sample(ctx, replace(request, seed=each), (index, len(seeds))) for index, each in enumerate(seeds)]
+        requests = _per_seed(request, seeds, latent)
+        samples = [sample(ctx, each, (index, len(requests))) for index, each in enumerate(requests)]
         return {"latent": Latent(torch.cat(samples) if len(samples) > 1 else samples[0], model.family, geometry.scale,
                                  groups=len(samples))}
+
+
+def _per_seed(request: SamplingRequest, seeds: list[int], latent: Latent | None) -> list[SamplingRequest]:
+    """One request per seed. A latent sampled one seed at a time (its `groups`, e.g. a hires fix's first pass) pairs
+    its groups with as many seeds, each group refined with its own; one seed takes the whole batch at once."""
+    groups = latent.groups if latent is not None else 1
+    if groups == 1 or len(seeds) == 1:
+        return [replace(request, seed=seed) for seed in seeds]
+    if len(seeds) != groups:
+        raise NodeInputError(f"the latent holds the images of {groups} seeds, sampled one by one, but the Sampler "
+                             f"has {len(seeds)} seeds; give {groups} seeds (one per group) or one for the whole batch")
+    assert latent is not None
+    mask = request.mask
+    rows = latent.samples.shape[0] // groups
+
+    def masks(index: int) -> torch.Tensor | None:
+        return mask if mask is None or mask.shape[0] == 1 else mask[index * rows:(index + 1) * rows]
+
+    return [replace(request, seed=seed, latent=latent.group(index), mask=masks(index), batch=rows)
+            for index, seed in enumerate(seeds)]
 
 
 def _seeds(seed: int | list[int]) -> list[int]:

@@ -221,7 +221,8 @@ class LatentUpscale(Node):
         if crop == "center":
             samples = center_crop(samples, width, height)
         resized = resample(samples, width // scale, height // scale, method).to(latent.samples.dtype)
-        return {"latent": Latent(resized, latent.family, scale)}
+        # a batch of seeds sampled one by one stays one (VAEDecode and a next Sampler take its groups apart)
+        return {"latent": Latent(resized, latent.family, scale, groups=latent.groups)}
 
 
 NODES = (ImageScale, LatentUpscale)

@@ -194,11 +194,9 @@ def test_a_graph_loaded_into_the_builder_keeps_its_list_params() -> None:
     assert Engine().run(graph, {"words": ["w"]}).outputs["text"] == "<, w, >"
 
 
-@pytest.mark.xfail(strict=True, reason="graphflow/builder.py Graph.param has no list= keyword: a list param cannot "
-                   "be declared in Python (TypeError), only loaded from a document")
 def test_the_builder_declares_a_list_param() -> None:
     graph = Graph("seeds")
-    words = graph.param("words", "STRING", ["a", "b"], list=True)  # type: ignore[call-arg]
+    words = graph.param("words", "STRING", ["a", "b"], list=True)
     graph.output("text", graph.add(REGISTRY.get("JoinText")(texts=words), "join").text)
     assert Engine().run(graph, {"words": ["x", "y"]}).outputs["text"] == "x, y"
 
@@ -292,8 +290,6 @@ def test_a_list_param_through_the_command_line_end_to_end(tmp_path: Path, capsys
     assert json.loads(capsys.readouterr().out)["valid"]
 
 
-@pytest.mark.xfail(strict=True, reason="graphflow/cli.py _validate names a list param's type as its item type: "
-                   "'a run needs values for words (STRING)' where a run needs a list of STRING")
 def test_validate_names_a_required_list_param_as_a_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "T.json"
     save_document(SEEDS_DOCUMENT, path)

@@ -92,3 +92,14 @@ def test_list_params_save_stably_and_match_the_schema() -> None:
     text = dumps(document(WORDS))
     assert '"words": {"type": "STRING", "list": true, "default": ["a", "b"]}' in text
     jsonschema.validate(document(WORDS), document_schema(Engine().registry))
+
+
+def test_the_builder_refuses_a_list_param_at_an_input_of_one_value() -> None:
+    from graphflow import Graph
+    from nodes import Int
+
+    graph = Graph("seeds")
+    seeds = graph.param("seeds", "INT", [1, 2], list=True)
+    with pytest.raises(ValidationError) as caught:
+        Int(value=seeds)
+    assert caught.value.codes == ["type_mismatch"] and caught.value.errors[0].expected == "one INT"

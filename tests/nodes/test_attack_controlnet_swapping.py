@@ -18,6 +18,7 @@ from graphflow import Cancelled, CancelToken, Engine, Graph, NodeExecutionError,
 from graphflow.cli import main
 from graphflow.events import NodeProgress
 from graphflow.models import ModelManager
+from graphflow.models.manager import module_bytes
 from nodes import SaveImage
 from tests.nodes.sampling_graphs import Control, make_engine, sampling_graph, write_test_images
 
@@ -90,6 +91,44 @@ def test_runs_in_threads_sharing_controlnets_with_reversed_windows_neither_deadl
     assert len(results) == len(jobs) and nothing_held(engine.models)
 
 
+def test_threads_swapping_under_a_budget_that_fits_one_controlnet_give_the_sequential_pixels(
+        tiny_models: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "models" / "sd15-copy"
+    shutil.copytree(tiny_models / "sd15", copy)
+    jobs = [("sd15", CANNY_FIRST), (str(copy), DEPTH_FIRST), ("sd15", DEPTH_FIRST), (str(copy), CANNY_FIRST)]
+    graphs = [sampling_graph(tiny_models, checkpoint, controls, steps=4, scheduler="euler") for checkpoint, controls
+              in jobs]
+    roots = [tiny_models, copy.parent]
+    reference = Engine(input_dirs=[write_test_images(_folder(tmp_path / "reference")), *roots],
+                       output_dir=tmp_path / "reference-out", models=ModelManager())
+    expected = [pixels(reference, graph) for graph in graphs]
+    from diffusers import ControlNetModel
+
+    controlnet = module_bytes(ControlNetModel.from_pretrained(tiny_models / "controlnet-canny"))
+    models = ModelManager()
+    # every model of both checkpoints and one ControlNet: idle ones are evicted (on the CPU: dropped) as threads go
+    models.budget_bytes = reference.models.device_bytes - controlnet
+    engine = Engine(input_dirs=[write_test_images(_folder(tmp_path / "in")), *roots], output_dir=tmp_path / "out",
+                    models=models, options=SWAP)
+    results: dict[int, Any] = {}
+
+    def work(index: int) -> None:
+        try:
+            results[index] = pixels(engine, graphs[index])
+        except BaseException as error:  # reported below, with the job it came from
+            results[index] = error
+
+    threads = [threading.Thread(target=work, args=(index,), daemon=True) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a run is still waiting: deadlock"
+    for index, image in results.items():
+        assert isinstance(image, torch.Tensor) and torch.equal(image, expected[index]), (jobs[index], image)
+    assert nothing_held(models)
+
+
 def pixels_with_events(engine: Engine, graph: Graph, options: dict[str, Any], on_event: Any) -> torch.Tensor:
     return engine.run(graph, options=options, on_event=on_event).outputs["image"]
 
@@ -122,10 +161,6 @@ def test_one_controlnet_twice_in_a_control_list_with_other_windows_keeps_the_pix
     assert seen[-1][1] == {"controlnet-canny": "off"} and nothing_held(engine.models)
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/denoise.py _WindowHeld: each use of a ControlNet in the control list "
-                   "holds it on its own, so when one window ends the step before another use of the same ControlNet "
-                   "begins, it leaves the device and is put back at once (placements 2; a wasted round trip of the "
-                   "whole module between two steps on a GPU)")
 def test_one_controlnet_in_two_adjacent_windows_is_placed_on_the_device_once(tiny_models: Path,
                                                                                tmp_path: Path) -> None:
     adjacent = (Control("controlnet-canny", "edges.png", 1.0, 0.0, 0.5), Control("controlnet-canny", "depth.png", 0.5,

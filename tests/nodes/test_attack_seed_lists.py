@@ -129,9 +129,6 @@ def test_an_upscaled_grouped_latent_has_the_images_of_each_seed_in_order(engine:
     assert (both - torch.cat(alone)).abs().max() < 1e-4  # each row is its seed's, up to the decode's batching
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/upscale.py LatentUpscale returns Latent(resized, family, scale): the "
-                   "groups are dropped, so VAEDecode decodes the seeds' images as one batch, ~2e-6 off each seed's "
-                   "own decode (keep them: latent.replace(samples=resized, moments=None, mask=None, ...))")
 def test_an_upscaled_grouped_latent_still_decodes_each_seed_on_its_own(engine: Engine, tiny_models: Path) -> None:
     both = engine.run(_upscaled(tiny_models, [3, 5])).outputs["upscaled"]
     alone = [engine.run(_upscaled(tiny_models, seed)).outputs["upscaled"] for seed in (3, 5)]
@@ -148,11 +145,14 @@ def _hires(tiny_models: Path, seed: int | list[int]) -> Graph:
     return graph
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/sampling.py Sampler.run samples the whole batch once per seed: seeds "
-                   "[3, 5] on the latents of seeds [3, 5] give 4 images (each seed x each group), not one per seed; "
-                   "a latent with as many groups as seeds should pair them (and LatentUpscale keep the groups)")
 def test_a_hires_fix_with_a_list_of_seeds_refines_each_seed_with_its_own_seed(engine: Engine,
                                                                                tiny_models: Path) -> None:
     both = engine.run(_hires(tiny_models, [3, 5])).outputs["refined"]
     alone = [engine.run(_hires(tiny_models, seed)).outputs["refined"] for seed in (3, 5)]
     assert both.shape == (2, 128, 128, 3) and torch.equal(both, torch.cat(alone))
+
+
+def test_one_seed_and_a_list_of_that_one_seed_are_the_same_result(engine: Engine, tiny_models: Path) -> None:
+    first = engine.run(sampling_graph(tiny_models, controls=(), seed=7))
+    listed = engine.run(sampling_graph(tiny_models, controls=(), seed=[7]))
+    assert "sampler" in listed.cached and torch.equal(listed.outputs["image"], first.outputs["image"])
