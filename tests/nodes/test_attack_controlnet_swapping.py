@@ -279,7 +279,7 @@ def test_an_error_inside_a_controlnet_call_lets_go_and_leaves_the_module_as_it_w
 
 def test_swap_controlnets_on_the_command_line_gives_the_same_files(tiny_models: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import nodes.denoise
+    import nodes.controlnets
 
     images = write_test_images(_folder(tmp_path / "in"))
     graph = sampling_graph(tiny_models, controls=CANNY_FIRST, steps=4, scheduler="euler")
@@ -287,8 +287,8 @@ def test_swap_controlnets_on_the_command_line_gives_the_same_files(tiny_models: 
     path = images / "graph.json"
     save_document(graph.to_document(), path)
     windows: list[object] = []
-    holder = nodes.denoise._WindowHeld
-    monkeypatch.setattr(nodes.denoise, "_WindowHeld", lambda *args: windows.append(args) or holder(*args))
+    holder = nodes.controlnets._WindowHeld
+    monkeypatch.setattr(nodes.controlnets, "_WindowHeld", lambda *args: windows.append(args) or holder(*args))
     common = ["run", str(path), "--input-dir", str(images), "--input-dir", str(tiny_models), "--quiet"]
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0 and windows == []
     assert main([*common, "--out", str(tmp_path / "swap"), "--swap-controlnets"]) == 0
