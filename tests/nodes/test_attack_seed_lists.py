@@ -156,3 +156,19 @@ def test_one_seed_and_a_list_of_that_one_seed_are_the_same_result(engine: Engine
     first = engine.run(sampling_graph(tiny_models, controls=(), seed=7))
     listed = engine.run(sampling_graph(tiny_models, controls=(), seed=[7]))
     assert listed.ran == [] and torch.equal(listed.outputs["image"], first.outputs["image"])  # one cache key
+
+
+def test_a_grouped_latent_takes_one_seed_for_its_whole_batch_and_refuses_another_count(engine: Engine,
+                                                                                         tiny_models: Path) -> None:
+    def refine(seeds: list[int]) -> Graph:
+        graph = sampling_graph(tiny_models, controls=(), seed=[3, 5])
+        again = graph.add(Sampler(model=graph["sd"].model, positive=graph["positive"].conditioning,
+                                  latent=graph["sampler"].latent, seed=seeds, steps=2, strength=0.5), "refine")
+        graph.output("refined", graph.add(VAEDecode(vae=graph["sd"].vae, latent=again.latent), "decode2").image)
+        return graph
+
+    assert engine.run(refine([1])).outputs["refined"].shape[0] == 2  # one seed: the batch of both at once
+    assert engine.run(refine([1, 2])).outputs["refined"].shape[0] == 2  # a seed per group
+    with pytest.raises(NodeExecutionError) as caught:
+        engine.run(refine([1, 2, 4]))
+    assert caught.value.node == "refine" and "give 2 seeds" in str(caught.value)
