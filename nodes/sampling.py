@@ -74,7 +74,9 @@ class Sampler(Node):
         Input("seed", INT, "Noise seed: the same seed and settings give the same image, and the same as diffusers "
               "with generator=torch.Generator('cpu').manual_seed(seed). A list of seeds samples one image per seed "
               "(times the batch), each on its own, so each equals the diffusers call with that seed; VAEDecode "
-              "decodes them one at a time too.", default=0, min=0, max=2**64 - 1, list=True),
+              "decodes them one at a time too. A latent from such a Sampler (also through LatentUpscale) pairs its "
+              "seeds' images with as many seeds here; any other latent, an encoded image batch too, is sampled "
+              "whole once per seed.", default=0, min=0, max=2**64 - 1, list=True),
         Input("steps", INT, "Denoising steps of the full schedule.", default=30, min=1, max=1000),
         Input("cfg", FLOAT, "Classifier-free guidance scale; 1 or less turns guidance (and the negative) off.",
               default=7.5, min=0.0, max=100.0),
