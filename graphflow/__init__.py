@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from graphflow.batches import Batch, expand
     from graphflow.builder import Graph
     from graphflow.compiled import CompiledGraph, Link
     from graphflow.document import dumps, load_document, parse_document, save_document
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from graphflow.registry import NodeRegistry, default_registry
 
 _HOMES = {
+    "Batch": "batches", "expand": "batches",
     "Graph": "builder", "CompiledGraph": "compiled", "Link": "compiled", "dumps": "document",
     "load_document": "document", "parse_document": "document", "save_document": "document", "Engine": "engine",
     "RunResult": "engine", "Cancelled": "errors", "Code": "errors", "GraphError": "errors",
@@ -28,9 +30,10 @@ _HOMES = {
     "default_registry": "registry",
 }
 __all__ = [
-    "CancelToken", "Cancelled", "Code", "CompiledGraph", "Engine", "Graph", "GraphError", "GraphflowError", "Input",
+    "Batch", "CancelToken", "Cancelled", "Code", "CompiledGraph", "Engine", "Graph", "GraphError", "GraphflowError",
+    "Input",
     "Link", "Node", "NodeExecutionError", "NodeRegistry", "Output", "RunResult", "ValidationError",
-    "default_registry", "dumps", "load_document", "parse_document", "save_document",
+    "default_registry", "dumps", "expand", "load_document", "parse_document", "save_document",
 ]
 __version__ = "0.1.0"
 
