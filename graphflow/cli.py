@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     from graphflow.training.cli import add_train_controlnet
 
     add_train_controlnet(commands)
+    from graphflow.sweep_cli import add_sweep
+
+    add_sweep(commands)
     return parser
 
 
