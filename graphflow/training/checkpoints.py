@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ FORMAT = 1
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _STAGING = re.compile(r"\.(checkpoint-\d+|controlnet)\..+\.tmp")
 _LOCK_FILE = ".train-controlnet.lock"
+_MOMENTS = ("step", "exp_avg", "exp_avg_sq")  # what AdamW keeps per parameter
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,22 @@ def checkpoints(folder: Path) -> dict[int, Path]:
     found = {int(match[1]): entry for entry in folder.iterdir()
              if (match := _CHECKPOINT.fullmatch(entry.name)) and (entry / STATE_FILE).is_file()}
     return dict(sorted(found.items()))
+
+
+def files_outside(checkpoint: Path, roots: tuple[Path, ...]) -> list[Path]:
+    """The paths of `checkpoint` a resumed run reads that lead outside `roots` (through a symlink, say)."""
+    controlnet = checkpoint / CONTROLNET
+    paths = [checkpoint, checkpoint / STATE_FILE, checkpoint / OPTIMIZER_FILE, controlnet,
+             *(sorted(controlnet.iterdir()) if controlnet.is_dir() else ())]
+
+    def inside(path: Path) -> bool:
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+            return False
+        return any(resolved.is_relative_to(root) for root in roots)
+
+    return [path for path in paths if not inside(path)]
 
 
 def write_directory(parent: Path, name: str, write: Callable[[Path], None]) -> Path:
@@ -147,7 +165,11 @@ def save_checkpoint(out: Path, step: int, controlnet: Any, optimizer: Any, state
     path = write_directory(out, f"checkpoint-{step}", write)
     if keep is not None:
         for old in list(checkpoints(out).values())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # out of sight first: a run killed while deleting must not leave a half checkpoint that looks whole
+            doomed = Path(tempfile.mkdtemp(prefix=f".{old.name}.", suffix=".tmp", dir=out))
+            with contextlib.suppress(OSError):
+                os.replace(old, doomed / old.name)
+            shutil.rmtree(doomed, ignore_errors=True)
     return path
 
 
@@ -161,24 +183,97 @@ def read_state(checkpoint: Path) -> TrainingState:
     fields = ("step", "losses", "fixed", "optimizer", "scaler", "config")
     if not isinstance(record, dict) or record.get("format") != FORMAT or any(key not in record for key in fields):
         raise TrainingError(f"{path} is not a graphflow training state of format {FORMAT}")
+    problems = _state_problems(record)
+    if problems:
+        raise TrainingError(f"{path} is not a usable training state: {'; '.join(problems)}")
     return TrainingState(*(record[key] for key in fields))
 
 
-def load_optimizer_state(checkpoint: Path, state: TrainingState) -> dict[str, Any]:
-    """The optimizer state_dict saved in `checkpoint`, tensors on the CPU."""
+def _state_problems(record: dict[str, Any]) -> list[str]:
+    """What is wrong with the fields of a training state read from JSON (a crafted or damaged file)."""
+    step, losses, optimizer, scaler = record["step"], record["losses"], record["optimizer"], record["scaler"]
+    problems = []
+    step_ok = isinstance(step, int) and not isinstance(step, bool) and step >= 1
+    if not step_ok:
+        problems.append(f"step must be a whole number of at least 1, found {_shown(step)}")
+    if not (isinstance(losses, list) and all(map(_finite, losses)) and (not step_ok or len(losses) == step)):
+        problems.append(f"losses must be a list of one finite number per step, found {_shown(losses)}")
+    problems += [f"{name} must be an object, found {_shown(record[name])}" for name in ("fixed", "config")
+                 if not isinstance(record[name], dict)]
+    entries = optimizer.get("state") if isinstance(optimizer, dict) else None
+    if not (isinstance(entries, dict) and all(index.isdecimal() and isinstance(entry, dict)
+                                              for index, entry in entries.items())):
+        problems.append(f"optimizer must be an object whose state maps parameter numbers to objects, found "
+                        f"{_shown(optimizer)}")
+    if not (scaler is None or (isinstance(scaler, dict) and all(map(_finite, scaler.values())))):
+        problems.append(f"scaler must be null or an object of numbers, found {_shown(scaler)}")
+    return problems
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def load_optimizer_state(checkpoint: Path, state: TrainingState, optimizer: Any) -> dict[str, Any]:
+    """The state_dict for `optimizer` with the moments saved in `checkpoint` (tensors on the CPU); its settings
+    (param_groups) stay `optimizer`'s own, so a checkpoint cannot switch on amsgrad or maximize."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    file = checkpoint / OPTIMIZER_FILE
     try:
-        tensors = load_file(str(checkpoint / OPTIMIZER_FILE))
+        tensors = load_file(str(file))
     except (OSError, SafetensorError) as error:
-        raise TrainingError(f"cannot read the optimizer state {checkpoint / OPTIMIZER_FILE}: {error}") from None
-    plain = state.optimizer
-    values: dict[int, dict[str, Any]] = {int(index): dict(entry) for index, entry in plain["state"].items()}
+        raise TrainingError(f"cannot read the optimizer state {file}: {error}") from None
+    values: dict[int, dict[str, Any]] = {int(index): dict(entry) for index, entry in state.optimizer["state"].items()}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
+        index, _, key = name.partition(".")
+        if not index.isdecimal() or not key:
+            raise TrainingError(f"the optimizer state {file} holds a tensor named {name!r}; expected PARAM.KEY")
         values.setdefault(int(index), {})[key] = tensor
-    return {"state": values, "param_groups": plain["param_groups"]}
+    current = optimizer.state_dict()
+    shapes = {index: parameter.shape for saved, group in zip(current["param_groups"], optimizer.param_groups,
+                                                              strict=True)
+              for index, parameter in zip(saved["params"], group["params"], strict=True)}
+    for index, entry in values.items():
+        problem = _moment_problem(entry, shapes.get(index))
+        if problem:
+            raise TrainingError(f"the optimizer state {file} does not fit this ControlNet: parameter {index} {problem}")
+    return {"state": values, "param_groups": current["param_groups"]}
+
+
+def _moment_problem(entry: dict[str, Any], shape: Any) -> str | None:
+    """What is wrong with one parameter's AdamW state (step, exp_avg, exp_avg_sq), or None."""
+    import torch
+
+    if shape is None:
+        return "does not exist"
+    if set(entry) != set(_MOMENTS):
+        return f"has {', '.join(sorted(entry)) or 'nothing'}; expected {', '.join(_MOMENTS)}"
+    for key in _MOMENTS:
+        value = entry[key]
+        expected = torch.Size([]) if key == "step" else shape
+        found = value.shape if isinstance(value, torch.Tensor) else None
+        if found != expected or not value.is_floating_point():
+            return f"{key} is {_described(value)}; expected a float tensor of shape {list(expected)}"
+    return None
+
+
+def _described(value: Any) -> str:
+    import torch
+
+    return f"a {value.dtype} tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else \
+        f"{type(value).__name__} {value!r}"
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -27,6 +27,7 @@ from graphflow.training.checkpoints import (
     OutputLock,
     TrainingState,
     checkpoints,
+    files_outside,
     load_optimizer_state,
     read_state,
     save_checkpoint,
@@ -114,12 +115,13 @@ class _Trainer:
 
     def _restore(self, state: TrainingState, checkpoint: Path) -> None:
         """The optimizer's moments (and the fp16 loss scale) from `checkpoint`; its settings stay the config's."""
-        self.optimizer.load_state_dict(load_optimizer_state(checkpoint, state))
-        config = self.config
-        for group in self.optimizer.param_groups:
-            group.update(betas=config.adam_betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        self.optimizer.load_state_dict(load_optimizer_state(checkpoint, state, self.optimizer))
         if self.accelerator.scaler is not None and state.scaler:
-            self.accelerator.scaler.load_state_dict(state.scaler)
+            try:
+                self.accelerator.scaler.load_state_dict(state.scaler)
+            except (KeyError, RuntimeError) as error:
+                raise TrainingError(f"cannot resume from {checkpoint}: its loss scaler state is not usable "
+                                    f"({error!r})") from None
 
     def run(self, on_step: Callable[[StepReport], None] | None) -> TrainResult:
         from tqdm.auto import tqdm
@@ -233,13 +235,14 @@ def _resume_point(config: TrainConfig, paths: PathPolicy) -> Path | None:
     given (inside the output or an input directory); refuses to start afresh over checkpoints of another run."""
     out = paths.output_root
     found = checkpoints(out)
-    if config.resume is True:
-        return found[max(found)] if found else None
-    if isinstance(config.resume, Path):
-        checkpoint = config.resume.resolve()
-        if not any(checkpoint.is_relative_to(root) for root in (out, *paths.input_roots)):
-            raise TrainingError(f"cannot resume from {checkpoint}: it is outside the output directory {out} and the "
-                                "input directories")
+    if config.resume is True and not found:
+        return None
+    if config.resume is not False:
+        checkpoint = found[max(found)] if config.resume is True else Path(config.resume).resolve()
+        outside = files_outside(checkpoint, (out, *paths.input_roots))
+        if outside:
+            raise TrainingError(f"cannot resume from {checkpoint}: {', '.join(map(str, outside))} leads outside the "
+                                f"output directory {out} and the input directories")
         if not (checkpoint / "training_state.json").is_file():
             raise TrainingError(f"cannot resume from {checkpoint}: it is not a training checkpoint folder")
         return checkpoint
@@ -285,8 +288,13 @@ def _controlnet(config: TrainConfig, unet: Any, checkpoint: Path | None) -> Any:
     from graphflow.models.loading import quiet_progress
 
     if checkpoint is not None:
-        with quiet_progress():
-            return ControlNetModel.from_pretrained(checkpoint / CONTROLNET, use_safetensors=True)
+        from safetensors import SafetensorError
+
+        try:
+            with quiet_progress():
+                return ControlNetModel.from_pretrained(checkpoint / CONTROLNET, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, damaged or mismatched files
+            raise TrainingError(f"cannot resume from {checkpoint}: its ControlNet does not load: {error}") from None
     extra = {} if config.conditioning_channels is None else \
         {"conditioning_embedding_out_channels": tuple(config.conditioning_channels)}
     # building a model draws from torch's global generator: put it back, and give the random part its own seed

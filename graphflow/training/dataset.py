@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphflow.errors import ValidationError
-from graphflow.paths import PathPolicy
+from graphflow.paths import PathError, PathPolicy
 from graphflow.training.config import TrainingError
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def _read_folder(folder: Path, paths: PathPolicy, with_controls: bool) -> list[T
         raise TrainingError(f"the dataset folder {folder} has mismatched examples: {'; '.join(problems)}")
     return [Triple(paths.input_path(str(images[name]), input="data"),
                    paths.input_path(str(controls[name]), input="data") if with_controls else None,
-                   _read_prompt(folder / "images" / f"{name}.txt"))
+                   _read_prompt(paths.input_path(str(folder / "images" / f"{name}.txt"), input="data")))
             for name in sorted(images)]
 
 
@@ -141,9 +141,10 @@ def _record(file: Path, number: int, line: str, columns: tuple[str, ...]) -> dic
 
 def _member(file: Path, relative: str, paths: PathPolicy, where: str) -> Path:
     path = Path(relative) if Path(relative).is_absolute() else file.parent / relative
-    if not path.is_file():
-        raise TrainingError(f"{where} names {relative!r}, but there is no such file: {path}")
-    return paths.input_path(str(path), input="data")
+    try:  # the roots are checked before the file's existence, so nothing is learnt of files outside them
+        return paths.input_path(str(path), input="data")
+    except PathError as error:
+        raise TrainingError(f"{where} names {relative!r}: {error}") from None
 
 
 class ControlTemplate:
