@@ -1,0 +1,93 @@
+"""What one `graphflow serve` process is configured with, and the templates it offers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphflow.document import load_document
+from graphflow.errors import GraphflowError
+from graphflow.node import REQUIRED
+from graphflow.templates import parse_params
+
+# run options a job may set for itself; the device, pixel limits and compile settings are the server's
+JOB_OPTIONS = ("dtype", "vae_tiling", "vae_tile_size", "vae_slicing", "attention_slicing", "swap_controlnets")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The data folder, the template folder, the input roots and the engines' settings."""
+
+    data: Path
+    graphs: Path
+    input_dirs: tuple[Path, ...] = ()
+    workers: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # the engines' run options (device, dtype, memory, ...)
+    cache_bytes: int = 2 << 30
+    model_memory_bytes: int | None = None
+    offload: str = "none"
+    plugins: tuple[str, ...] = ()
+    requeue: bool = False
+    upload_bytes: int = 32 << 20
+    upload_pixels: int = 8192 * 8192
+    body_bytes: int = 4 << 20  # every request but uploads
+
+    @property
+    def uploads(self) -> Path:
+        return self.data / "uploads"
+
+    @property
+    def results(self) -> Path:
+        return self.data / "results"
+
+    @property
+    def outputs(self) -> Path:
+        return self.data / "outputs"
+
+    @property
+    def database(self) -> Path:
+        return self.data / "queue.db"
+
+    def input_roots(self) -> list[Path]:
+        """Where documents may read files: the --input-dir folders (the first resolves relative paths), the upload
+        folder and the template folder."""
+        return [*self.input_dirs, self.uploads, self.graphs]
+
+    def prepare(self) -> None:
+        for folder in (self.data, self.uploads, self.results, self.outputs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """One template the service offers: its name (the file name without .json), file, description and params."""
+
+    name: str
+    path: Path
+    description: str
+    params: dict[str, dict[str, Any]]
+
+
+def list_templates(graphs: Path) -> dict[str, TemplateInfo]:
+    """The documents directly in `graphs`, by name; a file that is not a valid document is left out."""
+    found: dict[str, TemplateInfo] = {}
+    for path in sorted(graphs.glob("*.json")):
+        try:
+            document = load_document(path)
+        except (GraphflowError, OSError, json.JSONDecodeError):
+            continue
+        specs, _ = parse_params(document)
+        description = document.get("description", "")
+        found[path.stem] = TemplateInfo(path.stem, path, description if isinstance(description, str) else "",
+                                        {name: _param_json(spec) for name, spec in specs.items()})
+    return found
+
+
+def _param_json(spec: Any) -> dict[str, Any]:
+    described: dict[str, Any] = {"type": spec.type, "list": spec.list, "description": spec.description,
+                                 "required": spec.default is REQUIRED}
+    extras = {"default": None if spec.default is REQUIRED else spec.default, "min": spec.min, "max": spec.max,
+              "choices": list(spec.choices) if spec.choices is not None else None}
+    return described | {key: value for key, value in extras.items() if value is not None}
