@@ -9,6 +9,7 @@ each job writes into, named from its index and varied params so the params can b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -94,12 +95,14 @@ def sweep_batch(document: dict[str, Any], *, grid: Sequence[str] = (), zips: Seq
             continue
         if name in values:
             errors.append(_error(f"param '{name}' is given twice with --grid", name, "one --grid per param", text))
+            continue
         values[name] = parsed
-    try:
-        fixed_values = parse_assignments(document, list(fixed))
-    except ValidationError as error:
-        errors.extend(error.errors)
-        fixed_values = {}
+    fixed_values: dict[str, Any] = {}
+    for assignment in fixed:  # one at a time: the values that can be read are checked against the grids too
+        try:
+            fixed_values.update(parse_assignments(document, [assignment]))
+        except ValidationError as error:
+            errors.extend(error.errors)
     zipped, zip_errors = _zip_groups(zips, values, unread)
     errors.extend(zip_errors)
     in_zips = {name for group in zipped for name in group}
@@ -107,10 +110,22 @@ def sweep_batch(document: dict[str, Any], *, grid: Sequence[str] = (), zips: Seq
     groups += [{name: parsed} for name, parsed in values.items() if name not in in_zips]
     batch = Batch(tuple(group for group in groups if group), repeat, fixed_values)
     errors.extend(batch_errors(batch))
-    errors.extend(param_errors(batch, document))
+    errors.extend(_summarised(param_errors(batch, document)))
     if errors:
         raise ValidationError(errors)
     return batch
+
+
+def _summarised(errors: list[GraphError]) -> list[GraphError]:
+    """`errors` with those of one grid's values alike (`a=0..200` past a max of 100) told once, with a count."""
+    kept: dict[tuple[str, str], tuple[GraphError, int]] = {}
+    for error in errors:
+        place = (error.code, re.sub(r"\[\d+\]$", "", error.input or ""))
+        first, count = kept.get(place, (error, 0))
+        kept[place] = (first, count + 1)
+    return [error if count == 1 else dataclasses.replace(error, message=f"{error.message} (and {count - 1} more "
+                                                          "values of this grid alike)")
+            for error, count in kept.values()]
 
 
 def _zip_groups(zips: Sequence[str], values: Mapping[str, list[Any]],
@@ -171,7 +186,8 @@ def read_job_folder(folder: str, specs: Mapping[str, Input], names: Sequence[str
             raise ValueError(f"{folder!r} has no value for param '{name}' where expected")
         rest = rest[len(prefix):]
         following = f"_{names[position + 1]}=" if position + 1 < len(names) else None
-        text, rest = (rest.split(following, 1) if following and following in rest else (rest, ""))
+        text, _, rest = rest.partition(following) if following else (rest, "", "")
+        rest = following[1:] + rest if following else rest
         if _SHORTENED.search(text):
             raise ValueError(f"the value of '{name}' was shortened in the folder name; sweep.json has it")
         values[name] = _decoded(specs[name], unquote_plus(text))
