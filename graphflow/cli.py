@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     from graphflow.sweep_cli import add_sweep
 
     add_sweep(commands)
+    from graphflow.service.cli import add_serve
+
+    add_serve(commands)
     return parser
 
 
