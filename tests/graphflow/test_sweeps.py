@@ -143,6 +143,19 @@ def test_image_outputs_are_written_per_job_and_shown_on_a_contact_sheet(tmp_path
     assert sheet.size == (columns * (MIN_CELL_WIDTH + 2 * PADDING), rows * (tallest + LINE_HEIGHT + 3 * PADDING))
 
 
+def test_an_interrupted_sweep_keeps_the_finished_jobs_and_lists_them(arithmetic: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def interrupt_after_two(record: object) -> None:
+        if len(list(out.iterdir())) and json.loads((out / "sweep.json").read_text())["jobs"][1:]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(arithmetic, Batch(groups=({"a": [1, 2, 3, 4]},)), out, on_job=interrupt_after_two)
+    summary = json.loads((out / "sweep.json").read_text())
+    assert not summary["complete"] and [job["params"] for job in summary["jobs"]] == [{"a": 1}, {"a": 2}]
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "graphflow.cli", "sweep", *args, "--quiet"], capture_output=True,
                           text=True, cwd=cwd, check=False)
@@ -183,6 +196,7 @@ def test_an_sd_sweep_runs_shared_nodes_once_and_each_image_is_a_single_run(
         assert record.files == [f"{record.job.folder}/controlnet_canny_00000.png"]
         alone = single.run(CANNY, record.job.params)
         assert np.array_equal(np.asarray(Image.open(out / record.files[0])), np.asarray(Image.open(alone.files[0])))
-    assert not list(out.glob("*.png"))[1:]  # only the contact sheet at the top: every job's file is in its folder
+    # every job's file is in its folder, none left where SaveImage wrote it
+    assert sorted(path.name for path in out.iterdir() if path.is_file()) == ["contact_sheet.png", "sweep.json"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size == (2 * (MIN_CELL_WIDTH + 2 * PADDING), 2 * (48 + LINE_HEIGHT + 3 * PADDING))
