@@ -86,11 +86,11 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
     progress: SweepProgress | None = None
     finished: list[JobRecord] = []
     try:
-        batch = sweep_batch(load_document(args.graph), grid=args.grid, zips=args.zip, fixed=args.assignments,
-                            repeat=args.repeat)
         engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
                         options={"device": args.device, "dtype": args.dtype})
         backend = make_backend(args.backend, address=args.address, engine=engine)
+        batch = sweep_batch(load_document(args.graph), grid=args.grid, zips=args.zip, fixed=args.assignments,
+                            repeat=args.repeat)
         progress = bar = SweepProgress(batch.size(), not args.quiet)
 
         def on_job(record: JobRecord) -> None:

@@ -61,6 +61,7 @@ class JobRecord:
 class SweepResult:
     """What a sweep produced, job by job in index order; `complete` is False when it stopped early."""
 
+    template: Path
     out: Path
     varied: list[str]
     total: int
@@ -69,7 +70,7 @@ class SweepResult:
     contact_sheet: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"varied": self.varied, "total": self.total, "complete": self.complete,
+        return {"template": str(self.template), "varied": self.varied, "total": self.total, "complete": self.complete,
                 "contact_sheet": CONTACT_SHEET if self.contact_sheet else None,
                 "jobs": [record.to_json() for record in sorted(self.jobs, key=lambda r: r.job.index)]}
 
@@ -188,7 +189,7 @@ def run_sweep(template: str | Path, batch: Batch, out: str | Path, *, engine: En
         engine = engine if engine is not None else Engine(output_dir=out)
         backend = LocalBackend(engine, options)
     jobs = plan_sweep(template, batch, out, engine)
-    result = SweepResult(out, varied_names(batch), len(jobs))
+    result = SweepResult(Path(template), out, varied_names(batch), len(jobs))
     out.mkdir(parents=True, exist_ok=True)
     try:
         for record in backend.run(Path(template), jobs, out, on_event=on_event, cancel=cancel or CancelToken()):
