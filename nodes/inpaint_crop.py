@@ -17,6 +17,7 @@ from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
 from graphflow.types import IMAGE, INT, MASK
+from nodes.latents import check_size
 from nodes.mask import check_batches, check_same_size
 
 if TYPE_CHECKING:
@@ -69,8 +70,9 @@ def _scaled(picture: Image.Image, width: int, height: int, cover: bool) -> tuple
 
     ratio, own_ratio = width / height, picture.width / picture.height
     width_bound = ratio > own_ratio if cover else ratio < own_ratio
-    fit_width = width if width_bound else picture.width * height // picture.height
-    fit_height = picture.height * width // picture.width if width_bound else height
+    # at least a pixel: a strip far flatter than the output (9x1 into 8x8) would round to no rows, where diffusers fails
+    fit_width = width if width_bound else max(1, picture.width * height // picture.height)
+    fit_height = max(1, picture.height * width // picture.width) if width_bound else height
     resized = picture.resize((fit_width, fit_height), resample=Image.Resampling.LANCZOS)
     return resized, width // 2 - fit_width // 2, height // 2 - fit_height // 2
 
@@ -179,6 +181,8 @@ class InpaintCrop(Node):
         height = height or rows - rows % _SIZE_MULTIPLE
         if width == 0 or height == 0:
             raise NodeInputError(f"the image is {columns}x{rows}, under 8 pixels on a side; set width and height")
+        check_size(width, height, "the output size", " (whole latents, for VAEEncode); set InpaintCrop's width and "
+                   "height so, or 0 for the image's size rounded down")
         region = crop_region(_mask_union(mask), width, height, padding)
         crops = {name: _batch([fill_resize(picture.crop(region), width, height) for picture in _pictures(batch)])
                  for name, batch in (("image", image), ("mask", mask))}
