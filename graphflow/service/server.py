@@ -38,4 +38,5 @@ def serve(config: ServiceConfig, *, host: str, port: int, no_auth: bool, cors_or
     app = create_app(config, token=token, cors_origins=cors_origins)
     print(f"graphflow serve: http://{host}:{port}/api (OpenAPI at /openapi.json); {config.workers} worker"
           f"{'s' if config.workers != 1 else ''}; data in {config.data}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # open event streams would hold a graceful shutdown forever: they get a few seconds, then are closed
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=3)

@@ -124,7 +124,11 @@ class Worker:
             files = (self.store.summary(summary) or {}).get("files", [])
             self.queue.finish(job.id, COMPLETED, result=summary, data={"files": files, "seconds": result.seconds})
         except Cancelled:
-            self.queue.finish(job.id, CANCELLED, data={"while": "running"})
+            if self._stopping.is_set() and not self.queue.cancel_requested(job.id):  # the server stops, not the user
+                self.queue.finish(job.id, FAILED, error={"message": "the server was stopped while the job ran; "
+                                                         "submit it again", "errors": []})
+            else:
+                self.queue.finish(job.id, CANCELLED, data={"while": "running"})
         except (GraphflowError, OSError) as error:
             status = CANCELLED if token.cancelled else FAILED
             self.queue.finish(job.id, status, error=None if status == CANCELLED else error_json(error))

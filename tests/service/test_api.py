@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import stat
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from tests.service.server import Server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("serve"), tiny_models, "--max-image-pixels", "100000").start()
+    running = Server(tmp_path_factory.mktemp("serve"), tiny_models, "--max-image-pixels", "100000",
+                     "--cors-origin", "http://allowed.example").start()
     yield running
     running.stop()
 
@@ -40,6 +42,33 @@ def test_every_route_but_health_needs_the_token_kept_with_mode_0600(server: Serv
     assert stat.S_IMODE((server.data / "token").stat().st_mode) == 0o600
     paths = server.client.get("/openapi.json").json()["paths"]
     assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/images"} <= set(paths)
+
+
+def test_cors_answers_only_the_listed_origins(server: Server) -> None:
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(f"{server.url}/api/jobs", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+
+    assert preflight("http://allowed.example").headers["access-control-allow-origin"] == "http://allowed.example"
+    refused = preflight("http://evil.example")
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+
+
+def test_the_queue_stream_carries_every_job_from_an_event_id(server: Server) -> None:
+    start = server.events(server.submit(template="arithmetic")["id"])[-1]["id"]
+    ids = server.submit(document=arithmetic(), batch={"groups": [{"a": [3, 4]}]})["ids"]
+    finished: list[str] = []
+    with server.client.stream("GET", "/api/events", headers={"Last-Event-ID": str(start)}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert event["job"] in ids
+                if event["kind"] == "job_completed":
+                    finished.append(event["job"])
+                if len(finished) == 2:
+                    break
+    assert finished == ids
 
 
 def test_templates_are_listed_with_their_params(server: Server) -> None:
