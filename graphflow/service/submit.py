@@ -86,14 +86,19 @@ def _param_sets(document: dict[str, Any], params: dict[str, Any] | None,
 
 
 def _path_errors(engine: Any, compiled: Any) -> list[GraphError]:
-    """The file inputs' literal paths checked against the engine's input roots now, not when the job runs."""
+    """The literal paths of file inputs (inside the input roots) and of output paths (under the output folder)
+    checked now, not when the job runs."""
     errors = []
     for node in compiled.nodes.values():
         for spec in node.node_type.inputs:
             value = node.inputs.get(spec.name)
-            if spec.file and isinstance(value, str):
-                try:
+            if not isinstance(value, str) or not (spec.file or spec.output_path):
+                continue
+            try:
+                if spec.file:
                     engine.paths.input_path(value, node=node.id, input=spec.name, directory=True)
-                except PathError as error:
-                    errors.append(error.error)
+                else:
+                    engine.paths.output_path(value, node=node.id, input=spec.name)
+            except PathError as error:
+                errors.append(error.error)
     return errors

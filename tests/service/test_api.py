@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.graphs import arithmetic
+from tests.service.graphs import arithmetic, tiny_sd
 from tests.service.server import Server
 
 
@@ -137,6 +137,10 @@ def test_inline_documents_cannot_read_outside_the_input_roots(server: Server, pa
     response = server.client.post("/api/jobs", json={"document": document})
     assert response.status_code == 422
     assert [error["code"] for error in response.json()["errors"]] in (["path_outside_root"], ["file_not_found"])
+    saving = tiny_sd()
+    saving["nodes"]["save"]["inputs"]["prefix"] = "../../../escaped"
+    [escape] = server.client.post("/api/jobs", json={"document": saving}).json()["errors"]
+    assert (escape["code"], escape["node"], escape["input"]) == ("path_outside_root", "save", "prefix")
     nested = {"graphflow": 1, "nodes": {"t": {"template": "/etc/passwd"}}, "outputs": {}}
     assert server.client.post("/api/jobs", json={"document": nested}).json()["errors"][0]["code"] \
         == "path_outside_root"
