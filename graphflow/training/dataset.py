@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _SHOWN = 5  # names listed in an error about many files
+# the modes whose convert("RGB") keeps every colour (16-bit grey and float pixels would be clipped to 0..255)
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "La"})
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,9 @@ def _open(path: Path) -> Image.Image:
 
     try:
         with Image.open(path) as picture:
+            if picture.mode not in _EIGHT_BIT_MODES:  # Pillow's convert("RGB") would clip them, not scale them
+                raise TrainingError(f"the image {path} has {picture.mode} pixels (16-bit or float); training reads "
+                                    "8-bit images: save it as 8-bit RGB or grey")
             return ImageOps.exif_transpose(picture).convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise TrainingError(f"cannot read the image {path}: {error}") from error

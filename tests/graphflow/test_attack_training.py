@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -379,3 +380,30 @@ def test_a_second_process_into_the_same_output_folder_exits_with_an_error(tiny_m
     first.communicate(timeout=60)
     assert second.returncode == 1 and "another training run is writing into" in error
 
+
+
+@pytest.mark.parametrize(("name", "pixels"), [("16-bit grey", np.full((SIZE, SIZE), 40000, np.uint16)),
+                                              ("float", np.full((SIZE, SIZE), 0.5, np.float32))])
+def test_a_16_bit_or_float_image_is_refused_rather_than_clipped(tiny_models: Path, data: Path, tmp_path: Path,
+                                                                name: str, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    (data / "images" / "1.png").unlink()
+    Image.fromarray(pixels).save(data / "images" / "1.tiff")
+    (data / "conditioning" / "1.png").rename(data / "conditioning" / "1.tiff")
+    with pytest.raises(TrainingError, match=r"1\.tiff has .* pixels \(16-bit or float\); .* save it as 8-bit"):
+        train_controlnet(config(tiny_models, data, tmp_path / "out"))
+
+
+def test_8_bit_modes_are_read_as_rgb(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from graphflow.training.dataset import TrainingSamples, Triple
+
+    pictures = {"grey.png": Image.new("L", (8, 8), 200), "palette.png": Image.new("P", (8, 8)),
+                "cmyk.jpg": Image.new("CMYK", (8, 8)), "alpha.png": Image.new("LA", (8, 8), (200, 10))}
+    for name, picture in pictures.items():
+        picture.save(tmp_path / name)
+    samples = TrainingSamples([Triple(tmp_path / name, tmp_path / name, "") for name in pictures], 8)
+    batch = samples.batch(list(range(len(pictures))))
+    assert batch.controls.shape == (4, 3, 8, 8) and abs(float(batch.controls[0].max()) - 200 / 255) < 1e-6
