@@ -66,7 +66,11 @@ class OutputLock:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._handle = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: O_CREAT would make the file it points to, wherever that is
+            self._handle = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            raise TrainingError(f"cannot lock the output folder {folder}: {folder / _LOCK_FILE} cannot be opened "
+                                f"({error.strerror or error}); remove it if it is a symlink") from None
         if fcntl is None:
             return
         try:

@@ -407,3 +407,22 @@ def test_8_bit_modes_are_read_as_rgb(tmp_path: Path) -> None:
     samples = TrainingSamples([Triple(tmp_path / name, tmp_path / name, "") for name in pictures], 8)
     batch = samples.batch(list(range(len(pictures))))
     assert batch.controls.shape == (4, 3, 8, 8) and abs(float(batch.controls[0].max()) - 200 / 255) < 1e-6
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_creates_nothing_where_it_points(
+        tiny_models: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".train-controlnet.lock").symlink_to(tmp_path / "secret" / "created")
+    with pytest.raises(TrainingError, match=r"cannot lock the output folder .* symlink"):
+        train_controlnet(config(tiny_models, data, out))
+    assert not (tmp_path / "secret" / "created").exists()
+
+
+@pytest.mark.parametrize("folder", ["images", "conditioning"])
+def test_a_dataset_subfolder_symlinked_outside_is_refused(tiny_models: Path, data: Path, tmp_path: Path,
+                                                          folder: str) -> None:
+    (data / folder).rename(tmp_path / "secret" / folder)
+    (data / folder).symlink_to(tmp_path / "secret" / folder)
+    with pytest.raises(PathError, match=OUTSIDE):
+        train_controlnet(config(tiny_models, data, tmp_path / "out"))
