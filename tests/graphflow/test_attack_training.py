@@ -369,7 +369,7 @@ def test_a_second_run_into_the_same_output_folder_is_refused_while_the_first_wri
 
 def test_a_second_process_into_the_same_output_folder_exits_with_an_error(tiny_models: Path, data: Path,
                                                                           tmp_path: Path) -> None:
-    settings = config(tiny_models, data, tmp_path / "out", steps=200)
+    settings = config(tiny_models, data, tmp_path / "out", steps=5000)  # killed long before its end
     first = run_cli(None, settings)
     deadline = time.monotonic() + 300
     while not checkpoints(settings.out) and first.poll() is None and time.monotonic() < deadline:
