@@ -69,3 +69,31 @@ def test_cancelling_a_running_job_stops_it_at_a_step_and_the_next_job_runs(
     assert max(steps) < 100
     assert wait_for(queue, after, (COMPLETED, FAILED)) == COMPLETED
     assert pool.workers[0].held_models() == {"tiny:sd15"}
+
+
+def test_a_failing_node_fails_its_job_with_the_node_named_and_the_worker_goes_on(
+        service: tuple[JobQueue, WorkerPool]) -> None:
+    queue, pool = service
+    broken = arithmetic()
+    broken["nodes"]["sum"]["inputs"].update(op="div", b=0)
+    failing, fine = queue.submit([NewJob(broken, {}, {}), NewJob(arithmetic(), {}, {})])
+    pool.notify()
+    assert wait_for(queue, failing, (COMPLETED, FAILED)) == FAILED
+    error = queue.get(failing).error  # type: ignore[union-attr]
+    assert error is not None and error["node"] == "sum" and "division by zero" in error["message"]
+    assert [event.kind for event in queue.events(job_id=failing)][-2:] == ["node_failed", "job_failed"]
+    assert wait_for(queue, fine, (COMPLETED, FAILED)) == COMPLETED
+
+
+def test_stopping_the_server_mid_job_fails_the_job_rather_than_calling_it_cancelled(
+        service: tuple[JobQueue, WorkerPool]) -> None:
+    queue, pool = service
+    [slow] = queue.submit([NewJob(tiny_sd(steps=100), {}, {})])
+    pool.notify()
+    deadline = time.monotonic() + 30
+    while not any(event.kind == "node_progress" for event in queue.events(job_id=slow)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    pool.stop()
+    job = queue.get(slow)
+    assert job is not None and job.status == FAILED and "stopped" in job.error["message"]  # type: ignore[index]
