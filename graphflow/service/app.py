@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from graphflow.registry import default_registry
@@ -89,6 +90,14 @@ def create_app(config: ServiceConfig, *, token: str | None, cors_origins: tuple[
                   lifespan=lifespan, responses={422: {"model": Problem}})
     app.state.service = service
     app.include_router(_routes(service))
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [{"code": "invalid_request", "message": item.get("msg", ""), "node": None,
+                     "input": ".".join(str(part) for part in item.get("loc", ())), "expected": item.get("type", ""),
+                     "found": repr(item.get("input"))[:200]} for item in error.errors()]
+        return JSONResponse(Problem(message="the request does not have the shape the API takes (see /openapi.json)",
+                                    errors=problems).model_dump(), status_code=422)
 
     @app.exception_handler(SubmitError)
     async def refused(request: Request, error: SubmitError) -> JSONResponse:

@@ -18,6 +18,7 @@ from graphflow.atomic import atomic_write
 
 _NAME = re.compile(r"[0-9a-f]{64}\.(png|json)")
 IMAGE = "IMAGE"
+_SUMMARIES_KEPT = 4096  # summaries held in memory for job listings
 
 
 class ResultStore:
@@ -26,6 +27,7 @@ class ResultStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._summaries: dict[str, dict[str, Any]] = {}  # name -> summary, oldest first
 
     def put(self, data: bytes, suffix: str) -> str:
         """Store `data` (once per content); its name, `<sha256>.<suffix>`."""
@@ -43,8 +45,17 @@ class ResultStore:
         return path if path.is_file() else None
 
     def summary(self, name: str) -> dict[str, Any] | None:
-        path = self.path(name)
-        return json.loads(path.read_text("utf-8")) if path is not None else None
+        """A stored summary, read once: a file named by its content never changes (treat it as read-only)."""
+        summary = self._summaries.get(name)
+        if summary is None:
+            path = self.path(name)
+            if path is None:
+                return None
+            summary = json.loads(path.read_text("utf-8"))
+            if len(self._summaries) >= _SUMMARIES_KEPT:
+                self._summaries.pop(next(iter(self._summaries)))
+            self._summaries[name] = summary
+        return summary
 
     def store_run(self, result: Any, output_types: Mapping[str, str]) -> str:
         """Store a RunResult: each IMAGE output as 8-bit PNGs, each PNG file output nodes wrote, and the summary;
