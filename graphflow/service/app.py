@@ -15,10 +15,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from graphflow.errors import ValidationError
 from graphflow.registry import default_registry
 from graphflow.service.config import ServiceConfig, list_templates
+from graphflow.service.graph_svg import graph_svg
 from graphflow.service.models import (
     Deleted,
     Health,
@@ -30,12 +32,13 @@ from graphflow.service.models import (
     TemplateView,
     Upload,
 )
+from graphflow.service.page import PAGE
 from graphflow.service.queue import FINAL_EVENTS, FINISHED_STATUSES, RUNNING, Job, JobQueue
 from graphflow.service.results import ResultStore
 from graphflow.service.security import BearerAuth, BodyLimit
 from graphflow.service.submit import SubmitError, prepare_jobs
 from graphflow.service.uploads import UploadError, store_upload
-from graphflow.service.worker import WorkerPool
+from graphflow.service.worker import WorkerPool, job_source
 
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 _SSE_POLL_S = 0.1
@@ -90,6 +93,10 @@ def create_app(config: ServiceConfig, *, token: str | None, cors_origins: tuple[
                   lifespan=lifespan, responses={422: {"model": Problem}})
     app.state.service = service
     app.include_router(_routes(service))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -182,6 +189,15 @@ def _routes(service: Service) -> APIRouter:
     @router.get("/events", response_class=StreamingResponse)
     async def all_events(request: Request, after: int | None = None) -> StreamingResponse:
         return _stream(request, queue, None, after)
+
+    @router.get("/jobs/{job_id}/graph.svg", response_class=Response)
+    def graph(job_id: str) -> Response:
+        job = existing(job_id)
+        try:
+            compiled = service.checker.compile(job_source(job, service.template_path), job.params)
+        except ValidationError as error:
+            raise HTTPException(409, f"the job's document no longer compiles: {error}") from None
+        return Response(graph_svg(compiled), media_type="image/svg+xml")
 
     @router.get("/files/{name}", response_class=FileResponse)
     def file(name: str) -> FileResponse:

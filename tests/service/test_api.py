@@ -7,7 +7,6 @@ import json
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,14 +16,6 @@ from PIL import Image
 
 from tests.service.graphs import arithmetic, tiny_sd
 from tests.service.server import Server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("serve"), tiny_models, "--max-image-pixels", "100000",
-                     "--cors-origin", "http://allowed.example").start()
-    yield running
-    running.stop()
 
 
 def png(width: int, height: int) -> bytes:
@@ -194,25 +185,3 @@ def test_no_auth_is_refused_on_a_host_other_than_loopback(tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--no-auth is refused" in done.stderr
     assert not (tmp_path / "d" / "token").exists()
-
-
-def test_after_kill_9_mid_job_a_restart_keeps_history_and_runs_the_pending_jobs(server: Server) -> None:
-    # last in this module: it kills the module's server and leaves the restarted one for the fixture to stop
-    token = (server.data / "token").read_text().strip()
-    done = server.wait(server.submit(template="arithmetic", params={"a": 4})["id"])
-    slow = server.submit(template="tiny_sd", params={"steps": 100})["id"]
-    pending = server.submit(document=arithmetic(), batch={"groups": [{"a": [10, 20]}]})["ids"]
-    server.wait_for_event(slow, "node_progress")
-    server.kill()
-    assert token in server.output  # printed at the first start
-    server.start()
-    assert (server.data / "token").read_text().strip() == token
-    history = {job["id"]: job for job in server.client.get("/api/jobs").json()["jobs"]}
-    assert history[done["id"]]["status"] == "completed"
-    assert server.client.get(history[done["id"]]["summary"]).json()["outputs"]["sum"]["value"] == 6.0
-    crashed = server.wait(slow)
-    assert crashed["status"] == "failed" and "stopped" in crashed["error"]["message"]
-    assert [server.wait(job_id)["status"] for job_id in pending] == ["completed", "completed"]
-    assert [event["kind"] for event in server.events(slow)][-1] == "job_failed"
-    server.stop()
-    assert server.output.count(token) == 1  # printed once, not at every start
