@@ -134,7 +134,8 @@ def _routes(service: Service) -> APIRouter:
 
     @router.get("/health", response_model=Health)
     def health() -> Health:
-        return Health(status="ok", workers=len(service.pool.workers), counts=queue.counts())
+        return Health(status="ok", workers=len(service.pool.workers),
+                      devices={worker.name: worker.device for worker in service.pool.workers}, counts=queue.counts())
 
     @router.get("/templates", response_model=list[TemplateView])
     def templates() -> list[TemplateView]:

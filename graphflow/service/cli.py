@@ -1,12 +1,14 @@
 """`graphflow serve`: the command-line face of graphflow.service, nothing more.
 
     graphflow serve [--host 127.0.0.1] [--port 8188] [--data DIR] [--graphs DIR] [--input-dir DIR ...]
-        [--device auto|cuda|cpu|mps] [--dtype ...] [--workers N] [--requeue] [--no-auth] [--cors-origin URL ...]
+        [--device auto|cuda|cpu|mps] [--dtype ...] [--workers N | --devices cuda:0,cuda:1,...] [--requeue]
+        [--no-auth] [--cors-origin URL ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,31 @@ def _repo_graphs() -> Path | None:
     """The repository's graphs/ folder when run from the repository, else None (then --graphs is required)."""
     candidate = Path.cwd() / "graphs"
     return candidate if (Path.cwd() / "pyproject.toml").is_file() and candidate.is_dir() else None
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def _device_list(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma-separated list of devices, e.g. cuda:0,cuda:1 or cpu,cpu."""
+    devices = tuple(part.strip() for part in text.split(","))
+    bad = [device for device in devices if not _DEVICE.fullmatch(device)]
+    if bad or not devices:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of devices (auto, cpu, mps, cuda "
+                                         "or cuda:N), e.g. cuda:0,cuda:1")
+    return devices
+
+
+def _worker_devices(args: argparse.Namespace) -> tuple[str, ...] | str:
+    """One device per worker from --devices, or --workers times --device; a message when the flags disagree."""
+    if args.devices is None:
+        return (args.device or "auto",) * (args.workers or 1)
+    if args.workers is not None and args.workers != len(args.devices):
+        return (f"--workers {args.workers} and --devices {','.join(args.devices)} ({len(args.devices)} workers) "
+                "disagree: give one of them")
+    if args.device is not None and any(device != args.device for device in args.devices):
+        return f"--device {args.device} and --devices {','.join(args.devices)} disagree: give one of them"
+    return args.devices
 
 
 def add_serve(commands: Any) -> None:
@@ -35,10 +62,14 @@ def add_serve(commands: Any) -> None:
                        help="folder of the templates the service offers (default: the repository's graphs/)")
     serve.add_argument("--input-dir", action="append", type=cli._input_directory, default=[], metavar="DIR",
                        help="directory input files may come from, besides DATA/uploads and --graphs (repeatable)")
-    serve.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto")
+    serve.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default=None,
+                       help="the device of every worker (default: auto)")
     serve.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
-    serve.add_argument("--workers", type=cli._positive("workers"), default=1,
-                       help="workers, each with its own engine and warm models (default: 1)")
+    serve.add_argument("--workers", type=cli._positive("workers"), default=None,
+                       help="workers on --device, each with its own engine and warm models (default: 1)")
+    serve.add_argument("--devices", type=_device_list, default=None, metavar="LIST",
+                       help="one worker per listed device, each with its own engine and warm models, e.g. "
+                            "cuda:0,cuda:1 (or cpu,cpu for two CPU workers); instead of --workers and --device")
     serve.add_argument("--requeue", action="store_true",
                        help="at start, put jobs a crash left running back in the queue (default: mark them failed)")
     serve.add_argument("--no-auth", action="store_true", help="no bearer token (refused unless --host is loopback)")
@@ -54,7 +85,7 @@ def add_serve(commands: Any) -> None:
                        help="bound on model weights each worker keeps on the device")
     cli._add_compile_options(serve)
     cli._add_memory_options(serve)
-    serve.set_defaults(command=_serve)
+    serve.set_defaults(command=_serve, serve_parser=serve)
 
 
 def _serve(args: argparse.Namespace, registry: NodeRegistry) -> int:
@@ -62,11 +93,14 @@ def _serve(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.service.config import ServiceConfig
     from graphflow.service.server import ServeError, serve
 
-    options = {"device": args.device, "dtype": args.dtype, "max_image_pixels": args.max_image_pixels,
+    devices = _worker_devices(args)
+    if isinstance(devices, str):
+        args.serve_parser.error(devices)  # exits with status 2, after the usage line
+    options = {"device": devices[0], "dtype": args.dtype, "max_image_pixels": args.max_image_pixels,
                **cli._compile_options(args), **cli._memory_options(args)}
     config = ServiceConfig(
         data=args.data.resolve(), graphs=args.graphs.resolve(), input_dirs=tuple(d.resolve() for d in args.input_dir),
-        workers=args.workers, options=options, cache_bytes=args.memory_cache_mb << 20,
+        workers=len(devices), devices=devices, options=options, cache_bytes=args.memory_cache_mb << 20,
         model_memory_bytes=args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
         offload=args.offload, plugins=tuple(args.plugin), requeue=args.requeue,
         **({"upload_pixels": args.max_image_pixels} if args.max_image_pixels else {}))

@@ -23,7 +23,8 @@ class ServiceConfig:
     data: Path
     graphs: Path
     input_dirs: tuple[Path, ...] = ()
-    workers: int = 1
+    workers: int = 1  # workers on options["device"]; ignored when `devices` is given
+    devices: tuple[str, ...] = ()  # one worker per entry, each running on that device ("cuda:0", "cpu", ...)
     options: dict[str, Any] = field(default_factory=dict)  # the engines' run options (device, dtype, memory, ...)
     cache_bytes: int = 2 << 30
     model_memory_bytes: int | None = None
@@ -33,6 +34,10 @@ class ServiceConfig:
     upload_bytes: int = 32 << 20
     upload_pixels: int = 8192 * 8192
     body_bytes: int = 4 << 20  # every request but uploads
+
+    def worker_devices(self) -> tuple[str, ...]:
+        """The device of each worker, in order: `devices`, else `workers` times the options' device."""
+        return self.devices or (str(self.options.get("device") or "auto"),) * self.workers
 
     @property
     def uploads(self) -> Path:

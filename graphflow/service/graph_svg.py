@@ -21,8 +21,10 @@ def graph_svg(compiled: Any) -> str:
              for column, layer in enumerate(layers) for row, node in enumerate(sorted(layer))}
     width = _MARGIN * 2 + len(layers) * (_WIDTH + _GAP_X) - _GAP_X
     height = _MARGIN * 2 + max((len(layer) for layer in layers), default=0) * (_HEIGHT + _GAP_Y) - _GAP_Y
+    # drawn at its own size where it fits, scaled down (whole, proportions kept) to a narrower container
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" width="{width}" height="{max(height, 0)}" '
-             f'viewBox="0 0 {width} {max(height, 0)}" font-family="sans-serif" font-size="11">']
+             f'viewBox="0 0 {width} {max(height, 0)}" preserveAspectRatio="xMinYMin meet" '
+             f'style="max-width:100%;height:auto" font-family="sans-serif" font-size="11">']
     for source, target in graph.edges:
         (x1, y1), (x2, y2) = place[source], place[target]
         x1, y1, y2 = x1 + _WIDTH, y1 + _HEIGHT / 2, y2 + _HEIGHT / 2

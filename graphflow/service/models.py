@@ -89,6 +89,7 @@ class TemplateView(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     workers: int
+    devices: dict[str, str] = Field(description="each worker's device, by worker name")
     counts: dict[str, int]
 
 

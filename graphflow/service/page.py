@@ -8,6 +8,7 @@ PAGE = """<!doctype html>
 <style>
 body{font-family:sans-serif;margin:0;display:grid;grid-template-columns:220px 1fr 300px;min-height:100vh;color:#222}
 aside,main,section{padding:12px}main{min-width:0}#graph{overflow-x:auto}
+#graph svg{display:block;max-width:100%;height:auto}
 aside{background:#f4f4f4}section{background:#fafafa;border-left:1px solid #ddd}
 h2{font-size:15px;margin:8px 0}button{cursor:pointer}label{display:block;margin:6px 0 2px;font-weight:bold}
 small{display:block;color:#666;font-weight:normal}input,select,textarea{width:95%}

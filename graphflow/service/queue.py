@@ -152,9 +152,10 @@ class JobQueue:
                 _append(db, job_id, "job_queued", {"priority": job.priority, "batch_id": batch_id}, now)
         return ids
 
-    def claim(self, worker: str, held: Iterable[str] = ()) -> Job | None:
+    def claim(self, worker: str, held: Iterable[str] = (), *, device: str | None = None) -> Job | None:
         """Take the next pending job (highest priority, then oldest; among those of the top priority, the oldest
-        whose models are all in `held`, if any) and mark it running; None when nothing is pending."""
+        whose models are all in `held`, if any) and mark it running; None when nothing is pending. Its job_started
+        event names the worker and, when given, the worker's device."""
         held = set(held)
         with self._transaction() as db:
             rows = db.execute("SELECT id, priority, models FROM jobs WHERE status = ? ORDER BY priority DESC, seq "
@@ -167,7 +168,7 @@ class JobQueue:
             now = time.time()
             db.execute("UPDATE jobs SET status = ?, started = ?, worker = ? WHERE id = ?",
                        (RUNNING, now, worker, chosen))
-            _append(db, chosen, "job_started", {"worker": worker}, now)
+            _append(db, chosen, "job_started", {"worker": worker, **({"device": device} if device else {})}, now)
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (chosen,)).fetchone())
 
     def finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, result: str | None = None,

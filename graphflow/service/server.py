@@ -36,7 +36,9 @@ def serve(config: ServiceConfig, *, host: str, port: int, no_auth: bool, cors_or
         else:
             print(f"graphflow serve: the API token is in {where}", flush=True)
     app = create_app(config, token=token, cors_origins=cors_origins)
-    print(f"graphflow serve: http://{host}:{port}/api (OpenAPI at /openapi.json); {config.workers} worker"
-          f"{'s' if config.workers != 1 else ''}; data in {config.data}", file=sys.stderr, flush=True)
+    devices = config.worker_devices()
+    print(f"graphflow serve: http://{host}:{port}/api (OpenAPI at /openapi.json); {len(devices)} worker"
+          f"{'s' if len(devices) != 1 else ''} ({', '.join(devices)}); data in {config.data}", file=sys.stderr,
+          flush=True)
     # open event streams would hold a graceful shutdown forever: they get a few seconds, then are closed
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=3)

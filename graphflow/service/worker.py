@@ -68,8 +68,9 @@ class Worker:
     """One thread running jobs from the queue on one Engine."""
 
     def __init__(self, name: str, queue: JobQueue, store: ResultStore, engine: Any,
-                 templates: Callable[[str], Path | None]) -> None:
+                 templates: Callable[[str], Path | None], device: str | None = None) -> None:
         self.name = name
+        self.device = device if device is not None else str(engine.options.get("device") or "auto")
         self.queue = queue
         self.store = store
         self.engine = engine
@@ -101,7 +102,7 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            job = self.queue.claim(self.name, self.held_models())
+            job = self.queue.claim(self.name, self.held_models(), device=self.device)
             if job is None:
                 self.wake.wait(_IDLE_POLL_S)
                 self.wake.clear()
@@ -184,11 +185,11 @@ class WorkerPool:
         from graphflow.models import ModelManager
 
         self.workers = []
-        for index in range(config.workers):
+        for index, device in enumerate(config.worker_devices()):
             models = ModelManager(config.model_memory_bytes, offload=config.offload)
             engine = Engine(registry, input_dirs=list(config.input_roots()), output_dir=config.outputs,
-                            cache_bytes=config.cache_bytes, options=config.options, models=models)
-            self.workers.append(Worker(f"worker-{index}", queue, store, engine, templates))
+                            cache_bytes=config.cache_bytes, options={**config.options, "device": device}, models=models)
+            self.workers.append(Worker(f"worker-{index}", queue, store, engine, templates, device))
 
     def start(self) -> None:
         for worker in self.workers:

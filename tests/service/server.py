@@ -16,6 +16,15 @@ import httpx
 
 from tests.service.graphs import arithmetic, tiny_sd
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -m graphflow.cli` subprocess that runs this checkout's graphflow, whatever
+    checkout the installed (editable) package points at."""
+    path = os.pathsep.join(part for part in (str(REPO), os.environ.get("PYTHONPATH", "")) if part)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
 
 def write_templates(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +54,7 @@ class Server:
     def start(self) -> Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "GRAPHFLOW_TINY_MODELS": str(self.tiny_models), "HF_HUB_OFFLINE": "1"}
+        env = checkout_env(GRAPHFLOW_TINY_MODELS=str(self.tiny_models), HF_HUB_OFFLINE="1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "graphflow.cli", "serve", "--port", str(self.port), "--data", str(self.data),
              "--graphs", str(self.graphs), *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -34,9 +34,14 @@ def test_the_page_runs_a_template_lights_up_its_graph_and_shows_the_image(server
             states = page.eval_on_selector_all("#graph .node", "nodes => nodes.map(n => [n.dataset.node, "
                                                "n.getAttribute('class')])")
             width = page.eval_on_selector("#gallery img", "img => img.decode().then(() => img.naturalWidth)")
+            # the graph (five layers, wider than the panel at this size) is scaled to fit: no node is cut off
+            inside = page.eval_on_selector("#graph", "panel => { const box = panel.getBoundingClientRect(); return "
+                                           "[...panel.querySelectorAll('.node')].map(n => n.getBoundingClientRect())"
+                                           ".every(r => r.left >= box.left - 1 && r.right <= box.right + 1); }")
             page.screenshot(path=str(tmp_path / "serve_page.png"))
         finally:
             browser.close()
     classes = dict(states)
     assert "done" in classes["sample"] and ("cached" in classes["sd"] or "done" in classes["sd"])
+    assert inside, "a node of the graph is outside its panel"
     assert width == 32 and (tmp_path / "serve_page.png").stat().st_size > 1000
