@@ -61,10 +61,16 @@ class BearerAuth:
         self._expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] == "lifespan" or (scope["type"] == "http" and scope["path"] in OPEN_PATHS):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
+        if scope["type"] != "http":  # a websocket (or any other kind of connection) needs the token too
+            if not secrets.compare_digest(given, self._expected):
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
         if not secrets.compare_digest(given, self._expected):
             await _reply(send, 401, {"message": "a bearer token is required: send 'Authorization: Bearer TOKEN' "
                                                 "with the token from DATA/token"},
