@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 
 from graphflow.atomic import atomic_write
 from graphflow.service.config import ServiceConfig
@@ -30,18 +29,18 @@ def store_upload(data: bytes, config: ServiceConfig) -> Upload:
         raise UploadError(413, f"the image is over the upload limit of {config.upload_bytes:,} bytes")
     if not data:
         raise UploadError(422, "the upload is empty")
+    # the pixel limit is checked from the header below, before any decoding; Pillow's own bomb warning is not made
+    # an error with warnings.catch_warnings, which changes the process's filters under concurrent requests
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(FORMATS))
-            width, height = image.size  # from the header: checked before any pixel is decoded
-            if width * height > config.upload_pixels:
-                raise UploadError(413, f"the image has {width * height:,} pixels ({width} x {height}); the limit is "
-                                       f"{config.upload_pixels:,}")
-            image.load()
+        image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+        width, height = image.size  # from the header: checked before any pixel is decoded
+        if width * height > config.upload_pixels:
+            raise UploadError(413, f"the image has {width * height:,} pixels ({width} x {height}); the limit is "
+                                   f"{config.upload_pixels:,}")
+        image.load()
     except UnidentifiedImageError:
         raise UploadError(415, f"not an image of a known format ({', '.join(FORMATS)}), whatever its name") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UploadError(422, f"the image cannot be decoded: {error}") from None
     format_name = str(image.format)
     name = f"{hashlib.sha256(data).hexdigest()}.{FORMATS[format_name]}"
