@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from graphflow.compiled import CompiledGraph
     from graphflow.engine import Engine
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -184,18 +185,17 @@ class ControlTemplate:
                           "control": {"template": str(self.path), "inputs": inputs}},
                 "outputs": {"control": f"control.{self.output}"}}
 
-    def check(self, target: Path) -> None:
+    def check(self, target: Path) -> CompiledGraph:
         """Validate the graph for `target` (the template's params and inputs), running nothing."""
         try:
-            self.engine.compile(self.document(target))
+            return self.engine.compile(self.document(target))
         except ValidationError as error:
             raise TrainingError(f"the control template {self.path} cannot run on {target}: {error}") from error
 
     def __call__(self, target: Path) -> Image.Image:
         from PIL import Image
 
-        self.check(target)
-        result = self.engine.run(self.document(target), outputs=["control"])
+        result = self.engine.run(self.check(target), outputs=["control"])
         pixels = result.outputs["control"][0].mul(255).round().clamp(0, 255).byte().numpy()
         return Image.fromarray(pixels)
 
