@@ -80,7 +80,7 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.document import load_document
     from graphflow.engine import Engine
     from graphflow.errors import GraphflowError, NodeExecutionError, ValidationError, printable
-    from graphflow.sweep_runner import BackendUnavailable, make_backend, run_sweep, summary_table
+    from graphflow.sweep_runner import SUMMARY, BackendUnavailable, make_backend, run_sweep, summary_table
     from graphflow.sweeps import sweep_batch
 
     progress: SweepProgress | None = None
@@ -109,13 +109,13 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
     except (GraphflowError, OSError, KeyboardInterrupt) as error:
         _close(progress)
         listed = f"{len(finished)} finished job{'s' if len(finished) != 1 else ''} and their files stay, " \
-                 f"listed in {args.out / 'sweep.json'}"
+                 f"listed in {args.out / SUMMARY}"
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
         print(f"{what}; {listed}", file=sys.stderr)
         return 130 if isinstance(error, KeyboardInterrupt) else 3 if isinstance(error, NodeExecutionError) else 1
     _close(progress)
     print(summary_table(result))
-    print(f"wrote {args.out / 'sweep.json'}" + (f" and {result.contact_sheet}" if result.contact_sheet else ""))
+    print(f"wrote {args.out / SUMMARY}" + (f" and {result.contact_sheet}" if result.contact_sheet else ""))
     return 0
 
 
