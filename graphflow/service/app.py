@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from graphflow.errors import ValidationError
 from graphflow.registry import default_registry
-from graphflow.service.config import ServiceConfig, list_templates
+from graphflow.service.config import ServiceConfig, TemplateFolder
 from graphflow.service.graph_svg import graph_svg
 from graphflow.service.models import (
     Deleted,
@@ -57,13 +57,10 @@ class Service:
         self.registry = default_registry(config.plugins)
         self.queue = JobQueue(config.database)
         self.store = ResultStore(config.results)
+        self.templates = TemplateFolder(config.graphs)
         self.checker = Engine(self.registry, input_dirs=list(config.input_roots()), output_dir=config.outputs,
                               cache_bytes=1 << 20)
-        self.pool = WorkerPool(config, self.queue, self.store, self.template_path, self.registry)
-
-    def template_path(self, name: str) -> Any:
-        info = list_templates(self.config.graphs).get(name)
-        return info.path if info is not None else None
+        self.pool = WorkerPool(config, self.queue, self.store, self.templates.path, self.registry)
 
     def view(self, job: Job) -> JobView:
         summary = self.store.summary(job.result) if job.result else None
@@ -141,12 +138,12 @@ def _routes(service: Service) -> APIRouter:
     def templates() -> list[TemplateView]:
         return [TemplateView.model_validate({"name": info.name, "description": info.description,
                                              "params": info.params})
-                for info in list_templates(service.config.graphs).values()]
+                for info in service.templates.templates().values()]
 
     @router.post("/jobs", response_model=Submitted, response_model_exclude_none=True,
                  responses={422: {"model": Problem}})
     def submit(request: JobRequest) -> Submitted:
-        jobs = prepare_jobs(service.checker, list_templates(service.config.graphs), template=request.template,
+        jobs = prepare_jobs(service.checker, service.templates.templates(), template=request.template,
                             document=request.document, params=request.params, batch=request.batch,
                             options=request.options.model_dump(exclude_none=True), priority=request.priority)
         ids = queue.submit(jobs)
@@ -195,7 +192,7 @@ def _routes(service: Service) -> APIRouter:
     def graph(job_id: str) -> Response:
         job = existing(job_id)
         try:
-            compiled = service.checker.compile(job_source(job, service.template_path), job.params)
+            compiled = service.checker.compile(job_source(job, service.templates.path), job.params)
         except ValidationError as error:
             raise HTTPException(409, f"the job's document no longer compiles: {error}") from None
         return Response(graph_svg(compiled), media_type="image/svg+xml")

@@ -75,19 +75,47 @@ class TemplateInfo:
     params: dict[str, dict[str, Any]]
 
 
-def list_templates(graphs: Path) -> dict[str, TemplateInfo]:
-    """The documents directly in `graphs`, by name; a file that is not a valid document is left out."""
-    found: dict[str, TemplateInfo] = {}
-    for path in sorted(graphs.glob("*.json")):
-        try:
-            document = load_document(path)
-        except (GraphflowError, OSError, json.JSONDecodeError):
-            continue
-        specs, _ = parse_params(document)
-        description = document.get("description", "")
-        found[path.stem] = TemplateInfo(path.stem, path, description if isinstance(description, str) else "",
-                                        {name: _param_json(spec) for name, spec in specs.items()})
-    return found
+class TemplateFolder:
+    """The documents directly in one folder, by name; each file is parsed again only when it changes (its
+    modification time or size), so a request lists the folder without re-reading every template."""
+
+    def __init__(self, graphs: Path) -> None:
+        self.graphs = graphs
+        self._parsed: dict[Path, tuple[tuple[int, int], TemplateInfo | None]] = {}
+
+    def templates(self) -> dict[str, TemplateInfo]:
+        """The templates now in the folder; a file that is not a valid document is left out."""
+        found: dict[str, TemplateInfo] = {}
+        parsed: dict[Path, tuple[tuple[int, int], TemplateInfo | None]] = {}
+        for path in sorted(self.graphs.glob("*.json")):
+            try:
+                status = path.stat()
+            except OSError:
+                continue
+            stamp = (status.st_mtime_ns, status.st_size)
+            known = self._parsed.get(path)
+            info = known[1] if known is not None and known[0] == stamp else _template_info(path)
+            parsed[path] = (stamp, info)
+            if info is not None:
+                found[path.stem] = info
+        self._parsed = parsed  # one assignment: a request on another thread sees the old map or the new one
+        return found
+
+    def path(self, name: str) -> Path | None:
+        """The file of the template `name`; None when the folder has no such (valid) template."""
+        info = self.templates().get(name)
+        return info.path if info is not None else None
+
+
+def _template_info(path: Path) -> TemplateInfo | None:
+    try:
+        document = load_document(path)
+    except (GraphflowError, OSError, json.JSONDecodeError):
+        return None
+    specs, _ = parse_params(document)
+    description = document.get("description", "")
+    return TemplateInfo(path.stem, path, description if isinstance(description, str) else "",
+                        {name: _param_json(spec) for name, spec in specs.items()})
 
 
 def _param_json(spec: Any) -> dict[str, Any]:
