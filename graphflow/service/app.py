@@ -249,5 +249,5 @@ def _stream(request: Request, queue: JobQueue, job_id: str | None, after: int | 
 
 def _ended(queue: JobQueue, job_id: str, last: int) -> bool:
     """Whether a job's stream has nothing more to send: the job is gone, or finished with its events sent."""
-    job = queue.get(job_id)
-    return job is None or (job.status in FINISHED_STATUSES and not queue.events(last, job_id, limit=1))
+    status = queue.status(job_id)
+    return status is None or (status in FINISHED_STATUSES and not queue.events(last, job_id, limit=1))

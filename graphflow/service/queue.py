@@ -223,6 +223,11 @@ class JobQueue:
                 _append(db, job_id, "job_cancel_requested", {}, time.time())
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
+    def status(self, job_id: str) -> str | None:
+        """A job's status alone (None: no such job), for pollers that need nothing else of the row."""
+        row = self._connection().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return str(row[0]) if row is not None else None
+
     def cancel_requested(self, job_id: str) -> bool:
         row = self._connection().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
