@@ -71,8 +71,9 @@ def batch_errors(batch: Batch) -> list[GraphError]:
         unlisted = [name for name, values in group.items() if not isinstance(values, (list, tuple))]
         errors.extend(_error(f"param '{name}' in {where} needs a list of values", name, "a list", group[name])
                       for name in unlisted)
+        if not group:
+            errors.append(_error("a group names at least one param", where, "a param", "{}"))
         if unlisted or not group:
-            errors.extend([] if group else [_error("a group names at least one param", where, "a param", "{}")])
             continue
         lengths = {name: len(values) for name, values in group.items()}
         if len(set(lengths.values())) > 1:
@@ -84,9 +85,8 @@ def batch_errors(batch: Batch) -> list[GraphError]:
                 errors.append(_error(f"param '{name}' is given in {seen[name]} and in {where}; give each param in "
                                      "one place", name, "one place per param", f"{seen[name]} and {where}"))
             seen.setdefault(name, where)
-    if not errors and batch.size() > MAX_JOBS:
-        errors.append(_error(f"the batch expands to {batch.size():,} jobs", "groups", f"at most {MAX_JOBS:,}",
-                             f"{batch.size():,}"))
+    if not errors and (size := batch.size()) > MAX_JOBS:
+        errors.append(_error(f"the batch expands to {size:,} jobs", "groups", f"at most {MAX_JOBS:,}", f"{size:,}"))
     return errors
 
 
