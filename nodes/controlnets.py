@@ -34,29 +34,29 @@ class ControlNets:
         self.guess_mode = request.guess_mode or bool(self.first_config.get("global_pool_conditions", False))
         self.session = session
         duplicate = session.guider.guided and not self.guess_mode
-        images = [_control_image(control, request, duplicate) for control in self.controls]
-        handles = [control.controlnet.controlnet for control in self.controls]
-        if session.swap_controlnets:  # one holder per ControlNet, over the steps of all its uses
-            windows: dict[int, _WindowHeld] = {}
+        self.images = [_control_image(control, request, duplicate) for control in self.controls]
+        self.windows: list[_WindowHeld] = []  # swap_controlnets: one holder per ControlNet, over all its uses
+        if session.swap_controlnets:
+            holders: dict[int, _WindowHeld] = {}
+            self.nets: list[Any] = []
             for control in self.controls:
-                key = id(control.controlnet.controlnet)
-                if key not in windows:
-                    windows[key] = _WindowHeld(control.controlnet, session.attention_slicing, held)
-                windows[key].controls.append(control)
-            self.windows = list(windows.values())
-            self.nets: list[Any] = [windows[id(control.controlnet.controlnet)] for control in self.controls]
+                holder = holders.get(id(control.controlnet.controlnet))
+                if holder is None:
+                    holder = holders[id(control.controlnet.controlnet)] = _WindowHeld(
+                        control.controlnet, session.attention_slicing, held)
+                    self.windows.append(holder)
+                holder.controls.append(control)
+                self.nets.append(holder)
         else:  # each held alone for the whole loop: attention slicing changes the module other graphs share
-            nets = hold_sliced(held, handles, session.attention_slicing)
+            nets = hold_sliced(held, [control.controlnet.controlnet for control in self.controls],
+                               session.attention_slicing)
             self.nets = [control.controlnet.compiled(net) for net, control in zip(nets, self.controls, strict=True)]
-        self.active = list(zip(self.nets, images, self.controls, strict=True))
 
     def contribute(self, call: DenoiserCall) -> None:
-        scales = [control.scale * control.keep(call.index, call.total) for control in self.controls]
-        if self.session.swap_controlnets:
-            for window in self.windows:
-                window.follow(call.index, call.total)
-        active = [(net, image, scale) for (net, image, _), scale in zip(self.active, scales, strict=True)
-                  if scale != 0]
+        for window in self.windows:
+            window.follow(call.index, call.total)
+        active = [(net, image, scale) for net, image, control in zip(self.nets, self.images, self.controls, strict=True)
+                  if (scale := control.scale * control.keep(call.index, call.total)) != 0]
         if not active:
             call.extra.update(down_block_additional_residuals=None, mid_block_additional_residual=None)
             return
@@ -72,9 +72,8 @@ class ControlNets:
                                     added_cond_kwargs=prompt.added, return_dict=False)
             down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
             mid = net_mid if mid is None else mid + net_mid
-        if self.session.swap_controlnets:
-            for window in self.windows:
-                window.finish(call.index)
+        for window in self.windows:
+            window.finish(call.index)
         if zero_pad:
             down = [guider.zero_unconditional(d) for d in down]
             mid = guider.zero_unconditional(mid)
