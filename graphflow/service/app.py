@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -65,11 +66,9 @@ class Service:
     def view(self, job: Job) -> JobView:
         summary = self.store.summary(job.result) if job.result else None
         files = [f"/api/files/{name}" for name in (summary or {}).get("files", [])]
-        return JobView(id=job.id, status=job.status, priority=job.priority, created=job.created,  # type: ignore[arg-type]
-                       started=job.started, finished=job.finished, template=job.template, params=job.params,
-                       options=job.options, batch_id=job.batch_id, worker=job.worker,
-                       cancel_requested=job.cancel_requested, error=job.error, files=files,
-                       summary=f"/api/files/{job.result}" if job.result else None,
+        # the fields Job and JobView share, copied by name, so a field added to both needs no third list here
+        shown = {field.name: getattr(job, field.name) for field in fields(job) if field.name in JobView.model_fields}
+        return JobView(**shown, files=files, summary=f"/api/files/{job.result}" if job.result else None,
                        events=f"/api/jobs/{job.id}/events")
 
 
