@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from graphflow.training.base_model import FrozenBase, load_frozen_base, locate_base_model, weight_dtype
 from graphflow.training.checkpoints import (
     CONTROLNET,
+    STATE_FILE,
     OutputLock,
     TrainingState,
     checkpoints,
@@ -243,7 +244,7 @@ def _resume_point(config: TrainConfig, paths: PathPolicy) -> Path | None:
         if outside:
             raise TrainingError(f"cannot resume from {checkpoint}: {', '.join(map(str, outside))} leads outside the "
                                 f"output directory {out} and the input directories")
-        if not (checkpoint / "training_state.json").is_file():
+        if not (checkpoint / STATE_FILE).is_file():
             raise TrainingError(f"cannot resume from {checkpoint}: it is not a training checkpoint folder")
         return checkpoint
     if found:
