@@ -65,18 +65,14 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if scope["type"] != "http":  # a websocket (or any other kind of connection) needs the token too
-            if not secrets.compare_digest(given, self._expected):
-                await send({"type": "websocket.close", "code": 1008})
-                return
+        if secrets.compare_digest(given, self._expected):
             await self.app(scope, receive, send)
-            return
-        if not secrets.compare_digest(given, self._expected):
+        elif scope["type"] == "http":
             await _reply(send, 401, {"message": "a bearer token is required: send 'Authorization: Bearer TOKEN' "
                                                 "with the token from DATA/token"},
                          [(b"www-authenticate", b"Bearer")])
-            return
-        await self.app(scope, receive, send)
+        else:  # a websocket (or any other kind of connection) needs the token too
+            await send({"type": "websocket.close", "code": 1008})
 
 
 class _TooLarge(Exception):
