@@ -31,11 +31,7 @@ class ResultStore:
 
     def put(self, data: bytes, suffix: str) -> str:
         """Store `data` (once per content); its name, `<sha256>.<suffix>`."""
-        name = f"{hashlib.sha256(data).hexdigest()}.{suffix}"
-        path = self.root / name
-        if not path.exists():
-            atomic_write(path, data, exclusive=True)  # False when a racing writer placed the same bytes first
-        return name
+        return store_by_content(self.root, data, suffix)
 
     def path(self, name: str) -> Path | None:
         """The file of a stored name; None for a name that is not one (no path from a client reaches further)."""
@@ -75,6 +71,15 @@ class ResultStore:
                    "ran": list(result.ran), "cached": list(result.cached), "timings": dict(result.timings),
                    "seconds": result.seconds}
         return self.put(json.dumps(summary, indent=1, sort_keys=True).encode("utf-8"), "json")
+
+
+def store_by_content(folder: Path, data: bytes, suffix: str) -> str:
+    """Write `data` as `folder/<sha256>.<suffix>` unless that file is there already; its name."""
+    name = f"{hashlib.sha256(data).hexdigest()}.{suffix}"
+    path = folder / name
+    if not path.exists():
+        atomic_write(path, data, exclusive=True)  # False when a racing writer placed the same bytes first
+    return name
 
 
 def image_pngs(batch: Any) -> list[bytes]:

@@ -3,12 +3,11 @@ by content under DATA/uploads, an input root of every job."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 
-from graphflow.atomic import atomic_write
 from graphflow.service.config import ServiceConfig
 from graphflow.service.models import Upload
+from graphflow.service.results import store_by_content
 
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
@@ -43,8 +42,6 @@ def store_upload(data: bytes, config: ServiceConfig) -> Upload:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UploadError(422, f"the image cannot be decoded: {error}") from None
     format_name = str(image.format)
-    name = f"{hashlib.sha256(data).hexdigest()}.{FORMATS[format_name]}"
-    path = config.uploads / name
-    if not path.exists():
-        atomic_write(path, data, exclusive=True)
-    return Upload(name=name, path=str(path.resolve()), format=format_name, width=width, height=height)
+    name = store_by_content(config.uploads, data, FORMATS[format_name])
+    return Upload(name=name, path=str((config.uploads / name).resolve()), format=format_name, width=width,
+                  height=height)
