@@ -64,14 +64,19 @@ class Latent:
 
     def group(self, index: int) -> Latent:
         """The images of the `index`-th of `groups` (one seed's, from a Sampler given a list of seeds)."""
-        rows = self.samples.shape[0] // self.groups
-        part = slice(index * rows, (index + 1) * rows)
+        groups = self.groups
+        return self.replace(samples=group_rows(self.samples, index, groups),
+                            moments=group_rows(self.moments, index, groups), mask=group_rows(self.mask, index, groups),
+                            masked_moments=group_rows(self.masked_moments, index, groups), groups=1)
 
-        def batch(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return tensor if tensor is None or tensor.shape[0] == 1 else tensor[part]
 
-        return self.replace(samples=self.samples[part], moments=batch(self.moments), mask=batch(self.mask),
-                            masked_moments=batch(self.masked_moments), groups=1)
+def group_rows(tensor: torch.Tensor | None, index: int, groups: int) -> torch.Tensor | None:
+    """The rows of the `index`-th of `groups` equal parts of a batch; a batch of one (a mask for all) is every
+    part's."""
+    if tensor is None or tensor.shape[0] == 1:
+        return tensor
+    rows = tensor.shape[0] // groups
+    return tensor[index * rows:(index + 1) * rows]
 
 
 def check_size(width: int, height: int, what: str, fix: str = "", scale: int = LATENT_SCALE) -> None:

@@ -17,7 +17,7 @@ from graphflow.node import Input, Node, Output
 from graphflow.types import BOOL, CONDITIONING, CONTROL, FLOAT, IMAGE, INT, LATENT, MASK, MODEL, STRING, VAE
 from nodes.adapters import ADAPTER
 from nodes.conditioning import Conditioning
-from nodes.latents import LATENT_SCALE, Latent, check_size
+from nodes.latents import LATENT_SCALE, Latent, check_size, group_rows
 from nodes.schedulers import SCHEDULER_NAMES
 
 if TYPE_CHECKING:
@@ -116,30 +116,24 @@ class Sampler(Node):
         request = SamplingRequest(model, positive, negative, controls, latent, mask, seeds[0], steps, cfg, scheduler,
                                   strength, guess_mode, batch, width, height,
                                   (*contributors, *adapter_contributors(adapters or ())))
-        requests = _per_seed(request, seeds, latent)
+        requests = _per_seed(request, seeds)
         samples = [sample(ctx, each, (index, len(requests))) for index, each in enumerate(requests)]
         return {"latent": Latent(torch.cat(samples) if len(samples) > 1 else samples[0], model.family, geometry.scale,
                                  groups=len(samples))}
 
 
-def _per_seed(request: SamplingRequest, seeds: list[int], latent: Latent | None) -> list[SamplingRequest]:
+def _per_seed(request: SamplingRequest, seeds: list[int]) -> list[SamplingRequest]:
     """One request per seed. A latent sampled one seed at a time (its `groups`, e.g. a hires fix's first pass) pairs
     its groups with as many seeds, each group refined with its own; one seed takes the whole batch at once."""
-    groups = latent.groups if latent is not None else 1
-    if groups == 1 or len(seeds) == 1:
+    latent = request.latent
+    if latent is None or latent.groups == 1 or len(seeds) == 1:
         return [replace(request, seed=seed) for seed in seeds]
-    if len(seeds) != groups:
-        raise NodeInputError(f"the latent holds the images of {groups} seeds, sampled one by one, but the Sampler "
-                             f"has {len(seeds)} seeds; give {groups} seeds (one per group) or one for the whole batch")
-    assert latent is not None
-    mask = request.mask
-    rows = latent.samples.shape[0] // groups
-
-    def masks(index: int) -> torch.Tensor | None:
-        return mask if mask is None or mask.shape[0] == 1 else mask[index * rows:(index + 1) * rows]
-
-    return [replace(request, seed=seed, latent=latent.group(index), mask=masks(index), batch=rows)
-            for index, seed in enumerate(seeds)]
+    if len(seeds) != latent.groups:
+        raise NodeInputError(f"the latent holds the images of {latent.groups} seeds, sampled one by one, but the "
+                             f"Sampler has {len(seeds)} seeds; give {latent.groups} seeds (one per group) or one for "
+                             "the whole batch")
+    return [replace(request, seed=seed, latent=latent.group(index), batch=latent.samples.shape[0] // latent.groups,
+                    mask=group_rows(request.mask, index, latent.groups)) for index, seed in enumerate(seeds)]
 
 
 def _seeds(seed: int | list[int]) -> list[int]:
@@ -318,9 +312,7 @@ class VAEDecode(Node):
             if latent.groups == 1:
                 return {"image": decode(vae, latent, memory)}
             # sampled one seed at a time: each seed's images decoded on their own too, as its pipeline call would
-            rows = latent.samples.shape[0] // latent.groups
-            return {"image": torch.cat([decode(vae, latent.replace(samples=latent.samples[start:start + rows]), memory)
-                                        for start in range(0, latent.samples.shape[0], rows)])}
+            return {"image": torch.cat([decode(vae, latent.group(index), memory) for index in range(latent.groups)])}
 
 
 NODES = (EmptyLatent, Sampler, VAEEncode, VAEDecode)
