@@ -169,7 +169,7 @@ class JobQueue:
             db.execute("UPDATE jobs SET status = ?, started = ?, worker = ? WHERE id = ?",
                        (RUNNING, now, worker, chosen))
             _append(db, chosen, "job_started", {"worker": worker, **({"device": device} if device else {})}, now)
-            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (chosen,)).fetchone())
+            return _load(db, chosen)
 
     def finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, result: str | None = None,
                data: dict[str, Any] | None = None) -> None:
@@ -195,8 +195,7 @@ class JobQueue:
                 for row in self._connection().execute(query, args)]
 
     def get(self, job_id: str) -> Job | None:
-        row = self._connection().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row is not None else None
+        return _load(self._connection(), job_id)
 
     def jobs(self, status: str | None = None, limit: int = 1000) -> list[Job]:
         """Jobs in queue order (priority, then FIFO) for pending ones, newest first for the rest."""
@@ -211,22 +210,21 @@ class JobQueue:
         """Cancel a pending job at once, or ask the worker running it to stop at its next step (that job only).
         The job as it is now; None when there is no such job."""
         with self._transaction() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
+            status = _status(db, job_id)
+            if status is None:
                 return None
-            if row["status"] == PENDING:
+            if status == PENDING:
                 now = time.time()
                 db.execute("UPDATE jobs SET status = ?, finished = ? WHERE id = ?", (CANCELLED, now, job_id))
                 _append(db, job_id, FINAL_EVENTS[CANCELLED], {"while": PENDING}, now)
-            elif row["status"] == RUNNING:
+            elif status == RUNNING:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 _append(db, job_id, "job_cancel_requested", {}, time.time())
-            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return _load(db, job_id)
 
     def status(self, job_id: str) -> str | None:
         """A job's status alone (None: no such job), for pollers that need nothing else of the row."""
-        row = self._connection().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return str(row[0]) if row is not None else None
+        return _status(self._connection(), job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self._connection().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -236,12 +234,12 @@ class JobQueue:
         """Delete a job that is not running, with its events; the status it had (None: no such job). A running
         job is left alone and its status returned: cancel it first."""
         with self._transaction() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["status"] == RUNNING:
-                return row["status"] if row else None
+            status = _status(db, job_id)
+            if status is None or status == RUNNING:
+                return status
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-            return str(row["status"])
+            return status
 
     def clear_history(self) -> int:
         """Delete every finished job with its events; how many."""
@@ -290,6 +288,16 @@ def _append(db: sqlite3.Connection, job_id: str, kind: str, data: dict[str, Any]
 
 def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _status(db: sqlite3.Connection, job_id: str) -> str | None:
+    row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return str(row[0]) if row is not None else None
+
+
+def _load(db: sqlite3.Connection, job_id: str) -> Job | None:
+    row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return _job(row) if row is not None else None
 
 
 def _job(row: sqlite3.Row) -> Job:
