@@ -67,12 +67,14 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class TemplateInfo:
-    """One template the service offers: its name (the file name without .json), file, description and params."""
+    """One template the service offers: its name (the file name without .json), file, description, params and the
+    document as loaded (shared by every request: read it, never change it)."""
 
     name: str
     path: Path
     description: str
     params: dict[str, dict[str, Any]]
+    document: dict[str, Any]
 
 
 class TemplateFolder:
@@ -115,7 +117,7 @@ def _template_info(path: Path) -> TemplateInfo | None:
     specs, _ = parse_params(document)
     description = document.get("description", "")
     return TemplateInfo(path.stem, path, description if isinstance(description, str) else "",
-                        {name: _param_json(spec) for name, spec in specs.items()})
+                        {name: _param_json(spec) for name, spec in specs.items()}, document)
 
 
 def _param_json(spec: Any) -> dict[str, Any]:

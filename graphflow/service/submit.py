@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from graphflow.batches import Batch, batch_errors, expand, param_errors
-from graphflow.document import load_document
 from graphflow.errors import GraphError, ValidationError, did_you_mean
 from graphflow.paths import PathError
 from graphflow.service.config import TemplateInfo
@@ -41,11 +40,7 @@ def prepare_jobs(engine: Any, templates: Mapping[str, TemplateInfo], *, template
         info = templates.get(template)
         if info is None:
             raise SubmitError(f"no template '{template}' in the graphs folder{did_you_mean(template, templates)}")
-        source = info.path
-        try:
-            document = load_document(info.path)
-        except ValidationError as error:
-            raise SubmitError(f"template '{template}' is not a valid document", error.errors) from None
+        source, document = info.path, info.document
     elif document is not None:
         source = document
     values = _param_sets(document, params, batch)
