@@ -68,9 +68,9 @@ class Worker:
     """One thread running jobs from the queue on one Engine."""
 
     def __init__(self, name: str, queue: JobQueue, store: ResultStore, engine: Any,
-                 templates: Callable[[str], Path | None], device: str | None = None) -> None:
+                 templates: Callable[[str], Path | None], device: str) -> None:
         self.name = name
-        self.device = device if device is not None else str(engine.options.get("device") or "auto")
+        self.device = device  # as ServiceConfig.worker_devices names it; the engine's options say the same
         self.queue = queue
         self.store = store
         self.engine = engine
