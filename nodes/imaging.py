@@ -144,16 +144,29 @@ def from_uint8(array: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     return torch.from_numpy(array).to(device, torch.float32).div(255)
 
 
+def to_pictures(batch: torch.Tensor) -> list[Image.Image]:
+    """An IMAGE or MASK batch as 8-bit Pillow pictures ("RGB" or "L"), rounded as `to_uint8`."""
+    from PIL import Image
+
+    return [Image.fromarray(item) for item in to_uint8(batch)]
+
+
+def from_pictures(pictures: list[Image.Image]) -> torch.Tensor:
+    """Pillow pictures of one size and mode as one IMAGE ("RGB") or MASK ("L") batch (x / 255)."""
+    import numpy as np
+
+    return from_uint8(np.stack([np.asarray(picture) for picture in pictures]))
+
+
 def resize_like_pil(batch: torch.Tensor, width: int, height: int, *, grey: bool = False) -> torch.Tensor:
     """IMAGE [B, H, W, 3] resized as the diffusers pipelines resize PIL images: 8-bit, Lanczos, back to 0..1.
     `grey` converts to PIL's "L" first, giving [B, height, width, 1]."""
-    import numpy as np
     from PIL import Image
 
-    pictures = [Image.fromarray(item) for item in to_uint8(batch)]
-    arrays = [np.asarray((picture.convert("L") if grey else picture).resize((width, height), Image.Resampling.LANCZOS))
-              for picture in pictures]
-    return from_uint8(np.stack([array[..., None] if array.ndim == 2 else array for array in arrays]))
+    resized = from_pictures([(picture.convert("L") if grey else picture).resize((width, height),
+                                                                                 Image.Resampling.LANCZOS)
+                             for picture in to_pictures(batch)])
+    return resized[..., None] if grey else resized
 
 
 def grey_to_rgb(batch: torch.Tensor) -> torch.Tensor:

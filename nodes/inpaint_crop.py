@@ -17,6 +17,7 @@ from graphflow.context import RunContext
 from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
 from graphflow.types import IMAGE, INT, MASK
+from nodes.imaging import from_pictures, to_pictures, to_uint8
 from nodes.latents import check_size
 from nodes.mask import check_batches, check_same_size
 
@@ -117,28 +118,8 @@ def overlay(original: Image.Image, mask: Image.Image, render: Image.Image,
     return composite.convert("RGB")
 
 
-def _pictures(batch: torch.Tensor) -> list[Image.Image]:
-    """An IMAGE or MASK batch as 8-bit Pillow pictures ("RGB" or "L")."""
-    from PIL import Image
-
-    from nodes.imaging import to_uint8
-
-    return [Image.fromarray(item) for item in to_uint8(batch)]
-
-
-def _batch(pictures: list[Image.Image]) -> torch.Tensor:
-    """Pillow pictures as one IMAGE or MASK batch (x / 255)."""
-    import numpy as np
-
-    from nodes.imaging import from_uint8
-
-    return from_uint8(np.stack([np.asarray(picture) for picture in pictures]))
-
-
 def _mask_union(mask: torch.Tensor) -> np.ndarray:
     """The 8-bit mask [H, W] selecting every pixel any mask of the batch selects."""
-    from nodes.imaging import to_uint8
-
     return to_uint8(mask).max(axis=0)
 
 
@@ -184,7 +165,8 @@ class InpaintCrop(Node):
         check_size(width, height, "the output size", " (whole latents, for VAEEncode); set InpaintCrop's width and "
                    "height so, or 0 for the image's size rounded down")
         region = crop_region(_mask_union(mask), width, height, padding)
-        crops = {name: _batch([fill_resize(picture.crop(region), width, height) for picture in _pictures(batch)])
+        crops = {name: from_pictures([fill_resize(picture.crop(region), width, height)
+                                      for picture in to_pictures(batch)])
                  for name, batch in (("image", image), ("mask", mask))}
         return crops | dict(zip(_REGION, region, strict=True))
 
@@ -217,10 +199,10 @@ class InpaintPaste(Node):
         if not (left < right <= columns and top < bottom <= rows):
             raise NodeInputError(f"the region left={left}, top={top}, right={right}, bottom={bottom} is not inside "
                                  f"the {columns}x{rows} image; link InpaintCrop's region of this image")
-        originals, masks, renders = _pictures(image), _pictures(mask), _pictures(render)
+        originals, masks, renders = to_pictures(image), to_pictures(mask), to_pictures(render)
         count = max(len(originals), len(masks), len(renders))
         region = (left, top, right, bottom)
-        return {"image": _batch([overlay(originals[index % len(originals)], masks[index % len(masks)],
+        return {"image": from_pictures([overlay(originals[index % len(originals)], masks[index % len(masks)],
                                          renders[index % len(renders)], region) for index in range(count)])}
 
 

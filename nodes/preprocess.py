@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from graphflow.context import RunContext
 from graphflow.node import Input, Node, Output
 from graphflow.types import FLOAT, IMAGE, INT, STRING
-from nodes.imaging import INTERPOLATIONS, fit_box, from_uint8, grey_to_rgb, pad, resize, to_uint8
+from nodes.imaging import INTERPOLATIONS, fit_box, from_uint8, grey_to_rgb, pad, resize, to_pictures, to_uint8
 
 if TYPE_CHECKING:
     import numpy as np
@@ -151,7 +151,6 @@ class Depth(Node):
 
     def run(self, ctx: RunContext, image: torch.Tensor, model: str, resolution: str) -> dict[str, Any]:
         import torch
-        from PIL import Image
         from transformers.modeling_outputs import DepthEstimatorOutput
 
         from graphflow.models import ModelKey, placement, torch_dtype
@@ -162,7 +161,7 @@ class Depth(Node):
         handle = ctx.models.handle(ModelKey("depth", source.key, dtype=dtype, device=device),
                                    verified(partial(_load_depth_model, source.path, dtype), source))
         processor = _load_depth_processor(source)
-        pictures = [Image.fromarray(item) for item in to_uint8(image)]
+        pictures = to_pictures(image)
         pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
         # one picture per forward pass, as the depth-estimation pipeline and the guide run them: a batched pass
         # rounds differently (~1e-6 relative), enough to move an 8-bit step
