@@ -14,6 +14,7 @@ so the seed is all the random state a resumed run needs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -159,7 +160,7 @@ def save_checkpoint(out: Path, step: int, controlnet: Any, optimizer: Any, state
     from safetensors.torch import save_file
 
     tensors, plain = _split_optimizer_state(optimizer.state_dict())
-    record = TrainingState(state.step, state.losses, state.fixed, plain, state.scaler, state.config)
+    record = dataclasses.replace(state, optimizer=plain)
 
     def write(folder: Path) -> None:
         controlnet.save_pretrained(folder / CONTROLNET, safe_serialization=True)
