@@ -52,7 +52,8 @@ class Compilation:
         return self.mode if self.backend == "inductor" else f"{self.mode} ({self.backend})"
 
     def wrap(self, module: Any) -> Any:
-        """`module` compiled: an OptimizedModule sharing its weights (attributes read through to the module)."""
+        """`module` compiled: an OptimizedModule sharing its weights (attributes read through to the module); a
+        module's method (a VAE's encode) compiles to a function calling it."""
         import torch
 
         return torch.compile(module, mode=self.mode, backend=self.backend)
@@ -66,11 +67,9 @@ class _CompiledVae:
     """A VAE module with compiled `encode` / `decode`; other attributes are the module's."""
 
     def __init__(self, module: Any, compilation: Compilation) -> None:
-        import torch
-
         self._orig_mod = module
-        self.encode = torch.compile(module.encode, mode=compilation.mode, backend=compilation.backend)
-        self.decode = torch.compile(module.decode, mode=compilation.mode, backend=compilation.backend)
+        self.encode = compilation.wrap(module.encode)
+        self.decode = compilation.wrap(module.decode)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._orig_mod, name)
@@ -118,7 +117,7 @@ def _components(value: Any) -> tuple[str, ...]:
     if value is None:
         return DEFAULT_COMPONENTS
     names: Iterable[Any] = value.split(",") if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) and not isinstance(value, str):
+    if not isinstance(names, (list, tuple)):
         raise CompileOptionError(f"option compile_components is {value!r}; expected a list of "
                                  f"{', '.join(COMPONENTS)}")
     chosen = tuple(name.strip() if isinstance(name, str) else name for name in names)
