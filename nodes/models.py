@@ -13,7 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 from graphflow.context import RunContext
-from graphflow.models.quantization import BACKENDS, MODES
+from graphflow.models.compilation import compilation
+from graphflow.models.quantization import BACKENDS, MODES, quantization
 from graphflow.node import Input, Node, Output
 from graphflow.types import CLIP, CONTROLNET, MODEL, STRING, VAE
 
@@ -42,7 +43,6 @@ def _load(ctx: RunContext, model: str, config: str, load: Callable[..., Any], *,
     device/dtype, quantised as `quantize` (mode, backend) asks. The config is located like a model (its files too
     stay inside the roots), configs only."""
     from graphflow.models import placement
-    from graphflow.models.quantization import quantization
     from graphflow.models.sources import MODEL_CONFIG_FILES, PIPELINE_CONFIG_FILES, locate
 
     where = placement(ctx.options)
@@ -51,13 +51,6 @@ def _load(ctx: RunContext, model: str, config: str, load: Callable[..., Any], *,
     files = PIPELINE_CONFIG_FILES if pipeline else MODEL_CONFIG_FILES
     configs = locate(config, ctx.paths, node=ctx.node, input="config", files=files) if config.strip() else None
     return load(ctx.models, source, where, configs, **extra)
-
-
-def _compilation(ctx: RunContext, component: str) -> Any:
-    """The run's torch.compile choice for `component` (None: eager), which the loaded value carries."""
-    from graphflow.models.compilation import compilation
-
-    return compilation(ctx.options, component)
 
 
 class CheckpointLoader(Node):
@@ -82,9 +75,9 @@ class CheckpointLoader(Node):
         from graphflow.models.loading import load_checkpoint
 
         checkpoint = _load(ctx, model, config, load_checkpoint, pipeline=True, quantize=(quantize, quantize_backend))
-        return {"model": replace(checkpoint.model, compile=_compilation(ctx, "unet")),
-                "clip": replace(checkpoint.clip, compile=_compilation(ctx, "text_encoder")),
-                "vae": replace(checkpoint.vae, compile=_compilation(ctx, "vae"))}
+        return {"model": replace(checkpoint.model, compile=compilation(ctx.options, "unet")),
+                "clip": replace(checkpoint.clip, compile=compilation(ctx.options, "text_encoder")),
+                "vae": replace(checkpoint.vae, compile=compilation(ctx.options, "vae"))}
 
 
 class ControlNetLoader(Node):
@@ -104,7 +97,7 @@ class ControlNetLoader(Node):
         from graphflow.models.loading import load_controlnet
 
         controlnet = _load(ctx, model, config, load_controlnet, quantize=(quantize, quantize_backend))
-        return {"controlnet": replace(controlnet, compile=_compilation(ctx, "controlnet"))}
+        return {"controlnet": replace(controlnet, compile=compilation(ctx.options, "controlnet"))}
 
 
 class VAELoader(Node):
@@ -121,7 +114,7 @@ class VAELoader(Node):
     def run(self, ctx: RunContext, model: str, config: str) -> dict[str, Any]:
         from graphflow.models.loading import load_vae
 
-        return {"vae": replace(_load(ctx, model, config, load_vae), compile=_compilation(ctx, "vae"))}
+        return {"vae": replace(_load(ctx, model, config, load_vae), compile=compilation(ctx.options, "vae"))}
 
 
 NODES = (CheckpointLoader, ControlNetLoader, VAELoader)
