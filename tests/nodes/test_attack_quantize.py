@@ -16,7 +16,7 @@ from graphflow.models import ModelManager
 from graphflow.models.manager import module_bytes
 from graphflow.models.quantization import QuantizationError, installed, quantization
 from tests.nodes.sampling_graphs import make_engine, sampling_graph
-from tests.nodes.test_quantize import loaders_graph, quantized
+from tests.nodes.test_quantize import loaders_graph, part_handles, quantized
 
 pytest.importorskip("torchao", reason="needs the graphflow[quantize] extra (torchao)")
 
@@ -44,11 +44,8 @@ def test_two_threads_loading_int8_and_fp32_of_one_source_at_once_each_get_their_
     def load(mode: str) -> None:
         try:
             start.wait()
-            outputs = engine.run(documents[mode]).outputs
-            handles = {"unet": outputs["model"].unet, "text_encoder": outputs["clip"].encoders[0],
-                       "controlnet": outputs["controlnet"].controlnet, "vae": outputs["vae"].vae}
             found = {}
-            for kind, handle in handles.items():
+            for kind, handle in part_handles(engine.run(documents[mode]).outputs).items():
                 with handle.use() as module:
                     found[kind] = is_quantised(module)
             loaded[mode] = found
@@ -125,10 +122,9 @@ def test_the_manager_counts_what_quanto_tensors_store(mode: str, stored: int) ->
 
 def test_the_manager_budgets_a_quantised_model_by_its_stored_bytes(tiny_models: Path, tmp_path: Path) -> None:
     engine = make_engine(tiny_models, tmp_path)
-    outputs = engine.run(quantized(loaders_graph(tiny_models), "int8", "torchao")).outputs
-    handles = [outputs["model"].unet, outputs["clip"].encoders[0], outputs["vae"].vae, outputs["controlnet"].controlnet]
+    handles = part_handles(engine.run(quantized(loaders_graph(tiny_models), "int8", "torchao")).outputs)
     stored = 0
-    for handle in handles:
+    for handle in handles.values():
         with handle.use() as module:
             stored += module_bytes(module)
             logical = sum(tensor.element_size() * tensor.nelement() for tensor in module.parameters())

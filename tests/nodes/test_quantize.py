@@ -15,7 +15,7 @@ import torch
 
 from graphflow import Engine, Graph
 from graphflow.errors import NodeExecutionError
-from graphflow.models.manager import module_bytes
+from graphflow.models.manager import ModelHandle, module_bytes
 from graphflow.models.quantization import installed
 from nodes import CheckpointLoader, ControlNetLoader
 from tests.nodes.sampling_graphs import make_engine, sampling_graph
@@ -55,11 +55,15 @@ def loaders_graph(tiny_models: Path) -> Graph:
     return graph
 
 
+def part_handles(outputs: dict[str, Any]) -> dict[str, ModelHandle]:
+    """The handles of the parts `loaders_graph` outputs, by kind."""
+    return {"unet": outputs["model"].unet, "text_encoder": outputs["clip"].encoders[0],
+            "vae": outputs["vae"].vae, "controlnet": outputs["controlnet"].controlnet}
+
+
 def counted_bytes(engine: Engine, document: dict[str, Any]) -> tuple[dict[str, int], dict[str, str]]:
     """The bytes the model manager counts for each loaded part, and the quantization its key names, by kind."""
-    outputs = engine.run(document).outputs
-    handles = {"unet": outputs["model"].unet, "text_encoder": outputs["clip"].encoders[0],
-               "vae": outputs["vae"].vae, "controlnet": outputs["controlnet"].controlnet}
+    handles = part_handles(engine.run(document).outputs)
     counted = {}
     for kind, handle in handles.items():
         with handle.use() as module:
