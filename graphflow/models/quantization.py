@@ -51,8 +51,6 @@ class Quantization:
 
     def config(self, library: str) -> Any:
         """The quantization config `from_pretrained` of `library` ("diffusers" or "transformers") takes."""
-        import importlib
-
         classes = importlib.import_module(library)
         if self.backend == "torchao":
             from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
