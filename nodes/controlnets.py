@@ -93,6 +93,7 @@ class _WindowHeld:
         self.controlnet, self.handle, self.slice_size = controlnet, controlnet.controlnet, slice_size
         self.controls: list[ControlApplication] = []
         self.window: ExitStack | None = None
+        self.runner: Any = None  # the module as the ControlNet value runs it (compiled or not), made once per window
         self.steps: tuple[int, int] | None = None  # first and last step with a non-zero scale
         loop.callback(self.release)  # an error or a cancel between steps lets go too
 
@@ -115,13 +116,15 @@ class _WindowHeld:
     def release(self) -> None:
         if self.window is not None:
             self.window.close()
-            self.window = None
+            self.window, self.runner = None, None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from graphflow.models.memory import exclusive
 
         with exclusive(self.handle) as module, sliced_attention(module, self.slice_size) as net:
-            return self.controlnet.compiled(net)(*args, **kwargs)
+            if self.runner is None:  # a torch.compile wrapper costs milliseconds to make: not one per call
+                self.runner = self.controlnet.compiled(net)
+            return self.runner(*args, **kwargs)
 
 
 def _control_image(control: ControlApplication, request: SamplingRequest, duplicate: bool) -> torch.Tensor:
