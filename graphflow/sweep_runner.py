@@ -11,7 +11,6 @@ files are then moved (never copied over anything) into the job's folder, keeping
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -118,10 +117,11 @@ def _move(path: Path, root: Path, folder: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(path, target)  # FileExistsError rather than replacing
-    except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
-        # another file system (a user's engine writing elsewhere): copied whole, then removed
+    except FileExistsError:
+        raise
+    except OSError:
+        # another file system (a user's engine writing elsewhere), or one without hard links (FAT, some network
+        # shares): copied whole, then removed
         if not atomic_write(target, path.read_bytes(), exclusive=True):
             raise FileExistsError(f"{target} already exists") from None
     path.unlink()
