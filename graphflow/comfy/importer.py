@@ -1,0 +1,430 @@
+"""ComfyUI workflows as graphflow documents: `import_prompt` (API format), `import_file` (API or UI JSON, PNG).
+
+ComfyUI wires nodes by position (`["4", 0]`: output 0 of node "4"); graphflow by name (`{"from": "ckpt_4.model"}`).
+Each ComfyUI node becomes zero or more graphflow nodes named after its class and id (`ksampler_3`), and each of
+its outputs a `Source`: the graphflow output it became plus what ComfyUI keeps in the value itself and graphflow
+keeps elsewhere (a CLIPSetLastLayer's clip skip, the ControlNets attached to a conditioning, a latent's noise
+mask). Every problem (unknown classes, bad links, missing model files) is collected and raised together.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphflow.comfy.classes import COMFY_CLASSES, ComfyClass, ComfyInput
+from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
+
+if TYPE_CHECKING:
+    from graphflow.registry import NodeRegistry
+
+LEVELS = ("exact", "approximate", "unsupported")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How faithfully one ComfyUI node was imported: exact, approximate (`reason` says why) or unsupported."""
+
+    level: str
+    node_class: str
+    graphflow_nodes: list[str]
+    reason: str = ""
+
+
+@dataclass
+class Imported:
+    """A ComfyUI workflow as a graphflow document, with what each ComfyUI node became."""
+
+    document: dict[str, Any]
+    fidelity: dict[str, Fidelity]  # by ComfyUI node id
+    node_names: dict[str, list[str]]  # ComfyUI node id -> the graphflow nodes it became
+    outputs: dict[str, str]  # ComfyUI id of each SaveImage / PreviewImage -> its graphflow node
+
+    def summary(self) -> str:
+        """A table of every ComfyUI node: id, class, fidelity, graphflow nodes, why it is not exact."""
+        rows = [("id", "class", "fidelity", "graphflow", "notes")]
+        for comfy_id, item in self.fidelity.items():
+            rows.append((comfy_id, item.node_class, item.level, ", ".join(item.graphflow_nodes) or "-",
+                         item.reason or ""))
+        widths = [max(len(row[column]) for row in rows) for column in range(4)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
+                 for row in rows]
+        counts = {level: sum(item.level == level for item in self.fidelity.values()) for level in LEVELS}
+        lines.append(f"{len(self.fidelity)} ComfyUI nodes: " + ", ".join(f"{counts[level]} {level}"
+                                                                         for level in LEVELS))
+        return "\n".join(line.rstrip() for line in lines)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What one ComfyUI output became: a graphflow output (`link`, "node.output") of ComfyUI type `type`, plus
+    the parts of ComfyUI's value that graphflow carries on other inputs."""
+
+    link: str
+    type: str
+    clip_skip: int = 0  # CLIP: from CLIPSetLastLayer, for TextEncode's clip_skip
+    controls: tuple[str, ...] = ()  # CONDITIONING: ControlApply outputs, for the Sampler's control list
+    mask: str | None = None  # LATENT: a noise mask (SetLatentNoiseMask), for the Sampler's mask
+    empty: bool = False  # LATENT: an EmptyLatent's, which graphflow's Sampler samples as text-to-image
+
+    def with_(self, **changes: Any) -> Source:
+        return replace(self, **changes)
+
+
+@dataclass
+class Translation:
+    """A ComfyUI node's graphflow result: its outputs in ComfyUI's order, and its fidelity."""
+
+    outputs: tuple[Source, ...] = ()
+    level: str = "exact"
+    reason: str = ""
+
+
+@dataclass
+class Paths:
+    """Where ComfyUI's file names resolve: its models folder (checkpoints/, loras/, ...) and its input folder."""
+
+    models_dir: Path | None = None
+    input_dir: Path | None = None
+
+
+class NodeImport:
+    """One ComfyUI node while it is translated: its inputs, resolved, and the graphflow nodes it adds."""
+
+    def __init__(self, importer: _Importer, comfy_id: str, spec: ComfyClass, inputs: Mapping[str, Any]) -> None:
+        self.importer = importer
+        self.id = comfy_id
+        self.spec = spec
+        self.raw = inputs
+        self.added: list[str] = []
+
+    def name(self, suffix: str = "") -> str:
+        """The graphflow node name for this node (or its `suffix` part): readable, deterministic, unique."""
+        return self.importer.node_name(self.spec.name, self.id, suffix)
+
+    def add(self, node_type: str, inputs: dict[str, Any], suffix: str = "") -> str:
+        """Add a graphflow node; returns its name."""
+        name = self.name(suffix)
+        self.importer.nodes[name] = {"type": node_type, "inputs": inputs}
+        self.added.append(name)
+        return name
+
+    def source(self, input: str) -> Source | None:
+        """The Source linked into `input` (None for an unlinked optional input)."""
+        value = self.raw.get(input)
+        if value is None:
+            return None
+        return self.importer.sources[str(value[0])][int(value[1])]
+
+    def link(self, input: str) -> dict[str, str]:
+        source = self.source(input)
+        assert source is not None, f"{self.spec.name}.{input} is required and was checked to be linked"
+        return {"from": source.link}
+
+    def value(self, input: str) -> Any:
+        """A widget's value (its ComfyUI default where the workflow leaves it out)."""
+        spec = self.spec.input(input)
+        assert spec is not None, f"{self.spec.name} has no input {input}"
+        return self.raw.get(input, spec.default)
+
+    def model_path(self, input: str) -> str:
+        """A model file name resolved against the models folder (ComfyUI's `folder/name`)."""
+        spec = self.spec.input(input)
+        assert spec is not None and spec.files is not None
+        return self.importer.resolve_file(self, input, spec.files, str(self.value(input)))
+
+    def image_path(self, input: str) -> str:
+        """An image name resolved against the input folder; ComfyUI's ' [input]' annotation dropped."""
+        name = re.sub(r" \[(input|output|temp)\]$", "", str(self.value(input)))
+        return self.importer.resolve_file(self, input, "input", name)
+
+    def error(self, code: Code, message: str, input: str | None = None, expected: str | None = None,
+              found: str | None = None) -> None:
+        self.importer.errors.append(GraphError(code, f"{self.spec.name} {message}", self.id, input, expected,
+                                               found))
+
+
+Translator = Callable[[NodeImport], Translation]
+
+
+class _Importer:
+    def __init__(self, prompt: Mapping[str, Any], paths: Paths, translators: Mapping[str, Translator]) -> None:
+        self.prompt = {str(key): value for key, value in prompt.items()}
+        self.paths = paths
+        self.translators = translators
+        self.errors: list[GraphError] = []
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.sources: dict[str, tuple[Source, ...]] = {}
+        self._names: dict[tuple[str, str, str], str] = {}
+
+    def node_name(self, class_name: str, comfy_id: str, suffix: str) -> str:
+        key = (class_name, comfy_id, suffix)
+        if key not in self._names:
+            base = "_".join(part for part in (_snake(class_name), _UNSAFE.sub("_", comfy_id).strip("_"), suffix)
+                            if part)
+            name, count = base, 1
+            while name in self._names.values():  # ids that differ only in unsafe characters ("1:2" and "1_2")
+                count += 1
+                name = f"{base}_{count}"
+            self._names[key] = name
+        return self._names[key]
+
+    def resolve_file(self, node: NodeImport, input: str, folder: str, name: str) -> str:
+        root = self.paths.input_dir if folder == "input" else \
+            self.paths.models_dir / folder if self.paths.models_dir is not None else None
+        relative = Path(name)
+        if not name or relative.is_absolute() or ".." in relative.parts:
+            node.error(Code.PATH_OUTSIDE_ROOT, "names a file outside its folder", input,
+                       f"a name inside ComfyUI's {folder}/ folder", repr(name))
+            return name
+        if root is None:  # resolved at run time against the first --input-dir
+            return name if folder == "input" else f"{folder}/{relative.as_posix()}"
+        path = root / relative
+        if not path.exists():
+            from graphflow.comfy.classes import model_files
+
+            known = model_files(root.parent, root.name)
+            node.error(Code.FILE_NOT_FOUND, f"names a file that is not in {root}{did_you_mean(name, known)}", input,
+                       f"one of {', '.join(known[:8]) or 'the files there (none found)'}", repr(name))
+        return str(path.absolute())
+
+    def run(self) -> tuple[dict[str, dict[str, Any]], dict[str, Fidelity], dict[str, list[str]]]:
+        order = self._checked_order()
+        fidelity: dict[str, Fidelity] = {}
+        names: dict[str, list[str]] = {}
+        for comfy_id in order:
+            entry = self.prompt[comfy_id]
+            spec = COMFY_CLASSES[entry["class_type"]]
+            node = NodeImport(self, comfy_id, spec, entry.get("inputs") or {})
+            translation = self.translators[spec.name](node)
+            self.sources[comfy_id] = translation.outputs
+            names[comfy_id] = node.added
+            fidelity[comfy_id] = Fidelity(translation.level, spec.name, list(node.added), translation.reason)
+        if self.errors:
+            raise ValidationError(self.errors)
+        return self.nodes, {key: fidelity[key] for key in _ids(self.prompt)}, \
+            {key: names[key] for key in _ids(self.prompt)}
+
+    def _checked_order(self) -> list[str]:
+        """The node ids in an order where every link's source comes first, after every shape, class, link and
+        widget problem was found (and raised together)."""
+        errors: list[GraphError] = []
+        unknown: list[GraphError] = []
+        for comfy_id in _ids(self.prompt):
+            entry = self.prompt[comfy_id]
+            if not isinstance(entry, dict) or not isinstance(entry.get("class_type"), str) \
+                    or not isinstance(entry.get("inputs", {}), dict):
+                errors.append(GraphError(Code.INVALID_DOCUMENT, "a ComfyUI node is an object with a class_type and "
+                                         "inputs", comfy_id, expected='{"class_type": ..., "inputs": {...}}',
+                                         found=_shown(entry)))
+            elif entry["class_type"] not in COMFY_CLASSES:
+                unknown.append(GraphError(Code.UNKNOWN_NODE_TYPE, f"ComfyUI class {entry['class_type']} has no "
+                                          f"graphflow mapping{did_you_mean(entry['class_type'], COMFY_CLASSES)}",
+                                          comfy_id, expected="a class graphflow maps", found=entry["class_type"]))
+        if unknown:
+            names = sorted({str(error.found) for error in unknown})
+            errors.insert(0, GraphError(Code.UNKNOWN_NODE_TYPE, f"{len(names)} ComfyUI class"
+                                        f"{'es' if len(names) != 1 else ''} cannot be imported: {', '.join(names)}",
+                                        expected="classes graphflow maps: " + ", ".join(sorted(COMFY_CLASSES)),
+                                        found=", ".join(names)))
+            errors.extend(unknown)
+        if errors:
+            raise ValidationError(errors)
+        for comfy_id in _ids(self.prompt):
+            errors.extend(self._input_errors(comfy_id))
+        if errors:
+            raise ValidationError(errors)
+        return self._topological(errors)
+
+    def _input_errors(self, comfy_id: str) -> list[GraphError]:
+        entry = self.prompt[comfy_id]
+        spec = COMFY_CLASSES[entry["class_type"]]
+        inputs = entry.get("inputs") or {}
+        errors: list[GraphError] = []
+        for item in spec.inputs:
+            value = inputs.get(item.name)
+            if item.is_widget:
+                problem = _widget_problem(item, value)
+                if problem is not None:
+                    errors.append(GraphError(Code.INVALID_VALUE, f"{spec.name} input {item.name} {problem[0]}",
+                                             comfy_id, item.name, problem[1], _shown(value)))
+            elif value is None:
+                if not item.optional:
+                    errors.append(GraphError(Code.MISSING_REQUIRED_INPUT, f"{spec.name} needs a {item.type} linked "
+                                             f"into {item.name}", comfy_id, item.name, f"a link from a {item.type} "
+                                             "output", "nothing"))
+            else:
+                errors.extend(self._link_errors(comfy_id, spec, item, value))
+        return errors
+
+    def _link_errors(self, comfy_id: str, spec: ComfyClass, item: ComfyInput, value: Any) -> list[GraphError]:
+        where = f"{spec.name} input {item.name}"
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+                and isinstance(value[1], int) and not isinstance(value[1], bool)):
+            return [GraphError(Code.BAD_LINK, f"{where} takes a link [node_id, output_index]", comfy_id, item.name,
+                               f"a link from a {item.type} output", _shown(value))]
+        source_id, index = str(value[0]), value[1]
+        source = self.prompt.get(source_id)
+        if source is None:
+            return [GraphError(Code.BAD_LINK, f"{where} links to node {source_id}, which is not in the workflow"
+                               f"{did_you_mean(source_id, self.prompt)}", comfy_id, item.name,
+                               "the id of a node in the workflow", source_id)]
+        outputs = COMFY_CLASSES[source["class_type"]].outputs
+        if not 0 <= index < len(outputs):
+            return [GraphError(Code.BAD_LINK, f"{where} links to output {index} of node {source_id} "
+                               f"({source['class_type']}), which has {len(outputs)} output(s)", comfy_id, item.name,
+                               f"an index below {len(outputs)}", str(index))]
+        if outputs[index] != item.type:
+            return [GraphError(Code.TYPE_MISMATCH, f"{where} takes {item.type}, but output {index} of node "
+                               f"{source_id} ({source['class_type']}) is {outputs[index]}", comfy_id, item.name,
+                               item.type, outputs[index])]
+        return []
+
+    def _topological(self, errors: list[GraphError]) -> list[str]:
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 visiting, 2 done
+        for start in _ids(self.prompt):
+            stack: list[tuple[str, list[str]]] = [(start, self._parents(start))]
+            if state.get(start) == 2:
+                continue
+            state[start] = 1
+            while stack:
+                node, parents = stack[-1]
+                if parents:
+                    parent = parents.pop()
+                    if state.get(parent) == 1:
+                        cycle = [entry for entry, _ in stack]
+                        raise ValidationError([GraphError(
+                            Code.CYCLE, "these ComfyUI nodes depend on each other in a loop: "
+                            + " -> ".join([*cycle[cycle.index(parent):], parent]), parent)])
+                    if state.get(parent) is None:
+                        state[parent] = 1
+                        stack.append((parent, self._parents(parent)))
+                else:
+                    stack.pop()
+                    state[node] = 2
+                    order.append(node)
+        return order
+
+    def _parents(self, comfy_id: str) -> list[str]:
+        inputs = self.prompt[comfy_id].get("inputs") or {}
+        spec = COMFY_CLASSES[self.prompt[comfy_id]["class_type"]]
+        return sorted({str(inputs[item.name][0]) for item in spec.inputs
+                       if not item.is_widget and inputs.get(item.name) is not None}, key=_id_order, reverse=True)
+
+
+def _widget_problem(item: ComfyInput, value: Any) -> tuple[str, str] | None:
+    """What is wrong with a widget value, as (problem, expected), or None."""
+    if value is None:
+        return None  # ComfyUI's default
+    if isinstance(value, list):
+        return "is linked, but graphflow imports only literal values there", f"a {item.type} value"
+    if item.type == "INT" and (isinstance(value, bool) or not isinstance(value, int)):
+        return "is not a whole number", "an INT"
+    if item.type == "FLOAT" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "is not a number", "a FLOAT"
+    if item.type == "STRING" and not isinstance(value, str):
+        return "is not a text", "a STRING"
+    if item.type == "COMBO" and item.choices and value not in item.choices:
+        return f"is not one of the choices{did_you_mean(str(value), item.choices)}", \
+            "one of " + ", ".join(item.choices)
+    if item.type == "COMBO" and item.files is not None and not isinstance(value, str):
+        return "is not a file name", "a file name"
+    if item.type in ("INT", "FLOAT"):
+        low, high = item.options.get("min"), item.options.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            return "is out of ComfyUI's range", f"{low} to {high}"
+    return None
+
+
+def _ids(prompt: Mapping[str, Any]) -> list[str]:
+    return sorted(prompt, key=_id_order)
+
+
+def _id_order(comfy_id: str) -> tuple[Any, ...]:
+    """Numeric ids in number order ("2" before "10"), others after them by text."""
+    return (0, int(comfy_id), "") if comfy_id.isdigit() else (1, 0, comfy_id)
+
+
+def _snake(class_name: str) -> str:
+    """KSampler -> ksampler, CheckpointLoaderSimple -> checkpoint_loader_simple, VAEDecode -> vae_decode."""
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z]|\d|$)|[A-Z]?[a-z]+|\d+|[A-Z]+", class_name)
+    if words and words[0] == "K" and len(words) > 1:  # KSampler: one word, as users say it
+        words = ["K" + words[1], *words[2:]]
+    return "_".join(word.lower() for word in words)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def import_prompt(prompt: dict[str, Any], *, models_dir: Path | None = None, name: str | None = None,
+                  input_dir: Path | None = None, registry: NodeRegistry | None = None) -> Imported:
+    """A ComfyUI API-format prompt (`{"3": {"class_type": ..., "inputs": {...}}}`) as a graphflow document.
+
+    Model names resolve against `models_dir` (ComfyUI's layout: checkpoints/, controlnet/, loras/, vae/) and
+    image names against `input_dir`; without them they stay relative (to the run's first --input-dir). Raises
+    ValidationError listing every problem: unknown classes, bad links and values, missing files, and any
+    problem graphflow's validation (with `registry`, default: the installed node packs) finds in the result.
+    """
+    from graphflow.comfy.mappings import TRANSLATORS
+
+    if not isinstance(prompt, dict) or not prompt:
+        raise ValidationError([GraphError(Code.INVALID_DOCUMENT, "a ComfyUI API-format prompt is a non-empty "
+                                          "object of nodes by id", expected='{"3": {"class_type": ...}}',
+                                          found=_shown(prompt))])
+    paths = Paths(models_dir, input_dir)
+    nodes, fidelity, names = _Importer(prompt, paths, TRANSLATORS).run()
+    document: dict[str, Any] = {"graphflow": 1, "name": name or "comfyui-import",
+                                "description": "Imported from a ComfyUI workflow by graphflow import-comfy",
+                                "nodes": nodes}
+    outputs = {comfy_id: names[comfy_id][0] for comfy_id, item in fidelity.items()
+               if COMFY_CLASSES[item.node_class].output_node and names[comfy_id]}
+    _validate(document, registry)
+    return Imported(document, fidelity, names, outputs)
+
+
+def _validate(document: dict[str, Any], registry: NodeRegistry | None) -> None:
+    from graphflow.registry import default_registry
+    from graphflow.validation import validate_document
+
+    errors = validate_document(document, registry if registry is not None else default_registry())
+    if errors:
+        raise ValidationError(errors)
+
+
+def import_file(path: Path, *, models_dir: Path | None = None, input_dir: Path | None = None,
+                registry: NodeRegistry | None = None) -> Imported:
+    """A ComfyUI workflow file as a graphflow document: API-format JSON, UI-format JSON (`nodes` / `links`), or a
+    PNG ComfyUI saved (its `prompt` text chunk, else its `workflow` one)."""
+    from graphflow.comfy.workflow import is_ui_workflow, prompt_from_ui, read_png_workflow
+
+    path = Path(path)
+    name = _document_name(path.stem)
+    if path.suffix.lower() == ".png":
+        data = read_png_workflow(path)
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValidationError([GraphError(Code.FILE_NOT_FOUND, f"cannot read {path}: {error}",
+                                              expected="a readable ComfyUI workflow", found=str(path))]) from None
+        except json.JSONDecodeError as error:
+            raise ValidationError([GraphError(Code.INVALID_JSON, f"{path} is not JSON: {error}",
+                                              expected="ComfyUI API or UI workflow JSON", found=str(path))]) from None
+    if isinstance(data, dict) and is_ui_workflow(data):
+        data = prompt_from_ui(data)
+    return import_prompt(data, models_dir=models_dir, name=name, input_dir=input_dir, registry=registry)
+
+
+def _document_name(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]+", "-", stem).strip("-") or "comfyui-import"
+
+
+__all__ = ["Fidelity", "Imported", "NodeImport", "Source", "Translation", "import_file", "import_prompt"]

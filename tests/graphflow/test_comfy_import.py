@@ -1,0 +1,182 @@
+"""graphflow.comfy: ComfyUI workflows (API format, UI format, PNG metadata) imported, validated and run.
+
+The workflows are small JSON files under tests/graphs/comfy/, written as ComfyUI writes them; they run on the
+tiny models, laid out in a models folder the way ComfyUI keeps one (checkpoints/, controlnet/, loras/, vae/).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from graphflow import Engine
+from graphflow.cli import main
+from graphflow.comfy import COMFY_CLASSES, Imported, comfy_class_info, import_file, import_prompt
+from graphflow.errors import ValidationError
+
+WORKFLOWS = Path(__file__).parents[1] / "graphs" / "comfy"
+
+
+@pytest.fixture(scope="module")
+def comfy_dirs(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A ComfyUI models folder holding the tiny models as diffusers folders, and an input folder with images."""
+    root = tmp_path_factory.mktemp("comfy")
+    models, inputs = root / "models", root / "input"
+    for folder, name, source in [("checkpoints", "sd15", "sd15"), ("checkpoints", "sd15-inpaint", "sd15-inpaint"),
+                                 ("controlnet", "canny", "controlnet-canny"), ("vae", "sd15-vae", "sd15/vae")]:
+        shutil.copytree(tiny_models / source, models / folder / name)
+    inputs.mkdir()
+    pixels = np.zeros((64, 64, 4), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
+    pixels[16:48, 16:48, 1:3] = 200
+    pixels[..., 3] = 255
+    pixels[24:40, 24:40, 3] = 0  # a transparent square: LoadImage's mask
+    Image.fromarray(pixels, "RGBA").save(inputs / "photo.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 8:40] = 255
+    Image.fromarray(mask, "L").save(inputs / "mask.png")
+    return models, inputs
+
+
+def run(imported: Imported, comfy_dirs: tuple[Path, Path], out: Path) -> list[Path]:
+    """Run an imported document on the tiny models; the files its SaveImage nodes wrote."""
+    models, inputs = comfy_dirs
+    engine = Engine(input_dirs=[models, inputs], output_dir=out)
+    return engine.run(imported.document).files
+
+
+def test_an_api_workflow_becomes_named_nodes_that_validate_and_run(comfy_dirs: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    imported = import_file(WORKFLOWS / "txt2img_api.json", models_dir=comfy_dirs[0])
+    nodes = imported.document["nodes"]
+    assert imported.node_names == {"3": ["ksampler_3"], "4": ["checkpoint_loader_simple_4"],
+                                   "5": ["empty_latent_image_5"], "6": ["clip_text_encode_6"],
+                                   "7": ["clip_text_encode_7"], "8": ["vae_decode_8"], "9": ["save_image_9"]}
+    assert imported.outputs == {"9": "save_image_9"}
+    sampler = nodes["ksampler_3"]["inputs"]
+    assert sampler["positive"] == {"from": "clip_text_encode_6.conditioning"}
+    assert sampler["latent"] == {"from": "empty_latent_image_5.latent"}
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["scheduler"]) == (7, 3, 7.0, "euler")
+    assert nodes["checkpoint_loader_simple_4"]["inputs"]["model"] == str(comfy_dirs[0] / "checkpoints" / "sd15")
+    assert {comfy_id: item.level for comfy_id, item in imported.fidelity.items()} == {
+        "3": "approximate", "4": "exact", "5": "exact", "6": "exact", "7": "exact", "8": "exact", "9": "exact"}
+    assert "k-diffusion" in imported.fidelity["3"].reason
+    files = run(imported, comfy_dirs, tmp_path / "out")
+    assert [file.name for file in files] == ["ComfyUI_00000.png"]
+    with Image.open(files[0]) as image:
+        assert image.size == (64, 48)
+
+
+def test_the_ui_format_imports_as_its_api_prompt_through_reroutes_primitives_and_muted_nodes(
+        comfy_dirs: tuple[Path, Path]) -> None:
+    ui = import_file(WORKFLOWS / "txt2img_ui.json", models_dir=comfy_dirs[0])
+    api = import_file(WORKFLOWS / "txt2img_api.json", models_dir=comfy_dirs[0])
+    assert ui.document["nodes"] == api.document["nodes"]  # seed 7 from the PrimitiveNode, clip through the Reroute
+    assert set(ui.fidelity) == {"3", "4", "5", "6", "7", "8", "9"}  # no note, reroute, primitive or muted preview
+
+
+def test_a_comfyui_png_imports_its_prompt_chunk(comfy_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(prompt))
+    info.add_text("workflow", (WORKFLOWS / "txt2img_ui.json").read_text())
+    Image.new("RGB", (8, 8)).save(tmp_path / "ComfyUI_00001_.png", pnginfo=info)
+    imported = import_file(tmp_path / "ComfyUI_00001_.png", models_dir=comfy_dirs[0])
+    assert imported.document["nodes"] == import_prompt(prompt, models_dir=comfy_dirs[0]).document["nodes"]
+    assert imported.document["name"] == "ComfyUI_00001_"
+    workflow_only = PngInfo()
+    workflow_only.add_text("workflow", (WORKFLOWS / "txt2img_ui.json").read_text())
+    Image.new("RGB", (8, 8)).save(tmp_path / "ui.png", pnginfo=workflow_only)
+    assert import_file(tmp_path / "ui.png", models_dir=comfy_dirs[0]).document["nodes"] == imported.document["nodes"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(ValidationError, match="carries no ComfyUI workflow"):
+        import_file(tmp_path / "plain.png")
+
+
+def test_unknown_classes_are_listed_together_with_their_node_ids() -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    prompt["20"] = {"class_type": "IPAdapterAdvanced", "inputs": {}}
+    prompt["21"] = {"class_type": "UltimateSDUpscale", "inputs": {}}
+    prompt["22"] = {"class_type": "KSamplr", "inputs": {}}
+    with pytest.raises(ValidationError) as raised:
+        import_prompt(prompt)
+    errors = raised.value.errors
+    assert errors[0].code == "unknown_node_type"
+    assert "3 ComfyUI classes cannot be imported: IPAdapterAdvanced, KSamplr, UltimateSDUpscale" in errors[0].message
+    assert [(error.node, error.found) for error in errors[1:]] == [
+        ("20", "IPAdapterAdvanced"), ("21", "UltimateSDUpscale"), ("22", "KSamplr")]
+    assert "did you mean 'KSampler'" in errors[3].message
+
+
+def test_bad_links_and_values_are_listed_together() -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    prompt["3"]["inputs"] |= {"model": ["4", 1], "latent_image": ["55", 0], "sampler_name": "eulr"}
+    prompt["8"]["inputs"]["vae"] = ["4", 3]
+    del prompt["6"]["inputs"]["clip"]
+    with pytest.raises(ValidationError) as raised:
+        import_prompt(prompt)
+    found = {(error.node, error.input, str(error.code)) for error in raised.value.errors}
+    assert found == {("3", "model", "type_mismatch"), ("3", "latent_image", "bad_link"),
+                     ("3", "sampler_name", "invalid_value"), ("8", "vae", "bad_link"),
+                     ("6", "clip", "missing_required_input")}
+    assert "did you mean 'euler'" in str(raised.value)
+
+
+def test_model_names_resolve_in_the_models_folder_and_never_outside_it(comfy_dirs: tuple[Path, Path]) -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    prompt["4"]["inputs"]["ckpt_name"] = "sd16"
+    with pytest.raises(ValidationError, match="did you mean 'sd15'") as raised:
+        import_prompt(prompt, models_dir=comfy_dirs[0])
+    assert (raised.value.errors[0].node, raised.value.errors[0].code) == ("4", "file_not_found")
+    prompt["4"]["inputs"]["ckpt_name"] = "../../secret"
+    with pytest.raises(ValidationError, match="outside its folder"):
+        import_prompt(prompt, models_dir=comfy_dirs[0])
+    prompt["4"]["inputs"]["ckpt_name"] = "sd15"
+    unresolved = import_prompt(prompt)  # no models folder: relative to the run's first --input-dir
+    assert unresolved.document["nodes"]["checkpoint_loader_simple_4"]["inputs"]["model"] == "checkpoints/sd15"
+
+
+def test_import_comfy_writes_the_document_and_prints_the_fidelity_summary(
+        comfy_dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "g.json"
+    assert main(["import-comfy", str(WORKFLOWS / "txt2img_api.json"), "-o", str(target),
+                 "--models-dir", str(comfy_dirs[0])]) == 0
+    printed = capsys.readouterr().out
+    assert "3   KSampler                approximate  ksampler_3" in printed
+    assert "7 ComfyUI nodes: 6 exact, 1 approximate, 0 unsupported" in printed
+    assert main(["validate", str(target)]) == 0
+    assert json.loads(target.read_text())["nodes"]["ksampler_3"]["type"] == "Sampler"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"1": {"class_type": "Mystery", "inputs": {}}}))
+    assert main(["import-comfy", str(broken), "-o", str(tmp_path / "never.json")]) == 1
+    assert "Mystery" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
+
+
+def test_object_info_lists_every_mapped_class_in_comfyuis_shape(comfy_dirs: tuple[Path, Path]) -> None:
+    info = comfy_class_info(comfy_dirs[0], comfy_dirs[1])
+    assert set(info) == set(COMFY_CLASSES)
+    sampler = info["KSampler"]
+    assert list(sampler["input"]["required"]) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler",
+                                                  "positive", "negative", "latent_image", "denoise"]
+    assert sampler["input"]["required"]["seed"][1]["control_after_generate"] is True
+    assert (sampler["output"], sampler["output_node"], sampler["category"]) == (["LATENT"], False, "sampling")
+    assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["sd15", "sd15-inpaint"]
+    assert info["LoadImage"]["input"]["required"]["image"][0] == ["mask.png", "photo.png"]
+    assert info["ControlNetApplyAdvanced"]["output_name"] == ["positive", "negative"]
+    assert info["SaveImage"]["output_node"] is True
+
+
+def test_importing_never_imports_torch() -> None:
+    code = ("import sys, json; from graphflow.comfy import import_file; "
+            f"import_file({str(WORKFLOWS / 'txt2img_ui.json')!r}); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
