@@ -79,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(run)
     run.add_argument("--out", type=_output_directory, default=Path("output"),
                      help="output directory (default: ./output)")
-    run.add_argument("--input-dir", action="append", type=_input_directory, default=None, metavar="DIR",
-                     help="directory input files may come from; relative paths resolve against the first "
-                          "(default: the current directory; repeatable)")
+    _add_input_dir(run)
     run.add_argument("--output", action="append", default=None, metavar="NAME",
                      help="compute only this named output (repeatable; default: all outputs and output nodes)")
     run.add_argument("--memory-cache-mb", type=_megabytes, default=2048, metavar="MB",
@@ -115,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a document and list every problem")
     validate.add_argument("graph", type=Path)
     _add_set(validate)
+    _add_input_dir(validate)
     validate.add_argument("--json", action="store_true", help="print problems as JSON")
     validate.set_defaults(command=_validate)
 
@@ -237,20 +236,30 @@ def _output_directory(text: str) -> Path:
     return Path(text)
 
 
+def _add_input_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-dir", action="append", type=_input_directory, default=None, metavar="DIR",
+                        help="another directory input files may come from (repeatable); a relative path is looked "
+                             "up in the document's folder, then in each --input-dir, then in the current directory")
+
+
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="assignments",
                         help="give a template param a value (repeatable)")
 
 
 def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
+    from graphflow.paths import PathPolicy, command_line_roots
+    from graphflow.planning import path_errors
     from graphflow.validation import compile_document
 
     unbound: list[str] = []
     try:
+        paths = PathPolicy.create(command_line_roots(args.input_dir))
         document = load_document(args.graph)
         values = parse_assignments(document, args.assignments)
-        compile_document(document, registry, values, base_dir=args.graph.resolve().parent, as_template=True)
-        errors: list[GraphError] = []
+        compiled = compile_document(document, registry, values, base_dir=args.graph.resolve().parent,
+                                    roots=paths.input_roots, as_template=True, in_folder=True)
+        errors: list[GraphError] = path_errors(compiled, paths)
         unbound = [f"{name} ({'a list of ' if spec.list else ''}{spec.type})"
                    for name, spec in parse_params(document)[0].items() if spec.required and name not in values]
     except ValidationError as error:
@@ -294,12 +303,14 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
 def _execute(args: argparse.Namespace, registry: NodeRegistry, on_event: EventHandler) -> RunResult:
     from graphflow.engine import Engine
     from graphflow.models import ModelManager
+    from graphflow.paths import command_line_roots
 
     models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
                           offload=args.offload)
     options = {"device": args.device, "dtype": args.dtype, "max_image_pixels": args.max_image_pixels,
                **_compile_options(args), **_memory_options(args)}
-    engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
+    engine = Engine(registry, input_dirs=command_line_roots(args.input_dir), output_dir=args.out,
+                    disk_cache=args.cache_dir,
                     cache_bytes=args.memory_cache_mb << 20, options=options, models=models)
     params = parse_assignments(load_document(args.graph), args.assignments)
     return engine.run(args.graph, params, outputs=args.output, on_event=on_event)

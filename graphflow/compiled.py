@@ -33,6 +33,9 @@ class CompiledNode:
     node_type: type[Node]
     inputs: dict[str, Any]
     sources: tuple[str, ...] = ()
+    # the folders of the documents the node came from, innermost template first, where its relative file paths are
+    # looked up first (graphflow.paths); none for a document that is no file (a dict, a builder Graph)
+    folders: tuple[Path, ...] = ()
     # the last cache key made for this node and what it was made from (upstream keys, file digests, options): a
     # node kept by an incremental compile keeps its key while those are unchanged. One tuple, replaced whole, so
     # threads sharing the node never see the parts of two different keys.

@@ -111,10 +111,11 @@ class Engine:
             document = graph if isinstance(graph, dict) else graph.to_document()
             memo_key = None
         name = document.get("name") if isinstance(document, dict) else None
-        lineage = (base_dir, name if isinstance(name, str) else None)
+        in_folder = memo_key is not None  # a file's relative paths resolve in its folder; a dict's in the roots
+        lineage = (base_dir, in_folder, name if isinstance(name, str) else None)
         previous = self._remembered(self._lineages, lineage)
         compiled = compile_document(document, self.registry, values, base_dir=base_dir,
-                                    roots=self.paths.input_roots, previous=previous)
+                                    roots=self.paths.input_roots, previous=previous, in_folder=in_folder)
         self._remember(self._lineages, lineage, compiled)
         if memo_key is not None and memo_key[1] is not None:
             self._remember(self._compiled, memo_key, compiled)

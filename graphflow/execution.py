@@ -139,8 +139,8 @@ class Run:
         problems = _linked_value_errors(node, values)
         if problems:
             raise self._failed(node, ValidationError(problems), wrap=False)  # a document problem, located
-        ctx = RunContext(node.id, type_name, self.engine.paths, self.cancel, self.graph.document, self.graph.params,
-                         self.options, self.on_event, self.result.files, self.engine.models,
+        ctx = RunContext(node.id, type_name, self.engine.paths.beside(node.folders), self.cancel, self.graph.document,
+                         self.graph.params, self.options, self.on_event, self.result.files, self.engine.models,
                          self.keyed.file_bytes.get(node.id, _NO_FILES))
         if self.on_event is not None:
             self.on_event(NodeStarted(node.id, type_name))

@@ -202,7 +202,8 @@ def changed_sources(node: CompiledNode, keyed: KeyedPlan, paths: PathPolicy) -> 
     changed = []
     for name, model in _keyed_inputs(node.node_type):
         planned = keyed.digests.get((node.id, name))
-        if model and planned is not None and model_digest(node.inputs[name], paths, node.id, name) != planned:
+        if model and planned is not None and \
+                model_digest(node.inputs[name], paths.beside(node.folders), node.id, name) != planned:
             changed.append(str(node.inputs[name]))
     return changed
 
@@ -227,6 +228,34 @@ def _check_output_paths(graph: CompiledGraph, node_ids: Sequence[str], paths: Pa
         raise ValidationError(errors)
 
 
+def path_errors(graph: CompiledGraph, paths: PathPolicy) -> list[GraphError]:
+    """Every literal file input that is missing or outside the input roots and every output path outside the output
+    root, found without reading a file (`graphflow validate`, a service submit). Model sources are left to planning,
+    which can tell a local path from a hub id."""
+    errors: list[GraphError] = []
+    for node in graph.nodes.values():
+        files = _file_inputs(node.node_type)
+        if not files and not _output_paths(node.node_type):
+            continue
+        beside = paths.beside(node.folders)
+        for name in files:
+            if isinstance(node.inputs.get(name), str):
+                try:
+                    beside.input_path(node.inputs[name], node=node.id, input=name)
+                except PathError as error:
+                    errors.append(error.error)
+    try:
+        _check_output_paths(graph, list(graph.nodes), paths)
+    except ValidationError as error:
+        errors.extend(error.errors)
+    return errors
+
+
+@cache
+def _file_inputs(node_type: type[Node]) -> tuple[str, ...]:
+    return tuple(spec.name for spec in node_type.inputs if spec.file)
+
+
 MAX_INPUT_BYTES = 2 << 30  # an input file larger than this is refused before it is read (the option raises it)
 MAX_INPUT_BYTES_OPTION = "max_input_bytes"
 
@@ -243,12 +272,13 @@ def _read_inputs(graph: CompiledGraph, keyed: tuple[tuple[str, str, bool], ...],
     file_bytes: dict[str, dict[str, bytes]] = {}
     errors: list[GraphError] = []
     for node_id, name, model in keyed:
-        value = graph.nodes[node_id].inputs[name]
+        node = graph.nodes[node_id]
+        value, beside = node.inputs[name], paths.beside(node.folders)
         try:
             if model:
-                digests[node_id, name] = model_digest(value, paths, node_id, name)
+                digests[node_id, name] = model_digest(value, beside, node_id, name)
                 continue
-            data = _read(paths, value, node_id, name, limit)
+            data = _read(beside, value, node_id, name, limit)
         except PathError as error:
             errors.append(error.error)
             continue

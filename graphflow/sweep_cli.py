@@ -32,7 +32,9 @@ def add_sweep(commands: Any) -> None:
     sweep.add_argument("--out", type=Path, default=Path("sweep"),
                        help="where each job's folder, sweep.json and contact_sheet.png go (default: ./sweep)")
     sweep.add_argument("--input-dir", action="append", type=Path, default=None, metavar="DIR",
-                       help="directory input files may come from (default: the current directory; repeatable)")
+                       help="another directory input files may come from (repeatable); as with run, a relative "
+                            "path is looked up in the document's folder, then each --input-dir, then the current "
+                            "directory")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local",
                        help="local: one Engine here, shared nodes run once (default); ray: the graphflow[ray] extra")
     sweep.add_argument("--address", default=None, metavar="HOST:PORT", help="with --backend ray: a running cluster")
@@ -80,14 +82,15 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.document import load_document
     from graphflow.engine import Engine
     from graphflow.errors import GraphflowError, NodeExecutionError, ValidationError, printable
+    from graphflow.paths import command_line_roots
     from graphflow.sweep_runner import SUMMARY, BackendUnavailable, make_backend, run_sweep, summary_table
     from graphflow.sweeps import sweep_batch
 
     progress: SweepProgress | None = None
     finished: list[JobRecord] = []
     try:
-        engine = Engine(registry, input_dirs=args.input_dir, output_dir=args.out, disk_cache=args.cache_dir,
-                        options={"device": args.device, "dtype": args.dtype})
+        engine = Engine(registry, input_dirs=command_line_roots(args.input_dir), output_dir=args.out,
+                        disk_cache=args.cache_dir, options={"device": args.device, "dtype": args.dtype})
         backend = make_backend(args.backend, address=args.address, engine=engine)
         batch = sweep_batch(load_document(args.graph), grid=args.grid, zips=args.zip, fixed=args.assignments,
                             repeat=args.repeat)

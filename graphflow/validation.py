@@ -49,7 +49,7 @@ _DOCUMENT_KEYS = {"$schema", "graphflow", "name", "description", "params", "node
 def compile_document(document: dict[str, Any], registry: NodeRegistry, params: Mapping[str, Any] | None = None,
                      *, base_dir: Path | None = None, roots: tuple[Path, ...] = (),
                      as_template: bool = False, loader: TemplateLoader | None = None,
-                     previous: CompiledGraph | None = None) -> CompiledGraph:
+                     previous: CompiledGraph | None = None, in_folder: bool = False) -> CompiledGraph:
     """Validate `document` with the given param values and return the graph to run.
 
     Raises ValidationError listing every problem. Templates resolve against `base_dir` (the
@@ -59,7 +59,8 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     `loader` passed in keeps the template node types it loads, for the caller to reuse.
     `previous`, an earlier compile of this document (same registry, base and roots), lends
     every node whose entry is unchanged (graphflow.incremental), and is itself the result when
-    nothing changed at all.
+    nothing changed at all. `in_folder`: `base_dir` is the folder of the document's own file, where
+    its relative file paths are looked up first (not so for a dict or a builder Graph).
     """
     values = dict(params or {})
     problems = shape_errors({"params": values})  # values given in Python skip every parser
@@ -79,7 +80,7 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
         document, param_users, entry_kinds = private_document(document)
     base = (base_dir or Path.cwd()).resolve()
     loader = loader or TemplateLoader(registry, (base, *(root.resolve() for root in roots)))
-    compiler = _Compiler(registry, loader, as_template, reuse)
+    compiler = _Compiler(registry, loader, as_template, reuse, (base,) if in_folder else ())
     graph = compiler.compile(document, values, base, prefix="", stack=())
     if not compiler.errors and not graph.outputs and not graph.output_nodes():
         compiler.errors.append(GraphError(
@@ -136,8 +137,9 @@ def validate_document(document: dict[str, Any], registry: NodeRegistry, params: 
 
 class _Compiler:
     def __init__(self, registry: NodeRegistry, loader: TemplateLoader, as_template: bool,
-                 reuse: Reuse | None = None) -> None:
+                 reuse: Reuse | None = None, folders: tuple[Path, ...] = ()) -> None:
         self.registry = registry
+        self.folders = folders  # the top-level document's folder, when it is a file
         self.loader = loader
         self.as_template = as_template
         self.reuse = reuse  # what the top level takes from the previous compile (graphflow.incremental)
@@ -202,7 +204,8 @@ class _Compiler:
                     continue  # expanding a template with bad inputs would only repeat those errors
                 self._expand(node_id, node_type, inputs, compiled, aliases, prefix, stack)
             else:
-                compiled[prefix + node_id] = CompiledNode(prefix + node_id, node_type, inputs)
+                compiled[prefix + node_id] = CompiledNode(prefix + node_id, node_type, inputs,
+                                                          folders=self._folders(stack))
         outputs = self._outputs(document, classes, prefix, reuse.outputs(document, classes) if reuse else {})
         if aliases:
             self._redirect(compiled, outputs, aliases)
@@ -212,6 +215,11 @@ class _Compiler:
                                                    for link in links_in(value)))
         return CompiledGraph(compiled, outputs, {name: value for name, (value, _) in param_values.items()},
                              param_values=param_values)
+
+    def _folders(self, stack: tuple[Path, ...]) -> tuple[Path, ...]:
+        """Where the relative paths of a node at this level are looked up first: its template's folder, then the
+        folders of the documents using it, outward."""
+        return tuple(dict.fromkeys([*(path.parent for path in reversed(stack)), *self.folders]))
 
     def _param_values(self, document: dict[str, Any], values: dict[str, Any]) -> ParamValues:
         """Each param's value (given, default, or Unbound) with its declared type."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from graphflow.batches import Batch, batch_errors, expand, param_errors
 from graphflow.errors import GraphError, ValidationError, did_you_mean
-from graphflow.paths import PathError
+from graphflow.planning import path_errors
 from graphflow.service.config import TemplateInfo
 from graphflow.service.queue import NewJob
 from graphflow.service.worker import model_sources
@@ -83,17 +83,4 @@ def _param_sets(document: dict[str, Any], params: dict[str, Any] | None,
 def _path_errors(engine: Any, compiled: Any) -> list[GraphError]:
     """The literal paths of file inputs (inside the input roots) and of output paths (under the output folder)
     checked now, not when the job runs."""
-    errors = []
-    for node in compiled.nodes.values():
-        for spec in node.node_type.inputs:
-            value = node.inputs.get(spec.name)
-            if not isinstance(value, str) or not (spec.file or spec.output_path):
-                continue
-            try:
-                if spec.file:
-                    engine.paths.input_path(value, node=node.id, input=spec.name, directory=True)
-                else:
-                    engine.paths.output_path(value, node=node.id, input=spec.name)
-            except PathError as error:
-                errors.append(error.error)
-    return errors
+    return path_errors(compiled, engine.paths)

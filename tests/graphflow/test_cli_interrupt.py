@@ -197,6 +197,6 @@ def test_max_image_pixels_must_be_a_positive_number(workspace: Path, capsys: pyt
 
 def test_max_image_pixels_refuses_bigger_inputs_by_name(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "graphs/canny_blend.json", "--max-image-pixels", "12287", "--quiet"]) == 3
-    assert ("node 'photo' (LoadImage) failed: NodeInputError: graphs/assets/room.png: it is 128 x 96 = 12,288 "
+    assert ("node 'photo' (LoadImage) failed: NodeInputError: assets/room.png: it is 128 x 96 = 12,288 "
             "pixels, more than the limit of 12,287 pixels") in capsys.readouterr().err
     assert main(["run", "graphs/canny_blend.json", "--max-image-pixels", "12288", "--quiet"]) == 0
