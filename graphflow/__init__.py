@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from graphflow.events import CancelToken
     from graphflow.node import Input, Node, Output
     from graphflow.registry import NodeRegistry, default_registry
+    from graphflow.rerun import RerunWarning, rerun_png
 
 _HOMES = {
     "Batch": "batches", "expand": "batches",
@@ -27,13 +28,13 @@ _HOMES = {
     "RunResult": "engine", "Cancelled": "errors", "Code": "errors", "GraphError": "errors",
     "GraphflowError": "errors", "NodeExecutionError": "errors", "ValidationError": "errors",
     "CancelToken": "events", "Input": "node", "Node": "node", "Output": "node", "NodeRegistry": "registry",
-    "default_registry": "registry",
+    "default_registry": "registry", "rerun_png": "rerun", "RerunWarning": "rerun",
 }
 __all__ = [
     "Batch", "CancelToken", "Cancelled", "Code", "CompiledGraph", "Engine", "Graph", "GraphError", "GraphflowError",
     "Input",
-    "Link", "Node", "NodeExecutionError", "NodeRegistry", "Output", "RunResult", "ValidationError",
-    "default_registry", "dumps", "expand", "load_document", "parse_document", "save_document",
+    "Link", "Node", "NodeExecutionError", "NodeRegistry", "Output", "RerunWarning", "RunResult", "ValidationError",
+    "default_registry", "dumps", "expand", "load_document", "parse_document", "rerun_png", "save_document",
 ]
 __version__ = "0.1.0"
 

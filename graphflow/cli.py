@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a graph document or template")
-    run.add_argument("graph", type=Path)
+    run.add_argument("graph", type=Path, help="a graph document or template, or a PNG that SaveImage wrote "
+                     "(runs its embedded workflow again; --set overrides its params)")
     _add_set(run)
     run.add_argument("--out", type=_output_directory, default=Path("output"),
                      help="output directory (default: ./output)")
@@ -280,6 +281,7 @@ def _validate(args: argparse.Namespace, registry: NodeRegistry) -> int:
 def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.events import FileWritten
     from graphflow.progress import ProgressDisplay
+    from graphflow.rerun import warnings_as_lines
 
     display = ProgressDisplay(enabled=not args.quiet)
     finished: list[Path] = []  # files that output nodes reported whole (FileWritten), for the interrupt message
@@ -290,7 +292,8 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
         display(event)
 
     try:
-        result = _execute(args, registry, on_event)
+        with warnings_as_lines(sys.stderr):  # what differs from when a PNG was made
+            result = _execute(args, registry, on_event)
     except (GraphflowError, OSError, KeyboardInterrupt) as error:
         display.close()
         print(_stopped(args, error, finished), file=sys.stderr)
@@ -304,6 +307,7 @@ def _execute(args: argparse.Namespace, registry: NodeRegistry, on_event: EventHa
     from graphflow.engine import Engine
     from graphflow.models import ModelManager
     from graphflow.paths import command_line_roots
+    from graphflow.rerun import run_document
 
     models = ModelManager(args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
                           offload=args.offload)
@@ -312,7 +316,7 @@ def _execute(args: argparse.Namespace, registry: NodeRegistry, on_event: EventHa
     engine = Engine(registry, input_dirs=command_line_roots(args.input_dir), output_dir=args.out,
                     disk_cache=args.cache_dir,
                     cache_bytes=args.memory_cache_mb << 20, options=options, models=models)
-    params = parse_assignments(load_document(args.graph), args.assignments)
+    params = parse_assignments(run_document(args.graph), args.assignments)
     return engine.run(args.graph, params, outputs=args.output, on_event=on_event)
 
 

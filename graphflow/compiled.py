@@ -53,6 +53,8 @@ class CompiledGraph:
     order: tuple[str, ...] = ()  # every node, sources before consumers
     template_files: dict[Path, str] = field(default_factory=dict)  # template file -> content digest
     template_references: dict[Path, Path] = field(default_factory=dict)  # template path as written -> file
+    template_documents: dict[Path, dict[str, Any]] = field(default_factory=dict)  # template file -> what it held
+    base_dir: Path | None = None  # the folder the document's template paths resolved against
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)  # plans and keys per target set
     # what the next compile of this document may keep (graphflow.incremental): the param values with their
     # declared types, the top-level nodes that use a param, and the values the caller gave

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphflow.events import CancelToken, EventHandler, FileWritten, NodeProgress
 from graphflow.models.manager import ModelManager, shared_manager
 from graphflow.paths import PathPolicy
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from graphflow.compiled import CompiledGraph
 
 
 @dataclass(slots=True)
@@ -26,6 +31,8 @@ class RunContext:
     written: list[Path] = field(default_factory=list)
     models: ModelManager = field(default_factory=shared_manager)
     file_bytes: dict[str, bytes] = field(default_factory=dict)  # file input name -> the bytes in the cache key
+    graph: CompiledGraph | None = None  # what is running, for output nodes that record it (SaveImage)
+    digests: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (node, input) -> file digest or model key
 
     def progress(self, step: int, total: int) -> None:
         """Report step `step` of `total`, then stop here if the run was cancelled."""

@@ -30,6 +30,7 @@ from graphflow.node import Node
 from graphflow.paths import PathPolicy
 from graphflow.planning import KeyedPlan, plan_run
 from graphflow.registry import NodeRegistry, default_registry
+from graphflow.rerun import is_png, read_png, rerun_options
 from graphflow.validation import compile_document
 
 
@@ -89,7 +90,8 @@ class Engine:
         self._flights: dict[str, _Flight] = {}
 
     def compile(self, graph: Any, params: Mapping[str, Any] | None = None) -> CompiledGraph:
-        """Validate a graph (path, document dict, builder Graph) with param values; raise on problems.
+        """Validate a graph (path, document dict, builder Graph, PNG from SaveImage) with param values; raise on
+        problems. A PNG brings its recorded params; `params` override them.
 
         A document file already compiled with these params, and unchanged since, is not validated
         again; an edited document (or the same one with other params) re-validates only the nodes
@@ -99,7 +101,11 @@ class Engine:
             return graph
         values = dict(params or {})
         if isinstance(graph, (str, Path)):
-            text = read_document_text(graph)  # first: it explains a path that cannot be read (or resolved)
+            if is_png(graph):  # a PNG from SaveImage: its workflow, its params
+                workflow = read_png(graph)
+                text, values = workflow.text, {**workflow.params, **values}
+            else:
+                text = read_document_text(graph)  # first: it explains a path that cannot be read (or resolved)
             base_dir = Path(graph).resolve().parent
             memo_key = (text, _params_text(values), base_dir)
             compiled = self._remembered(self._compiled, memo_key)
@@ -140,12 +146,16 @@ class Engine:
             options: Mapping[str, Any] | None = None) -> RunResult:
         """Run what the requested named `outputs` (default: all, plus every output node) need.
 
-        `options` override the engine's options (e.g. {"device": "cuda", "dtype": "fp16"}) for this run.
+        `options` override the engine's options (e.g. {"device": "cuda", "dtype": "fp16"}) for this run. A PNG that
+        SaveImage wrote runs its workflow again (graphflow.rerun): on its recorded device and dtype where the options
+        say `auto`, with a RerunWarning for what differs from when it was made.
         """
         started = time.perf_counter()
         compiled = self.compile(graph, params)
         # whether the model manager compiles models is an option too: it is part of the loaders' keys
         run_options = {"compile": self.models.compile, **self.options, **(options or {})}
+        if isinstance(graph, (str, Path)) and is_png(graph):
+            run_options = rerun_options(read_png(graph), run_options, self.paths)
         keyed = plan_run(compiled, self._targets(compiled, outputs), run_options, self.paths)
         live, to_run, cached = self._reuse(compiled, keyed)
         if on_event is not None:

@@ -141,7 +141,7 @@ class Run:
             raise self._failed(node, ValidationError(problems), wrap=False)  # a document problem, located
         ctx = RunContext(node.id, type_name, self.engine.paths.beside(node.folders), self.cancel, self.graph.document,
                          self.graph.params, self.options, self.on_event, self.result.files, self.engine.models,
-                         self.keyed.file_bytes.get(node.id, _NO_FILES))
+                         self.keyed.file_bytes.get(node.id, _NO_FILES), self.graph, self.keyed.digests)
         if self.on_event is not None:
             self.on_event(NodeStarted(node.id, type_name))
         started = time.perf_counter()

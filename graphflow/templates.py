@@ -139,6 +139,10 @@ class TemplateLoader:
         """The template files loaded so far with the digests of the bytes that were read."""
         return dict(self._digests)
 
+    def documents(self) -> dict[Path, dict[str, Any]]:
+        """The template files loaded so far -> the documents parsed from them (what `graphflow.inline` inlines)."""
+        return {path: cls.template_document for path, cls in self._classes.items()}
+
     def references(self) -> dict[Path, Path]:
         """Each template path as written (joined to the folder it is relative to) -> the file it resolved to: a
         symlink along it pointed elsewhere later names another template."""

@@ -96,6 +96,7 @@ def compile_document(document: dict[str, Any], registry: NodeRegistry, params: M
     graph.given_params = copy.deepcopy(values)
     graph.registry = registry
     graph.template_files, graph.template_references = loader.files(), loader.references()
+    graph.template_documents, graph.base_dir = loader.documents(), base
     return graph
 
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from graphflow.atomic import Staged, remove_stale_temp_files
 from graphflow.context import RunContext
-from graphflow.document import dumps
 from graphflow.errors import NodeInputError
 from graphflow.node import Input, Node, Output
 from graphflow.types import FLOAT, IMAGE, INT, MASK, PATHS, STRING
@@ -254,19 +253,10 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
 
 
 def _png_text(ctx: RunContext) -> dict[str, str]:
-    """The PNG text chunks: the graph document (when there is one), the params and the library versions."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The PNG text chunks that let `graphflow run image.png` run the workflow again (graphflow.rerun)."""
+    from graphflow.rerun import png_text
 
-    versions: dict[str, str | None] = {}
-    for package in ("graphflow", "torch", "numpy", "pillow"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:  # graphflow run from a source checkout has no installed metadata
-            versions[package] = None
-    text = {} if ctx.document is None else {"graphflow": dumps(ctx.document)}
-    text["params"] = json.dumps(ctx.params, ensure_ascii=False)
-    text["versions"] = json.dumps(versions)
-    return {key: _utf8_json(value) for key, value in text.items()}
+    return {key: _utf8_json(value) for key, value in png_text(ctx).items()}
 
 
 def _utf8_json(text: str) -> str:

@@ -179,11 +179,11 @@ def test_save_image_embeds_document_params_and_versions(ctx: RunContext) -> None
     path = SaveImage().run(ctx, image=torch.zeros(1, 4, 4, 3), prefix="graphflow")["paths"][0]
 
     _, text = read_png(Path(path))
-    assert set(text) == {"graphflow", "params", "versions"}
+    assert set(text) == {"graphflow", "params", "versions", "run"}
     assert text["graphflow"] == dumps(ctx.document)
     assert text["params"] == '{"prompt": "un café ☕", "seed": 7}'
     versions = json.loads(text["versions"])
-    assert set(versions) == {"graphflow", "torch", "numpy", "pillow"}
+    assert set(versions) == {"graphflow", "torch", "diffusers", "transformers", "numpy", "pillow"}
     assert versions["torch"] == version("torch") and versions["pillow"] == version("pillow")
 
 
@@ -191,7 +191,9 @@ def test_save_image_without_a_document_embeds_params_only(ctx: RunContext) -> No
     path = SaveImage().run(ctx, image=torch.zeros(1, 4, 4, 3), prefix="graphflow")["paths"][0]
 
     _, text = read_png(Path(path))
-    assert set(text) == {"params", "versions"} and text["params"] == "{}"
+    assert set(text) == {"params", "versions", "run"} and text["params"] == "{}"
+    run = json.loads(text["run"])
+    assert set(run) == {"device", "dtype", "models", "seeds"} and run["models"] == run["seeds"] == {}
 
 
 def test_save_image_continues_after_the_highest_existing_counter(ctx: RunContext, output_dir: Path) -> None:
