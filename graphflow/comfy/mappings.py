@@ -21,6 +21,7 @@ SAMPLING = ("ComfyUI samples with k-diffusion on its own sigma schedule and nois
 WEIGHTING = ("ComfyUI weights (word:1.2) by moving each token's embedding away from the empty prompt's; "
              "graphflow weights as A1111 (scaled, mean kept)")
 RESAMPLING = "ComfyUI resizes with torch's interpolate (and Pillow for lanczos); graphflow with Pillow in float"
+LATENT_RESAMPLING = "ComfyUI resizes latents with torch's interpolate; graphflow with its own filters (Pillow's)"
 
 
 def translator(*class_names: str) -> Callable[[Callable[[NodeImport], Translation]],
@@ -167,7 +168,9 @@ def latent_upscale(node: NodeImport) -> Translation:
     inputs = {"latent": node.link("samples"), "method": node.value("upscale_method")}
     inputs |= _size(node)
     name = node.add("LatentUpscale", inputs)
-    return Translation((Source(f"{name}.latent", "LATENT"),), "approximate", RESAMPLING)
+    exact = node.value("upscale_method") == "nearest-exact"
+    return Translation((Source(f"{name}.latent", "LATENT"),), "exact" if exact else "approximate",
+                       "" if exact else LATENT_RESAMPLING)
 
 
 @translator("ImageScale", "ImageScaleBy")
@@ -243,6 +246,9 @@ def ksampler(node: NodeImport) -> Translation:
         if strength < 1.0:
             notes.append(f"denoise {denoise} of {steps} steps: steps {total}, strength {strength:.4g}, the last "
                          f"{steps} steps of a {total}-step schedule as ComfyUI runs them")
+        elif 0 < denoise < 0.9999:
+            notes.append(f"denoise {denoise} of {steps} steps: ComfyUI's schedule of int({steps} / {denoise}) = "
+                         f"{total} steps runs whole, and so does graphflow's")
     return _sampler(node, latent, node.value("seed"), total, strength, notes)
 
 

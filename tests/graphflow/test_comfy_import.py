@@ -20,22 +20,26 @@ from graphflow import Engine
 from graphflow.cli import main
 from graphflow.comfy import COMFY_CLASSES, Imported, comfy_class_info, import_file, import_prompt
 from graphflow.errors import ValidationError
+from tests.nodes.test_lora import make_lora
 
 WORKFLOWS = Path(__file__).parents[1] / "graphs" / "comfy"
 
 
 @pytest.fixture(scope="module")
 def comfy_dirs(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A ComfyUI models folder holding the tiny models as diffusers folders, and an input folder with images."""
+    """A ComfyUI models folder holding the tiny models (diffusers folders, which CheckpointLoader reads without a
+    hub, and a LoRA file), and an input folder with a 96 x 80 photo and a 64 x 64 mask."""
     root = tmp_path_factory.mktemp("comfy")
     models, inputs = root / "models", root / "input"
     for folder, name, source in [("checkpoints", "sd15", "sd15"), ("checkpoints", "sd15-inpaint", "sd15-inpaint"),
                                  ("controlnet", "canny", "controlnet-canny"), ("vae", "sd15-vae", "sd15/vae")]:
         shutil.copytree(tiny_models / source, models / folder / name)
+    (models / "loras").mkdir()
+    make_lora(tiny_models, "sd15", root / "lora", seed=1).rename(models / "loras" / "tiny-lora.safetensors")
     inputs.mkdir()
-    pixels = np.zeros((64, 64, 4), np.uint8)
-    pixels[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
-    pixels[16:48, 16:48, 1:3] = 200
+    pixels = np.zeros((80, 96, 4), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
+    pixels[16:64, 24:72, 1:3] = 200
     pixels[..., 3] = 255
     pixels[24:40, 24:40, 3] = 0  # a transparent square: LoadImage's mask
     Image.fromarray(pixels, "RGBA").save(inputs / "photo.png")
@@ -72,6 +76,89 @@ def test_an_api_workflow_becomes_named_nodes_that_validate_and_run(comfy_dirs: t
     assert [file.name for file in files] == ["ComfyUI_00000.png"]
     with Image.open(files[0]) as image:
         assert image.size == (64, 48)
+
+
+# ComfyUI's widgets of each class in the order its UI saves their values (control_after_generate: the seed's
+# "randomize" widget; upload: LoadImage's upload button), as ComfyUI's nodes.py declares them
+UI_WIDGETS = {
+    "CheckpointLoaderSimple": ["ckpt_name"], "VAELoader": ["vae_name"], "ControlNetLoader": ["control_net_name"],
+    "LoraLoader": ["lora_name", "strength_model", "strength_clip"], "CLIPTextEncode": ["text"],
+    "CLIPSetLastLayer": ["stop_at_clip_layer"], "ControlNetApply": ["strength"],
+    "ControlNetApplyAdvanced": ["strength", "start_percent", "end_percent"],
+    "KSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "KSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name",
+                         "scheduler", "start_at_step", "end_at_step", "return_with_leftover_noise"],
+    "EmptyLatentImage": ["width", "height", "batch_size"], "VAEDecode": [], "VAEEncode": [],
+    "VAEEncodeForInpaint": ["grow_mask_by"], "SetLatentNoiseMask": [],
+    "LatentUpscale": ["upscale_method", "width", "height", "crop"], "LatentUpscaleBy": ["upscale_method", "scale_by"],
+    "LoadImage": ["image", "upload"], "LoadImageMask": ["image", "channel", "upload"], "SaveImage": ["filename_prefix"],
+    "PreviewImage": [], "ImageScale": ["upscale_method", "width", "height", "crop"],
+    "ImageScaleBy": ["upscale_method", "scale_by"], "Canny": ["low_threshold", "high_threshold"],
+}
+
+
+def ui_workflow(prompt: dict[str, dict]) -> dict:
+    """The UI-format workflow ComfyUI's editor saves for an API prompt: nodes with positional widget values and
+    a links table [id, from, slot, to, input slot, type]."""
+    nodes, links = [], []
+    for node_id, entry in prompt.items():
+        widgets = UI_WIDGETS[entry["class_type"]]
+        values = [{"control_after_generate": "randomize", "upload": "image"}.get(name, entry["inputs"].get(name))
+                  for name in widgets]
+        inputs = []
+        for name, value in entry["inputs"].items():
+            if isinstance(value, list):
+                kind = COMFY_CLASSES[prompt[value[0]]["class_type"]].outputs[value[1]]
+                links.append([len(links) + 1, int(value[0]), value[1], int(node_id), len(inputs), kind])
+                inputs.append({"name": name, "type": kind, "link": len(links)})
+        nodes.append({"id": int(node_id), "type": entry["class_type"], "mode": 0, "inputs": inputs,
+                      "widgets_values": values, "properties": {}})
+    return {"last_node_id": max(int(key) for key in prompt), "nodes": nodes, "links": links, "groups": [],
+            "version": 0.4}
+
+
+def test_every_mapped_class_imports_validates_and_runs_from_api_and_ui_format(comfy_dirs: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    models, inputs = comfy_dirs
+    prompt = json.loads((WORKFLOWS / "every_class_api.json").read_text())
+    assert {entry["class_type"] for entry in prompt.values()} == set(COMFY_CLASSES) == set(UI_WIDGETS)
+    imported = import_prompt(prompt, models_dir=models, input_dir=inputs)
+    (tmp_path / "ui.json").write_text(json.dumps(ui_workflow(prompt)))
+    assert import_file(tmp_path / "ui.json", models_dir=models, input_dir=inputs).document["nodes"] == \
+        imported.document["nodes"]
+    assert {item.node_class for item in imported.fidelity.values()} == set(COMFY_CLASSES)
+    nodes = imported.document["nodes"]
+    assert nodes["clip_text_encode_4"]["inputs"]["clip_skip"] == 1  # CLIPSetLastLayer -2, through the LoRA's clip
+    assert nodes["canny_13"]["inputs"] | {"image": None} == {"image": None, "low": 51, "high": 153, "blur": 2}
+    assert nodes["ksampler_18"]["inputs"]["control"] == [{"from": "control_net_apply_15.control"},
+                                                         {"from": "control_net_apply_advanced_16.control"}]
+    # denoise 0.6 of 3 steps: ComfyUI runs the last 3 of int(3 / 0.6) = 5 steps, graphflow int(5 * 0.6) of 5
+    assert (nodes["ksampler_18"]["inputs"]["steps"], nodes["ksampler_18"]["inputs"]["strength"]) == (5, 0.6)
+    assert nodes["ksampler_27"]["inputs"]["mask"] == {"from": "load_image_mask_21.mask"}  # SetLatentNoiseMask
+    assert nodes["ksampler_advanced_30"]["inputs"]["strength"] == 0.5  # steps 2..4 of 4
+    assert nodes["vae_encode_for_inpaint_22_grow"]["inputs"]["pixels"] == 3
+    assert imported.node_names["3"] == [] and imported.node_names["26"] == []
+    assert imported.outputs == {"10": "save_image_10", "20": "preview_image_20", "25": "save_image_25",
+                                "33": "save_image_33"}
+    files = run(imported, comfy_dirs, tmp_path / "out")
+    sizes = {}
+    for file in files:
+        with Image.open(file) as image:
+            sizes[file.name] = image.size
+    assert sizes == {"txt2img_00000.png": (64, 64), "ComfyUI_preview_00000.png": (64, 64),
+                     "inpaint_00000.png": (64, 64), "hires_00000.png": (48, 48)}
+
+
+def test_a_bypassed_ui_node_passes_its_inputs_through(comfy_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    prompt = json.loads((WORKFLOWS / "every_class_api.json").read_text())
+    workflow = ui_workflow(prompt)
+    next(node for node in workflow["nodes"] if node["type"] == "LoraLoader")["mode"] = 4
+    (tmp_path / "bypassed.json").write_text(json.dumps(workflow))
+    imported = import_file(tmp_path / "bypassed.json", models_dir=comfy_dirs[0], input_dir=comfy_dirs[1])
+    nodes = imported.document["nodes"]
+    assert "lora_loader_2" not in nodes and "2" not in imported.fidelity
+    assert nodes["ksampler_8"]["inputs"]["model"] == {"from": "checkpoint_loader_simple_1.model"}
+    assert nodes["clip_text_encode_4"]["inputs"]["clip"] == {"from": "checkpoint_loader_simple_1.clip"}
 
 
 def test_the_ui_format_imports_as_its_api_prompt_through_reroutes_primitives_and_muted_nodes(
