@@ -45,6 +45,11 @@ class Imported:
     node_names: dict[str, list[str]]  # ComfyUI node id -> the graphflow nodes it became
     outputs: dict[str, str]  # ComfyUI id of each SaveImage / PreviewImage -> its graphflow node
 
+    @property
+    def comfy_ids(self) -> dict[str, str]:
+        """graphflow node name -> the ComfyUI node id it came from (for progress events in ComfyUI's terms)."""
+        return {name: comfy_id for comfy_id, made in self.node_names.items() for name in made}
+
     def summary(self) -> str:
         """A table of every ComfyUI node: id, class, fidelity, graphflow nodes, why it is not exact."""
         rows = [("id", "class", "fidelity", "graphflow", "notes")]
@@ -175,16 +180,23 @@ class _Importer:
         return self._names[key]
 
     def resolve_file(self, node: NodeImport, input: str, folder: str, name: str) -> str:
+        """`name` inside ComfyUI's `folder` (models) or input folder, as an absolute path when that folder is known.
+
+        A model name whose file is missing may name a diffusers folder of the same stem (`sd15.safetensors` ->
+        `sd15/`), as a checkpoint converted for diffusers would be kept. Windows separators are read as '/'.
+        """
         root = self.paths.input_dir if folder == "input" else \
             self.paths.models_dir / folder if self.paths.models_dir is not None else None
-        relative = Path(name)
+        relative = Path(name.replace("\\", "/"))
         if not name or relative.is_absolute() or ".." in relative.parts:
             node.error(Code.PATH_OUTSIDE_ROOT, "names a file outside its folder", input,
                        f"a name inside ComfyUI's {folder}/ folder", repr(name))
             return name
         if root is None:  # resolved at run time against the first --input-dir
-            return name if folder == "input" else f"{folder}/{relative.as_posix()}"
+            return relative.as_posix() if folder == "input" else f"{folder}/{relative.as_posix()}"
         path = root / relative
+        if not path.exists() and folder != "input" and (root / relative.with_suffix("")).is_dir():
+            path = root / relative.with_suffix("")
         if not path.exists():
             from graphflow.comfy.classes import model_files
 
@@ -386,17 +398,23 @@ def import_prompt(prompt: dict[str, Any], *, models_dir: Path | None = None, nam
                                 "nodes": nodes}
     outputs = {comfy_id: names[comfy_id][0] for comfy_id, item in fidelity.items()
                if COMFY_CLASSES[item.node_class].output_node and names[comfy_id]}
-    _validate(document, registry)
+    _validate(document, registry, names, fidelity)
     return Imported(document, fidelity, names, outputs)
 
 
-def _validate(document: dict[str, Any], registry: NodeRegistry | None) -> None:
+def _validate(document: dict[str, Any], registry: NodeRegistry | None, names: dict[str, list[str]],
+              fidelity: dict[str, Fidelity]) -> None:
+    """graphflow's validation of the result; its problems are reported at the ComfyUI node they came from."""
     from graphflow.registry import default_registry
     from graphflow.validation import validate_document
 
     errors = validate_document(document, registry if registry is not None else default_registry())
-    if errors:
-        raise ValidationError(errors)
+    comfy_ids = {name: comfy_id for comfy_id, made in names.items() for name in made}
+    located = [replace(error, node=comfy_ids[error.node], message=f"{fidelity[comfy_ids[error.node]].node_class} "
+                       f"(graphflow node {error.node}): {error.message}")
+               if error.node in comfy_ids else error for error in errors]
+    if located:
+        raise ValidationError(located)
 
 
 def import_file(path: Path, *, models_dir: Path | None = None, input_dir: Path | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from graphflow.comfy.classes import MODEL_SUFFIXES
 from graphflow.comfy.importer import NodeImport, Source, Translation
 from graphflow.comfy.samplers import denoise_window, sampler_choice, strength_running
 from graphflow.errors import Code
@@ -36,9 +37,13 @@ def translator(*class_names: str) -> Callable[[Callable[[NodeImport], Translatio
 
 @translator("CheckpointLoaderSimple")
 def checkpoint(node: NodeImport) -> Translation:
-    name = node.add("CheckpointLoader", {"model": node.model_path("ckpt_name")})
+    path = node.model_path("ckpt_name")
+    name = node.add("CheckpointLoader", {"model": path})
+    single = path.lower().endswith(MODEL_SUFFIXES)
     return Translation((Source(f"{name}.model", "MODEL"), Source(f"{name}.clip", "CLIP"),
-                        Source(f"{name}.vae", "VAE")))
+                        Source(f"{name}.vae", "VAE")),
+                       reason="a single-file checkpoint: diffusers takes its configs from the HF cache or hub "
+                              "(or set CheckpointLoader's config)" if single else "")
 
 
 @translator("VAELoader")

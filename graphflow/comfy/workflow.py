@@ -32,8 +32,10 @@ def read_png_workflow(path: Path) -> dict[str, Any]:
 
     try:
         with Image.open(path) as image:
-            texts = dict(getattr(image, "text", {}) or image.info)
-    except (OSError, UnidentifiedImageError) as error:
+            texts = {key: value for key, value in image.info.items() if isinstance(value, str)}
+            if "prompt" not in texts and "workflow" not in texts and hasattr(image, "text"):
+                texts |= image.text  # chunks after the pixels: Pillow reads them only by decoding the image
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise ValidationError([GraphError(Code.FILE_NOT_FOUND, f"cannot read {path} as a PNG: {error}",
                                           expected="a PNG ComfyUI saved", found=str(path))]) from None
     for key in ("prompt", "workflow"):

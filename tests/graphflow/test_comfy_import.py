@@ -267,3 +267,65 @@ def test_importing_never_imports_torch() -> None:
             f"import_file({str(WORKFLOWS / 'txt2img_ui.json')!r}); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_denoise_becomes_a_strength_that_runs_comfyuis_steps_from_its_point_of_the_schedule() -> None:
+    from graphflow.comfy.samplers import denoise_window
+
+    for steps in range(1, 61):
+        for percent in range(5, 100, 5):
+            total, strength = denoise_window(steps, percent / 100)
+            assert total == max(int(steps / (percent / 100)), steps)
+            assert int(total * strength) == steps, (steps, percent)  # graphflow's (diffusers') count of steps run
+    assert denoise_window(20, 1.0) == (20, 1.0)
+
+
+def test_an_img2img_ksampler_runs_exactly_its_steps(comfy_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    from graphflow.events import NodeProgress
+
+    prompt = json.loads((WORKFLOWS / "every_class_api.json").read_text())
+    keep = {"1", "4", "5", "11", "12", "17", "18", "19", "20", "2", "3", "13", "14", "15", "16"}
+    prompt = {key: value for key, value in prompt.items() if key in keep}
+    prompt["18"]["inputs"] |= {"steps": 4, "denoise": 0.3, "sampler_name": "euler"}  # int(4 / 0.3) = 13
+    imported = import_prompt(prompt, models_dir=comfy_dirs[0], input_dir=comfy_dirs[1])
+    assert imported.document["nodes"]["ksampler_18"]["inputs"]["steps"] == 13
+    progress: list[NodeProgress] = []
+    engine = Engine(input_dirs=list(comfy_dirs), output_dir=tmp_path)
+    engine.run(imported.document, on_event=lambda event: progress.append(event)
+               if isinstance(event, NodeProgress) and event.node == "ksampler_18" else None)
+    assert [(event.step, event.total) for event in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert imported.comfy_ids["ksampler_18"] == "18"
+
+
+def test_samplers_map_by_method_and_those_without_a_counterpart_are_unsupported() -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    cases = {("dpmpp_2m", "karras"): ("dpmpp_2m_karras", "approximate"),
+             ("euler_ancestral", "normal"): ("euler_a", "approximate"),
+             ("dpmpp_2m_sde", "exponential"): ("dpmpp_2m", "approximate"),
+             ("lcm", "sgm_uniform"): ("default", "unsupported")}
+    for (sampler_name, scheduler), (expected, level) in cases.items():
+        prompt["3"]["inputs"] |= {"sampler_name": sampler_name, "scheduler": scheduler}
+        imported = import_prompt(prompt)
+        assert imported.document["nodes"]["ksampler_3"]["inputs"]["scheduler"] == expected
+        assert imported.fidelity["3"].level == level
+    assert "no LCM scheduler" in imported.fidelity["3"].reason
+    assert imported.summary().endswith("7 ComfyUI nodes: 6 exact, 0 approximate, 1 unsupported")
+
+
+def test_a_ksampler_advanced_that_stops_early_is_unsupported() -> None:
+    prompt = json.loads((WORKFLOWS / "every_class_api.json").read_text())
+    prompt["30"]["inputs"] |= {"end_at_step": 3, "return_with_leftover_noise": "enable", "add_noise": "disable"}
+    fidelity = import_prompt(prompt).fidelity["30"]
+    assert fidelity.level == "unsupported"
+    assert "end_at_step 3" in fidelity.reason and "add_noise disable" in fidelity.reason
+
+
+def test_graphflow_validation_problems_name_the_comfyui_node(comfy_dirs: tuple[Path, Path]) -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    prompt["5"]["inputs"]["batch_size"] = 100  # ComfyUI allows 4096, graphflow's EmptyLatent 64
+    prompt["4"]["inputs"]["ckpt_name"] = "sd15.safetensors"  # a diffusers folder of the same stem serves
+    with pytest.raises(ValidationError) as raised:
+        import_prompt(prompt, models_dir=comfy_dirs[0])
+    [error] = raised.value.errors
+    assert (error.node, error.input, str(error.code)) == ("5", "batch", "value_out_of_range")
+    assert error.message.startswith("EmptyLatentImage (graphflow node empty_latent_image_5)")
