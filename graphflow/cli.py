@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     from graphflow.service.cli import add_serve
 
     add_serve(commands)
+    from graphflow.show_cli import add_show
+
+    add_show(commands)
     from graphflow.comfy.cli import add_import_comfy
 
     add_import_comfy(commands)
