@@ -1,4 +1,5 @@
-"""The HTTP API of `graphflow serve` (FastAPI): templates, jobs and batches, live events (SSE), results, uploads.
+"""The HTTP API of `graphflow serve` (FastAPI): templates, jobs and batches, live events (SSE), results, uploads,
+and ComfyUI's API (graphflow.service.comfy_routes).
 
     app = create_app(config, token=load_or_create_token(config.data)[0])
     uvicorn.run(app, host="127.0.0.1", port=8188)
@@ -20,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from graphflow.errors import ValidationError
 from graphflow.registry import default_registry
+from graphflow.service.comfy_routes import comfy_routers
 from graphflow.service.config import ServiceConfig, TemplateFolder
 from graphflow.service.graph_svg import graph_svg
 from graphflow.service.models import (
@@ -89,6 +91,8 @@ def create_app(config: ServiceConfig, *, token: str | None, cors_origins: tuple[
                   lifespan=lifespan, responses={422: {"model": Problem}})
     app.state.service = service
     app.include_router(_routes(service))
+    for router in comfy_routers(service, cors_origins):
+        app.include_router(router)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:

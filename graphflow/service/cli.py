@@ -2,7 +2,7 @@
 
     graphflow serve [--host 127.0.0.1] [--port 8188] [--data DIR] [--graphs DIR] [--input-dir DIR ...]
         [--device auto|cuda|cpu|mps] [--dtype ...] [--workers N | --devices cuda:0,cuda:1,...] [--requeue]
-        [--no-auth] [--cors-origin URL ...]
+        [--models-dir DIR] [--no-auth] [--cors-origin URL ...]
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def add_serve(commands: Any) -> None:
                             "cuda:0,cuda:1 (or cpu,cpu for two CPU workers); instead of --workers and --device")
     serve.add_argument("--requeue", action="store_true",
                        help="at start, put jobs a crash left running back in the queue (default: mark them failed)")
+    serve.add_argument("--models-dir", type=cli._input_directory, default=None, metavar="DIR",
+                       help="a models folder in ComfyUI's layout (checkpoints/, controlnet/, loras/, vae/) that "
+                            "ComfyUI prompts posted to /prompt name their model files in")
     serve.add_argument("--no-auth", action="store_true", help="no bearer token (refused unless --host is loopback)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow browser requests from this origin, e.g. http://localhost:3000 (repeatable)")
@@ -103,6 +106,7 @@ def _serve(args: argparse.Namespace, registry: NodeRegistry) -> int:
         workers=len(devices), devices=devices, options=options, cache_bytes=args.memory_cache_mb << 20,
         model_memory_bytes=args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
         offload=args.offload, plugins=tuple(args.plugin), requeue=args.requeue,
+        models_dir=args.models_dir.resolve() if args.models_dir is not None else None,
         **({"upload_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
     try:
         serve(config, host=args.host, port=args.port, no_auth=args.no_auth, cors_origins=tuple(args.cors_origin))

@@ -34,6 +34,7 @@ class ServiceConfig:
     upload_bytes: int = 32 << 20
     upload_pixels: int = 8192 * 8192
     body_bytes: int = 4 << 20  # every request but uploads
+    models_dir: Path | None = None  # ComfyUI's models folder layout (checkpoints/, controlnet/, ...) for POST /prompt
 
     def worker_devices(self) -> tuple[str, ...]:
         """The device of each worker, in order: `devices`, else `workers` times the options' device."""
@@ -57,8 +58,8 @@ class ServiceConfig:
 
     def input_roots(self) -> list[Path]:
         """Where documents may read files: the --input-dir folders (the first resolves relative paths), the upload
-        folder and the template folder."""
-        return [*self.input_dirs, self.uploads, self.graphs]
+        folder, the template folder and the --models-dir folder."""
+        return [*self.input_dirs, self.uploads, self.graphs, *([self.models_dir] if self.models_dir else [])]
 
     def prepare(self) -> None:
         for folder in (self.data, self.uploads, self.results, self.outputs):

@@ -137,12 +137,13 @@ class JobQueue:
             raise
         db.execute("COMMIT")
 
-    def submit(self, jobs: Iterable[NewJob]) -> list[str]:
-        """Queue jobs (all or none, one batch id when several); their ids, in order."""
+    def submit(self, jobs: Iterable[NewJob], ids: list[str] | None = None) -> list[str]:
+        """Queue jobs (all or none, one batch id when several); their ids, in order. `ids` are given by a caller
+        that records them elsewhere before a worker can claim the jobs (the ComfyUI endpoints)."""
         jobs = list(jobs)
         now = time.time()
         batch_id = uuid.uuid4().hex if len(jobs) > 1 else None
-        ids = [uuid.uuid4().hex for _ in jobs]
+        ids = ids if ids is not None else [uuid.uuid4().hex for _ in jobs]
         with self._transaction() as db:
             for job_id, job in zip(ids, jobs, strict=True):
                 db.execute("INSERT INTO jobs (id, status, priority, created, template, document, params, options, "
@@ -193,6 +194,11 @@ class JobQueue:
         args = (after, job_id, limit) if job_id else (after, limit)
         return [Event(row["id"], row["job_id"], row["kind"], row["time"], json.loads(row["data"]))
                 for row in self._connection().execute(query, args)]
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 when there is none): a live stream that replays nothing starts there."""
+        row = self._connection().execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
 
     def get(self, job_id: str) -> Job | None:
         return _load(self._connection(), job_id)

@@ -168,12 +168,23 @@ class Worker:
             elif isinstance(event, NodeFailed):
                 add(job_id, "node_failed", {"node": event.node, "type": event.type, "error": str(event.error)})
             elif isinstance(event, FileWritten):
-                add(job_id, "file_written", {"node": event.node, "type": event.type, "name": event.path.name})
+                add(job_id, "file_written", {"node": event.node, "type": event.type, "name": event.path.name,
+                                             "path": output_place(event.path, self.engine.paths.output_root)
+                                             or event.path.name})
             elif isinstance(event, (NodeStarted, NodeCached)):
                 kind = "node_started" if isinstance(event, NodeStarted) else "node_cached"
                 add(job_id, kind, {"node": event.node, "type": event.type})
 
         return record
+
+
+def output_place(path: Path | str, root: Path) -> str | None:
+    """A written file's path relative to the (resolved) output folder, in POSIX form: what ComfyUI's GET /view
+    takes as subfolder and filename; None when it lies elsewhere."""
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except (ValueError, OSError):
+        return None
 
 
 class WorkerPool:

@@ -70,8 +70,10 @@ class Server:
                 time.sleep(0.1)
         else:
             raise AssertionError("the server did not start in 60 s")
-        token = (self.data / "token").read_text().strip()
-        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        token_file = self.data / "token"  # none with --no-auth
+        self.token = token_file.read_text().strip() if token_file.is_file() else None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
         return self
 
     def kill(self) -> None:
