@@ -10,6 +10,7 @@ attributes for SVG, quoted strings for DOT, entity codes for Mermaid. Nothing is
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from html import escape
 from typing import Any, Literal
@@ -186,17 +187,18 @@ def dot(view: GraphView) -> str:
     shapes = {"node": 'shape=box, style="rounded,filled", fillcolor="#f4f6fb"',
               "param": 'shape=ellipse, style=filled, fillcolor="#fff7e0"',
               "output": 'shape=box, style="filled", fillcolor="#e8f5e9"'}
-    lines = [f"digraph {_dot(view.name or 'graph')} {{", "  rankdir=LR;", '  node [fontname="sans-serif"];',
-             '  edge [fontname="sans-serif", fontsize=9];']
-    for box in view.boxes:
+
+    def box_line(box: Box) -> str:
         label = "\\n".join(_dot_text(part) for part in (box.id, *box.lines))
-        lines.append(f'  {_dot(box.id)} [label="{label}", {shapes[box.kind]}];')
-    kinds = {box.id: box.kind for box in view.boxes}
-    for edge in view.edges:
-        style = ", style=dashed" if kinds[edge.source] == "param" else ""
-        lines.append(f'  {_dot(edge.source)} -> {_dot(edge.target)} [label="{_dot_text(edge.label)}"{style}];')
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        return f'  {_dot(box.id)} [label="{label}", {shapes[box.kind]}];'
+
+    def edge_line(edge: Edge, from_param: bool) -> str:
+        style = ", style=dashed" if from_param else ""
+        return f'  {_dot(edge.source)} -> {_dot(edge.target)} [label="{_dot_text(edge.label)}"{style}];'
+
+    head = [f"digraph {_dot(view.name or 'graph')} {{", "  rankdir=LR;", '  node [fontname="sans-serif"];',
+            '  edge [fontname="sans-serif", fontsize=9];']
+    return _listing(view, head, box_line, edge_line, ["}"])
 
 
 def _dot(text: str) -> str:
@@ -214,16 +216,24 @@ def mermaid(view: GraphView) -> str:
     labels are quoted with every character outside a plain set written as an entity code."""
     ids = {box.id: f"n{index}" for index, box in enumerate(view.boxes)}
     shapes = {"node": ('["', '"]'), "param": ('(["', '"])'), "output": ('[["', '"]]')}
-    lines = ["flowchart LR"]
-    for box in view.boxes:
+
+    def box_line(box: Box) -> str:
         opening, closing = shapes[box.kind]
-        label = "<br>".join(_mermaid_text(part) for part in (box.id, *box.lines))
-        lines.append(f"  {ids[box.id]}{opening}{label}{closing}")
+        return f"  {ids[box.id]}{opening}{'<br>'.join(_mermaid_text(part) for part in (box.id, *box.lines))}{closing}"
+
+    def edge_line(edge: Edge, from_param: bool) -> str:
+        arrow = "-.->" if from_param else "-->"
+        return f'  {ids[edge.source]} {arrow}|"{_mermaid_text(edge.label)}"| {ids[edge.target]}'
+
+    return _listing(view, ["flowchart LR"], box_line, edge_line, [])
+
+
+def _listing(view: GraphView, head: list[str], box_line: Callable[[Box], str],
+             edge_line: Callable[[Edge, bool], str], tail: list[str]) -> str:
+    """A text format's lines: `head`, one per box, one per link (told whether it comes from a param), `tail`."""
     kinds = {box.id: box.kind for box in view.boxes}
-    for edge in view.edges:
-        arrow = "-.->" if kinds[edge.source] == "param" else "-->"
-        lines.append(f'  {ids[edge.source]} {arrow}|"{_mermaid_text(edge.label)}"| {ids[edge.target]}')
-    return "\n".join(lines) + "\n"
+    links = [edge_line(edge, kinds[edge.source] == "param") for edge in view.edges]
+    return "\n".join([*head, *map(box_line, view.boxes), *links, *tail]) + "\n"
 
 
 _MERMAID_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.,:/=+()→…")
