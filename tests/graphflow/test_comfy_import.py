@@ -329,3 +329,13 @@ def test_graphflow_validation_problems_name_the_comfyui_node(comfy_dirs: tuple[P
     [error] = raised.value.errors
     assert (error.node, error.input, str(error.code)) == ("5", "batch", "value_out_of_range")
     assert error.message.startswith("EmptyLatentImage (graphflow node empty_latent_image_5)")
+
+
+def test_a_loop_of_comfyui_nodes_is_refused_by_name() -> None:
+    prompt = json.loads((WORKFLOWS / "every_class_api.json").read_text())
+    prompt["26"]["inputs"]["samples"] = ["30", 0]  # 26 -> 27 -> 28 -> 29 -> 30 -> 26
+    with pytest.raises(ValidationError) as raised:
+        import_prompt(prompt)
+    [error] = raised.value.errors
+    loop = error.message.split(": ", 1)[1].split(" -> ")
+    assert str(error.code) == "cycle" and set(loop) == {"26", "27", "28", "29", "30"} and loop[0] == loop[-1]
