@@ -152,6 +152,7 @@ def test_comfyuis_example_client_runs_a_prompt_and_reads_its_image(comfy: Server
     assert [kind for kind, _ in history["status"]["messages"]] == ["execution_start", "execution_cached",
                                                                    "execution_success"]
     assert history["prompt"][1] == prompt_id and history["prompt"][2] == example_prompt()
+    assert comfy.client.get("/api/history", params={"max_items": 1}).json() == {prompt_id: history}
     (image,) = history["outputs"]["9"]["images"]
     executed = next(m["data"] for m in client.messages if m["type"] == "executed")
     assert executed["output"]["images"] == [image] and image["type"] == "output"
@@ -221,6 +222,8 @@ def test_a_bad_prompt_answers_400_with_every_problem_under_its_node_id(comfy: Se
     unknown = comfy.client.post("/prompt", json={"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
     assert unknown.status_code == 400 and "NoSuchNode" in unknown.json()["error"]["details"]
     assert comfy.client.post("/prompt", content=b"{not json").status_code == 400
+    too_large = comfy.client.post("/api/prompt", json={"prompt": example_prompt(text="x" * (5 << 20))})
+    assert too_large.status_code == 413
 
 
 def test_a_failing_job_sends_execution_error_then_executing_null(connect: Callable[[], ComfyClient]) -> None:
