@@ -136,8 +136,8 @@ class PromptCheck:
 
 def widget_problem(item: ComfyInput, value: Any) -> tuple[str, str] | None:
     """What is wrong with a widget value, as (problem, expected), or None."""
-    if value is None:
-        return None  # ComfyUI's default
+    if value is None:  # ComfyUI's default, where there is one
+        return ("is missing", "a file name") if item.files is not None else None
     if isinstance(value, list):
         return "is linked, but graphflow imports only literal values there", f"a {item.type} value"
     if item.type == "INT" and (isinstance(value, bool) or not isinstance(value, int)):

@@ -136,7 +136,8 @@ class NodeImport:
         """A widget's value (its ComfyUI default where the workflow leaves it out)."""
         spec = self.spec.input(input)
         assert spec is not None, f"{self.spec.name} has no input {input}"
-        return self.raw.get(input, spec.default)
+        value = self.raw.get(input)
+        return spec.default if value is None else value
 
     def model_path(self, input: str) -> str:
         """A model file name resolved against the models folder (ComfyUI's `folder/name`)."""

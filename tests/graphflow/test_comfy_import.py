@@ -339,3 +339,12 @@ def test_a_loop_of_comfyui_nodes_is_refused_by_name() -> None:
     [error] = raised.value.errors
     loop = error.message.split(": ", 1)[1].split(" -> ")
     assert str(error.code) == "cycle" and set(loop) == {"26", "27", "28", "29", "30"} and loop[0] == loop[-1]
+
+
+def test_a_missing_file_name_is_reported_and_an_explicit_null_takes_comfyuis_default() -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    prompt["5"]["inputs"]["batch_size"] = None
+    assert import_prompt(prompt).document["nodes"]["empty_latent_image_5"]["inputs"]["batch"] == 1
+    del prompt["4"]["inputs"]["ckpt_name"]
+    with pytest.raises(ValidationError, match="ckpt_name is missing"):
+        import_prompt(prompt)
