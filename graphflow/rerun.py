@@ -12,6 +12,7 @@ The chunks are untrusted text: they are parsed as JSON data and checked like any
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import warnings
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from graphflow.context import RunContext
     from graphflow.engine import Engine, RunResult
     from graphflow.paths import PathPolicy
+    from graphflow.registry import NodeRegistry
 
 DOCUMENT_CHUNK, PARAMS_CHUNK, VERSIONS_CHUNK, RUN_CHUNK = "graphflow", "params", "versions", "run"
 PACKAGES = ("graphflow", "torch", "diffusers", "transformers", "numpy", "pillow")
@@ -62,12 +64,18 @@ def png_text(ctx: RunContext) -> dict[str, str]:
     library versions and the run record."""
     document, graph = ctx.document, ctx.graph
     if document is not None and graph is not None and graph.base_dir is not None:
-        document = inline_templates(document, graph.base_dir, graph.template_documents, graph.template_references)
+        document = inline_templates(document, graph.base_dir, graph.template_documents, graph.template_references,
+                                    functools.partial(_file_inputs, graph.registry))
     text = {} if document is None else {DOCUMENT_CHUNK: dumps(document)}
     text[PARAMS_CHUNK] = json.dumps(ctx.params, ensure_ascii=False)
     text[VERSIONS_CHUNK] = json.dumps(package_versions())
     text[RUN_CHUNK] = json.dumps(_run_record(ctx), ensure_ascii=False)
     return text
+
+
+def _file_inputs(registry: NodeRegistry | None, type_name: str) -> frozenset[str]:
+    node_type = registry.get(type_name) if registry is not None else None
+    return frozenset(spec.name for spec in node_type.inputs if spec.file) if node_type is not None else frozenset()
 
 
 def _run_record(ctx: RunContext) -> dict[str, Any]:

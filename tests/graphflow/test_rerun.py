@@ -253,3 +253,36 @@ def test_inlining_the_examples_keeps_every_cache_key(example: str, tiny_models: 
     assert not any("template" in entry for entry in inlined["nodes"].values())
     assert _keys(engine, inlined) == _keys(engine, graphs / example)  # the same computation, node for node
 
+
+
+def test_inlined_template_file_paths_are_rebased_onto_the_outer_folder(tmp_path: Path) -> None:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    Image.new("RGB", (8, 8), "red").save(parts / "photo.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "outer.png")
+    (parts / "pair.json").write_text(dumps({
+        "graphflow": 1,
+        "params": {"second": {"type": "STRING", "default": "photo.png"}},  # a default written here: parts/
+        "nodes": {"first": {"type": "LoadImage", "inputs": {"path": "photo.png"}},
+                  "second": {"type": "LoadImage", "inputs": {"path": {"param": "second"}}},
+                  "name": {"type": "String", "inputs": {"value": "photo.png"}}},  # no file: stays as written
+        "outputs": {"first": "first.image", "second": "second.image", "name": "name.value"}}))
+    outer = {"graphflow": 1, "nodes": {
+        "default": {"template": "parts/pair.json"},
+        "given": {"template": "parts/pair.json", "inputs": {"second": "outer.png"}}},  # written here: as it is
+        "outputs": {"a": "default.second", "b": "given.second", "c": "default.name"}}
+    (tmp_path / "outer.json").write_text(dumps(outer))
+    engine = Engine(input_dirs=[tmp_path], models=_MODELS)
+    compiled = engine.compile(tmp_path / "outer.json")
+    registry = engine.registry
+
+    inlined = inline_templates(compiled.document, compiled.base_dir, compiled.template_documents,
+                               compiled.template_references,
+                               lambda name: {spec.name for spec in registry.get(name).inputs if spec.file})
+
+    paths = {node: entry["inputs"].get("path") for node, entry in inlined["nodes"].items()}
+    assert paths == {"default__first": "parts/photo.png", "default__second": "parts/photo.png",
+                     "default__name": None, "given__first": "parts/photo.png", "given__second": "outer.png",
+                     "given__name": None}
+    assert inlined["nodes"]["default__name"]["inputs"]["value"] == "photo.png"
+    assert _keys(engine, inlined) == _keys(engine, tmp_path / "outer.json")  # the same files, read for the same keys
