@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         # a name from a document that this terminal's encoding cannot show is escaped, never a UnicodeEncodeError
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    parser = _parser()
+    parser = command_parser()
     args = parser.parse_args(argv)
+    args.plugin, args.debug = [*args.plugin, *args.command_plugin], args.debug or args.command_debug
     try:
         registry = default_registry(args.plugin)
         status = args.command(args, registry)
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
+        show_traceback(args, error.__cause__)
         return 1
     except KeyboardInterrupt:  # before a run started (importing plugins, say): nothing was written
         print("interrupted: nothing was written", file=sys.stderr)
@@ -68,10 +70,35 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def command_parser() -> argparse.ArgumentParser:
+    """The `graphflow` parser: every command, each taking the global options after its name too."""
+    parser = _parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_global_options(command, dest_prefix="command_")
+    return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, dest_prefix: str = "") -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", dest=f"{dest_prefix}plugin",
+                        help="import node types from this module too: its NODES lists them; an installed module, "
+                             "else one in the current directory (repeatable)")
+    parser.add_argument("--debug", action="store_true", dest=f"{dest_prefix}debug",
+                        help="on a failure, also print the traceback of what raised (a failing node's own code)")
+
+
+def show_traceback(args: argparse.Namespace, error: BaseException | None) -> None:
+    """With --debug, the traceback of `error` (a node's own exception, a plugin's import error) on stderr."""
+    if getattr(args, "debug", False) and error is not None:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphflow", description="Run image-generation workflows as node graphs.")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import node types from this module too (repeatable)")
+    _add_global_options(parser)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a graph document or template")
@@ -300,6 +327,7 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
     except (GraphflowError, OSError, KeyboardInterrupt) as error:
         display.close()
         print(_stopped(args, error, finished), file=sys.stderr)
+        show_traceback(args, error.cause if isinstance(error, NodeExecutionError) else None)
         return 130 if isinstance(error, KeyboardInterrupt) else 3 if isinstance(error, NodeExecutionError) else 1
     display.close()
     print(_summary(result))

@@ -79,6 +79,7 @@ class SweepProgress:
 
 def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
     """Exit codes as `run`: 0 ok, 1 invalid, 2 a backend that cannot run here, 3 a job failed, 130 interrupted."""
+    from graphflow.cli import show_traceback
     from graphflow.document import load_document
     from graphflow.engine import Engine
     from graphflow.errors import GraphflowError, NodeExecutionError, ValidationError, printable
@@ -115,6 +116,7 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
                  f"listed in {args.out / SUMMARY}"
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
         print(f"{what}; {listed}", file=sys.stderr)
+        show_traceback(args, error.cause if isinstance(error, NodeExecutionError) else None)
         return 130 if isinstance(error, KeyboardInterrupt) else 3 if isinstance(error, NodeExecutionError) else 1
     _close(progress)
     print(summary_table(result))

@@ -117,7 +117,8 @@ def test_plugin_option_adds_node_types(workspace: Path, monkeypatch: pytest.Monk
         '    inputs = (Input("text", "STRING"),)\n'
         '    outputs = (Output("text", "STRING"),)\n\n'
         "    def run(self, ctx, text):\n"
-        '        return {"text": text.upper()}\n')
+        '        return {"text": text.upper()}\n\n\n'
+        "NODES = (Shout,)\n")
     monkeypatch.syspath_prepend(str(workspace))
     (workspace / "shout.json").write_text(json.dumps({"graphflow": 1, "nodes": {
         "s": {"type": "Shout", "inputs": {"text": "hi"}}}, "outputs": {"text": "s.text"}}))

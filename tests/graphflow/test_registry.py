@@ -27,6 +27,7 @@ class Posterize(Node):
     def run(self, ctx, image, levels):
         return {"image": (image * (levels - 1)).round() / (levels - 1)}
 """
+LISTED = PLUGIN + "\n\nNODES = (Posterize,)\n"
 
 
 def write_module(directory: Path, name: str, source: str) -> None:
@@ -54,7 +55,7 @@ def test_registry_lists_nodes_by_name() -> None:
 
 
 def test_plugin_module_registers_its_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_module(tmp_path, "posterize_plugin", PLUGIN)
+    write_module(tmp_path, "posterize_plugin", LISTED)
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = NodeRegistry()
 
@@ -67,7 +68,7 @@ def test_plugin_module_registers_its_nodes(tmp_path: Path, monkeypatch: pytest.M
 
 def test_default_registry_adds_named_plugins_to_the_builtin_nodes(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    write_module(tmp_path, "posterize_plugin_2", PLUGIN)
+    write_module(tmp_path, "posterize_plugin_2", LISTED)
     monkeypatch.syspath_prepend(str(tmp_path))
 
     registry = default_registry(["posterize_plugin_2"])
@@ -86,15 +87,15 @@ def test_plugin_nodes_list_restricts_what_is_registered(tmp_path: Path, monkeypa
     assert registry.names() == ["Posterize"]
 
 
-def test_plugin_without_nodes_list_registers_only_its_own_classes(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plugin_without_nodes_list_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_module(tmp_path, "reexporting_plugin", "from nodes.primitives import Int\n\n" + PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = NodeRegistry()
 
-    registry.load_module("reexporting_plugin")
-
-    assert registry.names() == ["Posterize"]
+    with pytest.raises(RegistryError, match=r"plugin module 'reexporting_plugin' \(.*reexporting_plugin.py\) "
+                                            r"declares no NODES: list its node classes in it, as NODES = "):
+        registry.load_module("reexporting_plugin")
+    assert len(registry) == 0
 
 
 def test_missing_plugin_module_is_a_registry_error() -> None:
@@ -114,7 +115,7 @@ def test_duplicate_type_name_from_a_different_class_is_rejected() -> None:
 
 
 def test_plugin_clashing_with_a_builtin_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_module(tmp_path, "clashing_plugin", PLUGIN.replace("class Posterize(Node):",
+    write_module(tmp_path, "clashing_plugin", LISTED.replace("class Posterize(Node):",
                                                              "class Posterize(Node):\n    type_name = \"Canny\""))
     monkeypatch.syspath_prepend(str(tmp_path))
 
