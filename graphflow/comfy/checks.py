@@ -144,6 +144,8 @@ def widget_problem(item: ComfyInput, value: Any) -> tuple[str, str] | None:
         return "is not a whole number", "an INT"
     if item.type == "FLOAT" and (isinstance(value, bool) or not isinstance(value, (int, float))):
         return "is not a number", "a FLOAT"
+    if item.type == "BOOLEAN" and not isinstance(value, bool):
+        return "is not true or false", "a BOOLEAN"
     if item.type == "STRING" and not isinstance(value, str):
         return "is not a text", "a STRING"
     if item.type == "COMBO" and item.choices and value not in item.choices:

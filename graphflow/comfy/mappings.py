@@ -194,6 +194,37 @@ def _size(node: NodeImport) -> dict[str, object]:
     return {"width": node.value("width"), "height": node.value("height"), "crop": node.value("crop")}
 
 
+@translator("InvertMask")
+def invert_mask(node: NodeImport) -> Translation:
+    name = node.add("InvertMask", {"mask": node.link("mask")})
+    return Translation((Source(f"{name}.mask", "MASK"),))
+
+
+@translator("ThresholdMask")
+def threshold_mask(node: NodeImport) -> Translation:
+    name = node.add("ThresholdMask", {"mask": node.link("mask"), "threshold": node.value("value")})
+    return Translation((Source(f"{name}.mask", "MASK"),))
+
+
+@translator("GrowMask")
+def grow_mask(node: NodeImport) -> Translation:
+    expand = int(node.value("expand"))
+    name = node.add("GrowMask", {"mask": node.link("mask"), "pixels": expand})
+    shape = "a diamond" if node.value("tapered_corners") else "a square"
+    return Translation((Source(f"{name}.mask", "MASK"),), "approximate",
+                       f"ComfyUI grows by {abs(expand)} pixels into {shape} (3x3 steps), graphflow into a disc")
+
+
+@translator("ImageToMask")
+def image_to_mask(node: NodeImport) -> Translation:
+    channel = node.value("channel")
+    if channel == "alpha":
+        node.error(Code.INVALID_VALUE, "takes the alpha channel, which graphflow's RGB images do not have (LoadImage "
+                   "gives it as its mask output)", "channel", "red, green or blue", "alpha")
+    name = node.add("ImageToMask", {"image": node.link("image"), "channel": channel})
+    return Translation((Source(f"{name}.mask", "MASK"),))
+
+
 @translator("Canny")
 def canny(node: NodeImport) -> Translation:
     low, high = (round(float(node.value(name)) * 255) for name in ("low_threshold", "high_threshold"))

@@ -94,6 +94,7 @@ UI_WIDGETS = {
     "LoadImage": ["image", "upload"], "LoadImageMask": ["image", "channel", "upload"], "SaveImage": ["filename_prefix"],
     "PreviewImage": [], "ImageScale": ["upscale_method", "width", "height", "crop"],
     "ImageScaleBy": ["upscale_method", "scale_by"], "Canny": ["low_threshold", "high_threshold"],
+    "InvertMask": [], "ThresholdMask": ["value"], "GrowMask": ["expand", "tapered_corners"], "ImageToMask": ["channel"],
 }
 
 
@@ -134,7 +135,7 @@ def test_every_mapped_class_imports_validates_and_runs_from_api_and_ui_format(co
                                                          {"from": "control_net_apply_advanced_16.control"}]
     # denoise 0.6 of 3 steps: ComfyUI runs the last 3 of int(3 / 0.6) = 5 steps, graphflow int(5 * 0.6) of 5
     assert (nodes["ksampler_18"]["inputs"]["steps"], nodes["ksampler_18"]["inputs"]["strength"]) == (5, 0.6)
-    assert nodes["ksampler_27"]["inputs"]["mask"] == {"from": "load_image_mask_21.mask"}  # SetLatentNoiseMask
+    assert nodes["ksampler_27"]["inputs"]["mask"] == {"from": "threshold_mask_36.mask"}  # SetLatentNoiseMask
     assert nodes["ksampler_advanced_30"]["inputs"]["strength"] == 0.5  # steps 2..4 of 4
     assert nodes["vae_encode_for_inpaint_22_grow"]["inputs"]["pixels"] == 3
     assert imported.node_names["3"] == [] and imported.node_names["26"] == []
