@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 DOCUMENT_CHUNK, PARAMS_CHUNK, VERSIONS_CHUNK, RUN_CHUNK = "graphflow", "params", "versions", "run"
 PACKAGES = ("graphflow", "torch", "diffusers", "transformers", "numpy", "pillow")
 _COMFY_CHUNKS = ("prompt", "workflow")  # what ComfyUI's SaveImage writes
+_MODELS_CHECKED = 64  # model sources compared with this machine's: a workflow uses a handful, a forged chunk more
+_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]{1,3})?")  # the devices a recorded one may name, as --device takes them
 
 
 class RerunWarning(UserWarning):
@@ -200,19 +203,22 @@ def rerun_options(workflow: PngWorkflow, options: Mapping[str, Any], paths: Path
     from graphflow.models.devices import DTYPES, resolve_device
 
     chosen = dict(options)
-    if chosen.get("device") in (None, "auto") and workflow.device:
+    made = workflow.path.name
+    device, dtype = chosen.get("device") or "auto", chosen.get("dtype") or "auto"
+    known = workflow.device is not None and _DEVICE.fullmatch(workflow.device) is not None
+    if device == "auto" and known:
         try:
             resolve_device(workflow.device)
             chosen["device"] = workflow.device
         except RuntimeError as error:
-            _warn(f"{workflow.path.name} was made on {workflow.device}, which this machine lacks ({error}); "
-                  "running on the default device instead: pixels may differ")
-    elif workflow.device and chosen.get("device") != workflow.device:
-        _warn(f"{workflow.path.name} was made on {workflow.device}; running on {chosen['device']}: pixels may differ")
-    if chosen.get("dtype") in (None, "auto") and workflow.dtype in DTYPES:
+            _warn(f"{made} was made on {workflow.device}, which this machine lacks ({error}); running on the "
+                  "default device instead: pixels may differ")
+    elif workflow.device and device != workflow.device:
+        _warn(f"{made} was made on {show_value(workflow.device)}; running on {device}: pixels may differ")
+    if dtype == "auto" and workflow.dtype in DTYPES:
         chosen["dtype"] = workflow.dtype
-    elif workflow.dtype and chosen.get("dtype") != workflow.dtype:
-        _warn(f"{workflow.path.name} was made in {workflow.dtype}; running in {chosen['dtype']}: pixels may differ")
+    elif workflow.dtype and dtype != workflow.dtype:
+        _warn(f"{made} was made in {show_value(workflow.dtype)}; running in {dtype}: pixels may differ")
     for message in _differences(workflow, paths):
         _warn(message)
     return chosen
@@ -227,7 +233,7 @@ def _differences(workflow: PngWorkflow, paths: PathPolicy) -> list[str]:
     messages = [f"{made} was made with {package} {workflow.versions[package]}; this machine has "
                 f"{now[package] or 'none installed'}: pixels may differ"
                 for package in PACKAGES if package in workflow.versions and workflow.versions[package] != now[package]]
-    for source, recorded in workflow.models.items():
+    for source, recorded in list(workflow.models.items())[:_MODELS_CHECKED]:
         try:
             current = fingerprint(source, paths)
         except (GraphflowError, OSError) as error:

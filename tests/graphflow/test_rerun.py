@@ -21,7 +21,7 @@ from graphflow.document import dumps
 from graphflow.inline import inline_templates
 from graphflow.models import ModelManager
 from graphflow.planning import plan_run
-from graphflow.rerun import RerunWarning, read_png
+from graphflow.rerun import RerunWarning, read_png, rerun_options
 
 _MODELS = ModelManager()  # shared by this module's tests: each tiny model loads once
 
@@ -286,3 +286,20 @@ def test_inlined_template_file_paths_are_rebased_onto_the_outer_folder(tmp_path:
                      "given__name": None}
     assert inlined["nodes"]["default__name"]["inputs"]["value"] == "photo.png"
     assert _keys(engine, inlined) == _keys(engine, tmp_path / "outer.json")  # the same files, read for the same keys
+
+
+def test_a_forged_run_record_only_warns_and_widens_nothing(made: Path, tmp_path: Path) -> None:
+    outside = tmp_path.parent / "secret.safetensors"
+    forged = _rewrite(made, tmp_path / "forged.png", run=json.dumps({
+        "device": "xla", "dtype": "fp3", "models": {str(outside): "0" * 32, "../../etc": "1" * 32}}))
+    engine = Engine(output_dir=tmp_path / "forged", models=_MODELS)
+
+    with pytest.warns(RerunWarning) as caught:
+        options = rerun_options(read_png(forged), {"device": "auto", "dtype": "auto"}, engine.paths)
+
+    assert options == {"device": "auto", "dtype": "auto"}  # neither recorded value is one to use
+    messages = [str(warning.message) for warning in caught]
+    assert "forged.png was made on 'xla'; running on auto: pixels may differ" in messages
+    assert "forged.png was made in 'fp3'; running in auto: pixels may differ" in messages
+    assert sum("cannot be checked here" in message and "outside the input directories" in message
+               for message in messages) == 2  # the roots stay the user's: nothing outside them is read
