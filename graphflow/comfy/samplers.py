@@ -47,6 +47,18 @@ SAMPLERS: dict[str, SamplerChoice] = {
     "dpmpp_2m_sde_gpu": SamplerChoice("dpmpp_2m", "no DPM++ 2M SDE in graphflow; deterministic DPM++ 2M runs"),
     "dpmpp_3m_sde": SamplerChoice("dpmpp_2m", "no DPM++ 3M SDE in graphflow; DPM++ 2M runs"),
     "dpmpp_3m_sde_gpu": SamplerChoice("dpmpp_2m", "no DPM++ 3M SDE in graphflow; DPM++ 2M runs"),
+    "dpmpp_2s_ancestral_cfg_pp": SamplerChoice("euler_a", "no DPM++ 2S ancestral CFG++ in graphflow; Euler "
+                                               "ancestral runs"),
+    "dpmpp_2m_cfg_pp": SamplerChoice("dpmpp_2m", "CFG++ guidance is not available; plain DPM++ 2M runs"),
+    "ipndm": SamplerChoice("pndm", "no iPNDM in graphflow; PNDM (also pseudo-numerical multistep) runs"),
+    "ipndm_v": SamplerChoice("pndm", "no iPNDM-v in graphflow; PNDM (also pseudo-numerical multistep) runs"),
+    "deis": SamplerChoice("dpmpp_2m", "no DEIS in graphflow; DPM++ 2M (also an exponential multistep) runs"),
+    "res_multistep": SamplerChoice("dpmpp_2m", "no RES multistep in graphflow; DPM++ 2M runs"),
+    "res_multistep_cfg_pp": SamplerChoice("dpmpp_2m", "no RES multistep CFG++ in graphflow; DPM++ 2M runs"),
+    "res_multistep_ancestral": SamplerChoice("euler_a", "no RES multistep ancestral in graphflow; Euler ancestral "
+                                             "runs"),
+    "res_multistep_ancestral_cfg_pp": SamplerChoice("euler_a", "no RES multistep ancestral CFG++ in graphflow; "
+                                                    "Euler ancestral runs"),
     "ddpm": SamplerChoice("euler_a", "no DDPM sampling in graphflow; Euler ancestral (also stochastic) runs"),
     "lcm": SamplerChoice("default", "no LCM scheduler in graphflow; the checkpoint's own scheduler runs",
                          supported=False),
@@ -54,6 +66,9 @@ SAMPLERS: dict[str, SamplerChoice] = {
                               supported=False),
     "dpm_adaptive": SamplerChoice("default", "no adaptive DPM in graphflow; the checkpoint's own scheduler runs",
                                   supported=False),
+    **{name: SamplerChoice("default", f"no {name} sampler in graphflow; the checkpoint's own scheduler runs",
+                           supported=False)
+       for name in ("gradient_estimation", "er_sde", "seeds_2", "seeds_3", "sa_solver")},
 }
 COMFY_SAMPLERS = tuple(SAMPLERS)
 COMFY_SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",

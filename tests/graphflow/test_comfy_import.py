@@ -349,3 +349,17 @@ def test_a_missing_file_name_is_reported_and_an_explicit_null_takes_comfyuis_def
     del prompt["4"]["inputs"]["ckpt_name"]
     with pytest.raises(ValidationError, match="ckpt_name is missing"):
         import_prompt(prompt)
+
+
+def test_every_comfyui_sampler_maps_onto_one_of_the_samplers_schedulers() -> None:
+    from graphflow.comfy.samplers import COMFY_SAMPLERS, COMFY_SCHEDULERS, sampler_choice
+    from graphflow.registry import default_registry
+
+    sampler = default_registry().get("Sampler")
+    assert sampler is not None
+    choices = next(item.choices for item in sampler.inputs if item.name == "scheduler")
+    for sampler_name in COMFY_SAMPLERS:
+        for scheduler in COMFY_SCHEDULERS:
+            choice = sampler_choice(sampler_name, scheduler)
+            assert choice.scheduler in choices
+            assert choice.supported == (choice.scheduler != "default"), sampler_name
