@@ -63,7 +63,10 @@ class PromptCheck:
         errors: list[GraphError] = []
         for item in spec.inputs:
             value = inputs.get(item.name)
-            if item.is_widget:
+            if item.is_widget and isinstance(value, list):
+                errors.extend(self.link_errors(comfy_id, spec, item, value) or
+                              self.primitive_errors(comfy_id, spec, item, value))
+            elif item.is_widget:
                 problem = widget_problem(item, value)
                 if problem is not None:
                     errors.append(GraphError(Code.INVALID_VALUE, f"{spec.name} input {item.name} {problem[0]}",
@@ -94,11 +97,22 @@ class PromptCheck:
             return [GraphError(Code.BAD_LINK, f"{where} links to output {index} of node {source_id} "
                                f"({source['class_type']}), which has {len(outputs)} output(s)", comfy_id, item.name,
                                f"an index below {len(outputs)}", str(index))]
-        if outputs[index] != item.type:
+        if outputs[index] != item.type and (outputs[index], item.type) not in _WIDENED:
             return [GraphError(Code.TYPE_MISMATCH, f"{where} takes {item.type}, but output {index} of node "
                                f"{source_id} ({source['class_type']}) is {outputs[index]}", comfy_id, item.name,
                                item.type, outputs[index])]
         return []
+
+    def primitive_errors(self, comfy_id: str, spec: ComfyClass, item: ComfyInput, value: list[Any]) -> list[GraphError]:
+        """A widget linked to a constant node (of the mapped classes, only Primitive nodes output INT, FLOAT,
+        STRING or BOOLEAN): the constant must be one ComfyUI's widget accepts."""
+        source = self.prompt[str(value[0])]
+        literal = primitive_value(source)
+        problem = widget_problem(item, literal)
+        if problem is None:
+            return []
+        return [GraphError(Code.INVALID_VALUE, f"{spec.name} input {item.name} (from {source['class_type']} "
+                           f"{value[0]}) {problem[0]}", comfy_id, item.name, problem[1], shown(literal))]
 
     def topological(self) -> list[str]:
         """Depth-first, parents before children; a cycle is an error naming its nodes."""
@@ -132,6 +146,15 @@ class PromptCheck:
         spec = COMFY_CLASSES[self.prompt[comfy_id]["class_type"]]
         return sorted({str(inputs[item.name][0]) for item in spec.inputs
                        if not item.is_widget and inputs.get(item.name) is not None}, key=id_order, reverse=True)
+
+
+_WIDENED = frozenset({("INT", "FLOAT"), ("STRING", "COMBO")})  # (output, widget) pairs ComfyUI also accepts
+
+
+def primitive_value(entry: Mapping[str, Any]) -> Any:
+    """The constant a Primitive node gives (its ComfyUI default where the prompt leaves it out)."""
+    value = (entry.get("inputs") or {}).get("value")
+    return COMFY_CLASSES[entry["class_type"]].inputs[0].default if value is None else value
 
 
 def widget_problem(item: ComfyInput, value: Any) -> tuple[str, str] | None:

@@ -173,12 +173,22 @@ _CLASSES = (
                 ComfyInput("tapered_corners", "BOOLEAN", {"default": True})), ("MASK",)),
     ComfyClass("ImageToMask", "Convert Image to Mask", "mask",
                (_link("image", "IMAGE"), _combo("channel", ("red", "green", "blue", "alpha"))), ("MASK",)),
+    *(ComfyClass(name, name.removeprefix("Primitive") if name != "PrimitiveStringMultiline" else "String (Multiline)",
+                 "utils/primitive", (ComfyInput("value", kind, options, control_after_generate=kind == "INT"),),
+                 (kind,))
+      for name, kind, options in (
+          ("PrimitiveInt", "INT", {"default": 0, "min": -MAX_SEED // 2 - 1, "max": MAX_SEED // 2}),
+          ("PrimitiveFloat", "FLOAT", {"default": 0.0}), ("PrimitiveString", "STRING", {"default": ""}),
+          ("PrimitiveStringMultiline", "STRING", {"default": "", "multiline": True}),
+          ("PrimitiveBoolean", "BOOLEAN", {"default": False}))),
     ComfyClass("Canny", "Canny", "image/preprocessors",
                (_link("image", "IMAGE"), _float("low_threshold", 0.4, 0.01, 0.99),
                 _float("high_threshold", 0.8, 0.01, 0.99)), ("IMAGE",)),
 )
 
 COMFY_CLASSES: dict[str, ComfyClass] = {spec.name: spec for spec in _CLASSES}
+# ComfyUI's constant nodes: their value is folded into the widgets they feed
+PRIMITIVES = frozenset(name for name in COMFY_CLASSES if name.startswith("Primitive"))
 
 
 def model_files(models_dir: Path | None, folder: str) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphflow.comfy.checks import checked_order, node_ids, shown
+from graphflow.comfy.checks import checked_order, node_ids, primitive_value, shown
 from graphflow.comfy.classes import COMFY_CLASSES, ComfyClass, model_files
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 
@@ -137,6 +137,8 @@ class NodeImport:
         spec = self.spec.input(input)
         assert spec is not None, f"{self.spec.name} has no input {input}"
         value = self.raw.get(input)
+        if isinstance(value, list):  # from a Primitive node, as the checks made sure
+            value = primitive_value(self.importer.prompt[str(value[0])])
         return spec.default if value is None else value
 
     def model_path(self, input: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from graphflow.comfy.classes import MODEL_SUFFIXES
+from graphflow.comfy.classes import MODEL_SUFFIXES, PRIMITIVES
 from graphflow.comfy.importer import NodeImport, Source, Translation
 from graphflow.comfy.samplers import denoise_window, sampler_choice, strength_running
 from graphflow.errors import Code
@@ -223,6 +223,12 @@ def image_to_mask(node: NodeImport) -> Translation:
                    "gives it as its mask output)", "channel", "red, green or blue", "alpha")
     name = node.add("ImageToMask", {"image": node.link("image"), "channel": channel})
     return Translation((Source(f"{name}.mask", "MASK"),))
+
+
+@translator(*PRIMITIVES)
+def primitive(node: NodeImport) -> Translation:
+    return Translation((Source("", node.spec.outputs[0]),), reason="no node of its own: its value is written into "
+                       "the inputs it feeds")
 
 
 @translator("Canny")

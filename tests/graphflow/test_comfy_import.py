@@ -95,6 +95,8 @@ UI_WIDGETS = {
     "PreviewImage": [], "ImageScale": ["upscale_method", "width", "height", "crop"],
     "ImageScaleBy": ["upscale_method", "scale_by"], "Canny": ["low_threshold", "high_threshold"],
     "InvertMask": [], "ThresholdMask": ["value"], "GrowMask": ["expand", "tapered_corners"], "ImageToMask": ["channel"],
+    "PrimitiveInt": ["value", "control_after_generate"], "PrimitiveFloat": ["value"], "PrimitiveString": ["value"],
+    "PrimitiveStringMultiline": ["value"], "PrimitiveBoolean": ["value"],
 }
 
 
@@ -104,8 +106,9 @@ def ui_workflow(prompt: dict[str, dict]) -> dict:
     nodes, links = [], []
     for node_id, entry in prompt.items():
         widgets = UI_WIDGETS[entry["class_type"]]
+        # a widget fed by a link keeps the value it had before in the UI's list, which the link overrides
         values = [{"control_after_generate": "randomize", "upload": "image"}.get(name, entry["inputs"].get(name))
-                  for name in widgets]
+                  if not isinstance(entry["inputs"].get(name), list) else "stale" for name in widgets]
         inputs = []
         for name, value in entry["inputs"].items():
             if isinstance(value, list):
@@ -130,6 +133,10 @@ def test_every_mapped_class_imports_validates_and_runs_from_api_and_ui_format(co
     assert {item.node_class for item in imported.fidelity.values()} == set(COMFY_CLASSES)
     nodes = imported.document["nodes"]
     assert nodes["clip_text_encode_4"]["inputs"]["clip_skip"] == 1  # CLIPSetLastLayer -2, through the LoRA's clip
+    # the Primitive nodes' values, written into the inputs they feed
+    assert nodes["clip_text_encode_4"]["inputs"]["text"] == "a (red:1.2) house"
+    assert (nodes["ksampler_8"]["inputs"]["seed"], nodes["ksampler_8"]["inputs"]["cfg"]) == (1, 5.0)
+    assert nodes["save_image_10"]["inputs"]["prefix"] == "txt2img"
     assert nodes["canny_13"]["inputs"] | {"image": None} == {"image": None, "low": 51, "high": 153, "blur": 2}
     assert nodes["ksampler_18"]["inputs"]["control"] == [{"from": "control_net_apply_15.control"},
                                                          {"from": "control_net_apply_advanced_16.control"}]
@@ -285,7 +292,7 @@ def test_an_img2img_ksampler_runs_exactly_its_steps(comfy_dirs: tuple[Path, Path
     from graphflow.events import NodeProgress
 
     prompt = json.loads((WORKFLOWS / "every_class_api.json").read_text())
-    keep = {"1", "4", "5", "11", "12", "17", "18", "19", "20", "2", "3", "13", "14", "15", "16"}
+    keep = {"1", "2", "3", "4", "5", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20", "41"}
     prompt = {key: value for key, value in prompt.items() if key in keep}
     prompt["18"]["inputs"] |= {"steps": 4, "denoise": 0.3, "sampler_name": "euler"}  # int(4 / 0.3) = 13
     imported = import_prompt(prompt, models_dir=comfy_dirs[0], input_dir=comfy_dirs[1])
@@ -363,3 +370,16 @@ def test_every_comfyui_sampler_maps_onto_one_of_the_samplers_schedulers() -> Non
             choice = sampler_choice(sampler_name, scheduler)
             assert choice.scheduler in choices
             assert choice.supported == (choice.scheduler != "default"), sampler_name
+
+
+def test_a_widget_takes_a_link_only_from_a_primitive_node_with_a_value_it_accepts() -> None:
+    prompt = json.loads((WORKFLOWS / "txt2img_api.json").read_text())
+    prompt["10"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 500.0}}
+    prompt["11"] = {"class_type": "PrimitiveString", "inputs": {"value": "eulr"}}
+    prompt["3"]["inputs"] |= {"cfg": ["10", 0], "sampler_name": ["11", 0], "seed": ["5", 0]}
+    with pytest.raises(ValidationError) as raised:
+        import_prompt(prompt)
+    found = {(error.input, str(error.code)): error.message for error in raised.value.errors}
+    assert set(found) == {("cfg", "invalid_value"), ("sampler_name", "invalid_value"), ("seed", "type_mismatch")}
+    assert "(from PrimitiveFloat 10) is out of ComfyUI's range" in found["cfg", "invalid_value"]
+    assert "did you mean 'euler'" in found["sampler_name", "invalid_value"]
