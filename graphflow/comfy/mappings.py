@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from graphflow.comfy.classes import MODEL_SUFFIXES, PRIMITIVES
-from graphflow.comfy.importer import NodeImport, Source, Translation
+from graphflow.comfy.importer import NodeImport, Source, Translation, Translator
 from graphflow.comfy.samplers import denoise_window, sampler_choice, strength_running
 from graphflow.errors import Code
 
-TRANSLATORS: dict[str, Callable[[NodeImport], Translation]] = {}
+TRANSLATORS: dict[str, Translator] = {}
 
 SAMPLING = ("ComfyUI samples with k-diffusion on its own sigma schedule and noise; graphflow runs diffusers' "
             "{scheduler} scheduler: the same kind of step, different pixels")
@@ -25,9 +25,10 @@ RESAMPLING = "ComfyUI resizes with torch's interpolate (and Pillow for lanczos);
 LATENT_RESAMPLING = "ComfyUI resizes latents with torch's interpolate; graphflow with its own filters (Pillow's)"
 
 
-def translator(*class_names: str) -> Callable[[Callable[[NodeImport], Translation]],
-                                             Callable[[NodeImport], Translation]]:
-    def register(function: Callable[[NodeImport], Translation]) -> Callable[[NodeImport], Translation]:
+def translator(*class_names: str) -> Callable[[Translator], Translator]:
+    """Register a function as the translator of these ComfyUI classes."""
+
+    def register(function: Translator) -> Translator:
         for name in class_names:
             TRANSLATORS[name] = function
         return function

@@ -257,8 +257,10 @@ def test_import_comfy_writes_the_document_and_prints_the_fidelity_summary(
 
 
 def test_object_info_lists_every_mapped_class_in_comfyuis_shape(comfy_dirs: tuple[Path, Path]) -> None:
+    from graphflow.comfy.mappings import TRANSLATORS
+
     info = comfy_class_info(comfy_dirs[0], comfy_dirs[1])
-    assert set(info) == set(COMFY_CLASSES)
+    assert set(info) == set(COMFY_CLASSES) == set(TRANSLATORS)
     sampler = info["KSampler"]
     assert list(sampler["input"]["required"]) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler",
                                                   "positive", "negative", "latent_image", "denoise"]
