@@ -212,6 +212,9 @@ class ValidationError(GraphflowError):
         lines = "\n".join(f"  {error}" for error in self.errors)
         super().__init__(f"{count} problem{'s' if count != 1 else ''}:\n{lines}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a Ray actor or another process sends it back)
+        return (type(self), (self.errors,), self.__dict__)
+
     @property
     def codes(self) -> list[str]:
         return [str(error.code) for error in self.errors]
@@ -225,6 +228,9 @@ class NodeExecutionError(GraphflowError):
         self.node_type = node_type
         self.cause = cause
         super().__init__(f"node '{node}' ({node_type}) failed: {type(cause).__name__}: {cause}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.node, self.node_type, self.cause), self.__dict__)
 
 
 class NodeInputError(GraphflowError):

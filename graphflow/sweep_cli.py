@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def add_sweep(commands: Any) -> None:
     """Add the `sweep` subcommand to the `graphflow` subparsers `commands`."""
     sweep = commands.add_parser("sweep", help="run a template over a grid of param values")
-    sweep.add_argument("graph", type=Path)
+    sweep.add_argument("graph", type=Path, help="the template to run (a graph document with params)")
     sweep.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
                        help="values of one param: 1,2,3, a JSON list, or for INT params ranges 0..7 and 0..20..5 "
                             "(inclusive; repeatable: the grids multiply, the first varying slowest)")
@@ -37,9 +37,17 @@ def add_sweep(commands: Any) -> None:
                             "directory")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local",
                        help="local: one Engine here, shared nodes run once (default); ray: the graphflow[ray] extra")
-    sweep.add_argument("--address", default=None, metavar="HOST:PORT", help="with --backend ray: a running cluster")
-    sweep.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto")
-    sweep.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
+    sweep.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="with --backend ray: a running cluster (as `ray start --head` prints; default: start one "
+                            "on this machine for the sweep)")
+    sweep.add_argument("--actors", type=int, default=None, metavar="N",
+                       help="with --backend ray: how many engines (default: one per GPU; CPU-only: CPUs // threads)")
+    sweep.add_argument("--threads-per-actor", type=int, default=None, metavar="N", dest="threads",
+                       help="with --backend ray on CPUs: torch threads (and Ray CPUs) per actor (default: 1)")
+    sweep.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto",
+                       help="where models run (default: auto, a GPU when there is one)")
+    sweep.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                       help="the models' precision (default: auto, fp16 on a GPU and fp32 on the CPU)")
     sweep.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                        help="keep expensive results here across runs (default: none)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,23 +55,35 @@ def add_sweep(commands: Any) -> None:
 
 
 class SweepProgress:
-    """One tqdm bar over the jobs; the running job, node and sampler step beside it."""
+    """One tqdm bar over the jobs, the running job, node and sampler step beside it; without a terminal (a log), a
+    line per finished job instead."""
 
     def __init__(self, total: int, enabled: bool) -> None:
+        from graphflow.progress import is_terminal
+
         self.total = total
         self.enabled = enabled
+        self.terminal = is_terminal(sys.stderr)
         self._bar: Any = None  # made at the first event: a sweep refused up front shows no bar
+        self._done = 0
 
     def event(self, job: Job, event: Event) -> None:
         from graphflow.events import NodeProgress, NodeStarted
 
+        if not self.terminal:
+            return
         if isinstance(event, NodeStarted):
             self._shown().set_postfix_str(f"{job.folder}: {event.node}")
         elif isinstance(event, NodeProgress):
             self._shown().set_postfix_str(f"{job.folder}: {event.node} step {event.step}/{event.total}")
 
     def job(self, record: JobRecord) -> None:
-        self._shown().update(1)
+        if self.terminal:
+            self._shown().update(1)
+        elif self.enabled:
+            self._done += 1
+            print(f"[{self._done}/{self.total}] {record.job.folder}: ran {len(record.ran)} nodes, "
+                  f"{len(record.cached)} from cache, {record.seconds:.2f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -78,8 +98,9 @@ class SweepProgress:
 
 
 def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
-    """Exit codes as `run`: 0 ok, 1 invalid, 2 a backend that cannot run here, 3 a job failed, 130 interrupted."""
-    from graphflow.cli import show_traceback
+    """Exit codes as `run` (graphflow.cli.EXIT_CODES): 0 ok, 1 invalid, 2 a backend that cannot run here (a usage
+    error), 3 a job failed, 130 interrupted."""
+    from graphflow.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_USAGE, show_traceback
     from graphflow.document import load_document
     from graphflow.engine import Engine
     from graphflow.errors import GraphflowError, NodeExecutionError, ValidationError, printable
@@ -89,10 +110,12 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
 
     progress: SweepProgress | None = None
     finished: list[JobRecord] = []
+    backend = None
     try:
         engine = Engine(registry, input_dirs=command_line_roots(args.input_dir), output_dir=args.out,
                         disk_cache=args.cache_dir, options={"device": args.device, "dtype": args.dtype})
-        backend = make_backend(args.backend, address=args.address, engine=engine)
+        backend = make_backend(args.backend, address=args.address, engine=engine, plugins=args.plugin,
+                               actors=args.actors, threads=args.threads)
         batch = sweep_batch(load_document(args.graph), grid=args.grid, zips=args.zip, fixed=args.assignments,
                             repeat=args.repeat)
         progress = bar = SweepProgress(batch.size(), not args.quiet)
@@ -105,25 +128,30 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
                            on_event=progress.event)
     except BackendUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except ValidationError as error:
-        _close(progress)
+        _close(progress, backend)
         print(f"{printable(str(args.graph))}: {error}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     except (GraphflowError, OSError, KeyboardInterrupt) as error:
-        _close(progress)
+        _close(progress, backend)
         listed = f"{len(finished)} finished job{'s' if len(finished) != 1 else ''} and their files stay, " \
                  f"listed in {args.out / SUMMARY}"
         what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
         print(f"{what}; {listed}", file=sys.stderr)
         show_traceback(args, error.cause if isinstance(error, NodeExecutionError) else None)
-        return 130 if isinstance(error, KeyboardInterrupt) else 3 if isinstance(error, NodeExecutionError) else 1
-    _close(progress)
+        return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else \
+            EXIT_FAILED if isinstance(error, NodeExecutionError) else EXIT_INVALID
+    _close(progress, backend)
     print(summary_table(result))
     print(f"wrote {args.out / SUMMARY}" + (f" and {result.contact_sheet}" if result.contact_sheet else ""))
-    return 0
+    return EXIT_OK
 
 
-def _close(progress: SweepProgress | None) -> None:
+def _close(progress: SweepProgress | None, backend: Any) -> None:
+    """Close the bar; stop a backend's actors (and the Ray cluster it started for this sweep)."""
     if progress is not None:
         progress.close()
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()

@@ -134,19 +134,23 @@ def _move(path: Path, root: Path, folder: Path) -> Path:
 
 
 def _write_images(result: RunResult, params: Mapping[str, Any], folder: Path) -> list[Path]:
-    """A graph without output nodes: each IMAGE output written as NAME_00000.png, NAME_00001.png, ..."""
+    """A graph without output nodes: each IMAGE output written into `folder` as NAME_00000.png, ..."""
+    written = []
+    for name, data in image_files(result, params):
+        path = folder / name
+        if not atomic_write(path, data, exclusive=True):
+            raise FileExistsError(f"{path} already exists")
+        written.append(path)
+    return written
+
+
+def image_files(result: RunResult, params: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+    """The files a graph without output nodes gives in a sweep: each IMAGE output as NAME_00000.png, NAME_00001.png,
+    ... (names and PNG bytes)."""
     from graphflow.contact_sheet import image_pngs, is_image
 
-    written = []
-    for name, value in result.outputs.items():
-        if not is_image(value):
-            continue
-        for number, data in enumerate(image_pngs(value, params)):
-            path = folder / f"{name}_{number:05d}.png"
-            if not atomic_write(path, data, exclusive=True):
-                raise FileExistsError(f"{path} already exists")
-            written.append(path)
-    return written
+    return [(f"{name}_{number:05d}.png", data) for name, value in result.outputs.items() if is_image(value)
+            for number, data in enumerate(image_pngs(value, params))]
 
 
 def plan_sweep(template: str | Path, batch: Batch, out: str | Path, engine: Engine | None = None) -> list[Job]:
@@ -250,12 +254,15 @@ BACKENDS = ("local", "ray")
 
 
 def make_backend(name: str, *, address: str | None = None, engine: Engine | None = None,
-                 options: Mapping[str, Any] | None = None) -> Backend:
-    """The backend called `name`: "local" (one Engine here) or "ray" (the `graphflow[ray]` extra; `address` of a
-    running cluster, else a local one). BackendUnavailable when it cannot run here."""
+                 options: Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
+                 actors: int | None = None, threads: int | None = None) -> Backend:
+    """The backend called `name`: "local" (one Engine here) or "ray" (the `graphflow[ray]` extra: `address` of a
+    running cluster, else a local one; `actors` and `threads` per CPU actor as graphflow.ray_backend.RayBackend
+    takes them; its actors build their Engines from `engine`'s settings and `plugins`). BackendUnavailable when it
+    cannot run here."""
     if name == "local":
-        if address is not None:
-            raise BackendUnavailable("--address names a Ray cluster; it goes with --backend ray")
+        if address is not None or actors is not None or threads is not None:
+            raise BackendUnavailable("--address, --actors and --threads-per-actor go with --backend ray")
         return LocalBackend(engine, options)
     if name != "ray":
         raise BackendUnavailable(f"no sweep backend '{name}'; expected one of {', '.join(BACKENDS)}")
@@ -264,10 +271,6 @@ def make_backend(name: str, *, address: str | None = None, engine: Engine | None
     if importlib.util.find_spec("ray") is None:
         raise BackendUnavailable("--backend ray needs Ray, from the graphflow[ray] extra: "
                                  "pip install 'graphflow[ray]'")
-    try:
-        from graphflow.ray_backend import RayBackend  # type: ignore[import-not-found]
-    except ModuleNotFoundError as error:
-        if error.name != "graphflow.ray_backend":
-            raise
-        raise BackendUnavailable("this graphflow has no Ray backend yet; run with --backend local") from None
-    return RayBackend(address=address, options=options)  # type: ignore[no-any-return]
+    from graphflow.ray_backend import RayBackend
+
+    return RayBackend(address, actors=actors, threads=threads, engine=engine, plugins=plugins, options=options)

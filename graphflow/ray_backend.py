@@ -1,0 +1,441 @@
+"""The Ray backend of `graphflow sweep` (and of `graphflow serve --backend ray`): the graphflow[ray] extra.
+
+One actor per GPU of the cluster (`num_gpus=1`; on a CPU-only cluster one per `threads` CPUs, with torch set to
+that many threads), each holding an Engine and a ModelManager that stay warm across jobs and sweeps. The driver
+hands each idle actor the pending job it is best placed for: one whose models it already holds (then the most of
+them), then the one sharing most node keys with what it ran (cached prompt encodings, edge maps), then the one
+with most models no other actor holds, then the lowest index (and it leaves the last few jobs of models another
+actor holds to that actor). An actor streams its job's events (the driver's progress bar) and then the job's files
+as bytes — PNGs, never tensors through the object store — which the driver writes into the job's folder, once.
+An actor that dies is restarted by Ray, and its unfinished job is handed out again: results are content-addressed,
+so a retried job writes exactly what the first try would have, and nothing twice.
+
+Nothing in graphflow imports this module except `graphflow.sweep_runner.make_backend`; it imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from graphflow.atomic import atomic_write
+from graphflow.errors import Cancelled, GraphflowError
+from graphflow.events import (
+    CancelToken,
+    Event,
+    FileWritten,
+    NodeCached,
+    NodeFinished,
+    NodeProgress,
+    NodeStarted,
+    RunStarted,
+)
+from graphflow.sweep_runner import Job, JobEventHandler, JobRecord
+
+MAX_TRIES = 3  # a job whose actor dies this many times fails the sweep (a job that kills every actor it touches)
+# small and picklable: the driver's progress bar, the service's event log
+_FORWARDED = (RunStarted, NodeStarted, NodeCached, NodeProgress, NodeFinished, FileWritten)
+_WAIT_S = 0.2  # how long the driver waits for actors before looking at its cancel token again
+_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What each actor builds its Engine from (the driver's engine, as plain data)."""
+
+    plugins: tuple[str, ...] = ()
+    input_dirs: tuple[str, ...] | None = None
+    disk_cache: str | None = None
+    cache_bytes: int = 2 << 30
+    options: dict[str, Any] = field(default_factory=dict)
+    output_dir: str | None = None  # where output nodes write (the service's outputs); None: a scratch folder
+    model_memory_bytes: int | None = None
+    offload: str = "none"
+
+    @classmethod
+    def of(cls, engine: Any, plugins: Sequence[str] = ()) -> EngineSettings:
+        if engine is None:
+            return cls(tuple(plugins))
+        return cls(tuple(plugins), tuple(str(root) for root in engine.paths.input_roots),
+                   None if engine.disk_cache is None else str(engine.disk_cache.directory),
+                   engine.cache.max_bytes, dict(engine.options))
+
+
+class EngineActor:
+    """A Ray actor's state: one Engine, warm across jobs, writing into a scratch folder it empties after each job.
+
+    Threaded (max_concurrency 2) so that `cancel` runs while `run` does."""
+
+    def __init__(self, settings: EngineSettings, threads: int | None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from graphflow.engine import Engine
+        from graphflow.models import ModelManager
+
+        self.scratch = Path(tempfile.mkdtemp(prefix="graphflow-ray-"))
+        self.engine = Engine(plugins=settings.plugins, input_dirs=list(settings.input_dirs or []) or None,
+                             output_dir=settings.output_dir or self.scratch, disk_cache=settings.disk_cache,
+                             cache_bytes=settings.cache_bytes, options=settings.options,
+                             models=ModelManager(settings.model_memory_bytes, offload=settings.offload))
+        self.token = CancelToken()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+    def loads(self) -> dict[str, int]:
+        """How many times each model was loaded by this actor (since it last started)."""
+        return {str(key): count for key, count in self.engine.models.loads.items()}
+
+    def loaded(self) -> list[str]:
+        """The models this actor holds now."""
+        return [str(key) for key in self.engine.models.loaded()]
+
+    def serve(self, source: Any, params: dict[str, Any], options: dict[str, Any],
+              types: dict[str, str]) -> Iterator[tuple[str, Any]]:
+        """Run one `graphflow serve` job (a template's path or a document): its events, then ("done", what
+        graphflow.service.results.portable_run makes of the result)."""
+        from graphflow.service.results import portable_run
+
+        def run(send: Any, token: CancelToken) -> dict[str, Any]:
+            result = self.engine.run(source, params, on_event=lambda event: _forward(event, send), cancel=token,
+                                     options=options)
+            return portable_run(result, types)
+
+        yield from self._stream(run)
+
+    def shutdown(self) -> None:
+        """Remove the scratch folder (before the driver kills this actor)."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def run(self, template: str, params: dict[str, Any], options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        """Run one sweep job: yields ("event", Event) while it runs, then ("done", summary) with its files as
+        bytes."""
+        try:
+            yield from self._stream(lambda send, token: self._run(template, params, options, token, send))
+        except BaseException:
+            _empty(self.scratch)  # a failed job's partial output is not the next job's
+            raise
+
+    def _stream(self, work: Any) -> Iterator[tuple[str, Any]]:
+        """Call `work(send, token)` on a thread of this actor; yield ("event", e) for each event it sends, then
+        ("done", what it returned), or raise what it raised. The engine calls back on its own thread: a queue
+        turns the callbacks into this stream."""
+        import queue
+        import threading
+
+        token = self.token = CancelToken()
+        inbox: queue.Queue[Event | None] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["result"] = work(inbox.put, token)
+            except BaseException as error:  # raised below, in the actor's call, so the driver sees it
+                outcome["error"] = error
+            finally:
+                inbox.put(None)
+
+        thread = threading.Thread(target=call, name="graphflow-ray-job", daemon=True)
+        thread.start()
+        try:
+            while (event := inbox.get()) is not None:
+                yield ("event", event)
+        finally:
+            if thread.is_alive():  # the driver stopped listening (the stream was dropped): stop the job too
+                token.cancel()
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield ("done", outcome["result"])
+
+    def _run(self, template: str, params: dict[str, Any], options: dict[str, Any], token: CancelToken,
+             send: Any) -> dict[str, Any]:
+        from graphflow.sweep_runner import image_files
+
+        engine = self.engine
+        result = engine.run(template, params, on_event=lambda event: _forward(event, send), cancel=token,
+                            options=options)
+        if engine.compile(template, params).output_nodes():
+            files = []
+            for path in result.files:
+                name = path.relative_to(self.scratch).as_posix() if path.is_relative_to(self.scratch) else path.name
+                files.append((name, path.read_bytes()))
+            _empty(self.scratch)  # the next job's SaveImage counts from 00000 again, as a local sweep's does
+        else:
+            files = image_files(result, params)
+        return {"files": files, "ran": result.ran, "cached": result.cached, "seconds": result.seconds}
+
+
+def _forward(event: Event, send: Any) -> None:
+    if isinstance(event, _FORWARDED):
+        send(event)
+
+
+def _empty(root: Path) -> None:
+    """Remove everything under `root`, keeping `root`."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+@dataclass
+class _Slot:
+    """The driver's view of one actor: its handle, what it has run (for routing) and its running job."""
+
+    index: int
+    actor: Any
+    models: set[str] = field(default_factory=set)
+    keys: set[str] = field(default_factory=set)
+    job: Any = None
+    stream: Any = None
+    revive: Any = None  # after its actor died: the call that answers once Ray has restarted it
+    dead: bool = False  # Ray gave up restarting it
+
+    @property
+    def idle(self) -> bool:
+        return self.job is None and self.revive is None and not self.dead
+
+
+class RayBackend:
+    """Sweeps on a Ray cluster: `address` of a running one (as `ray start --head` prints), else a local one.
+
+    `actors`: how many (default: one per GPU; on a CPU-only cluster its CPUs // `threads`); `threads`: torch
+    threads per CPU actor (default 1). Actors stay alive across sweeps until `close()`. `init`: more ray.init
+    arguments; `settings`: the actors' Engine settings, instead of `engine`'s and `plugins`."""
+
+    def __init__(self, address: str | None = None, *, actors: int | None = None, threads: int | None = None,
+                 engine: Any = None, plugins: Sequence[str] = (), options: Mapping[str, Any] | None = None,
+                 init: Mapping[str, Any] | None = None, settings: EngineSettings | None = None) -> None:
+        self.address = address
+        self.actors_wanted = actors
+        self.threads = threads
+        self.settings = settings if settings is not None else EngineSettings.of(engine, plugins)
+        self.options = dict(options or {})
+        self.init_options = dict(init or {})
+        self.driver_engine = engine
+        self.slots: list[_Slot] = []
+        self.restarts = 0  # jobs handed out again because their actor died
+        self._started_ray = False
+
+    # -- the cluster and the actors --------------------------------------------------------------------------
+
+    def start(self) -> list[_Slot]:
+        """Connect (or start a local cluster) and make the actors, once; their slots."""
+        if self.slots:
+            return self.slots
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            if self.address is None:  # a cluster of this machine alone: nothing listens beyond it
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                         log_to_driver=False, **self.init_options)
+            else:
+                ray.init(address=self.address, log_to_driver=False, **self.init_options)
+            self._started_ray = True
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        threads = self.threads or 1
+        count = self.actors_wanted or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // threads))
+        actor_class = ray.remote(EngineActor).options(
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads, max_concurrency=2, max_restarts=-1,
+            max_task_retries=0)
+        actors = [actor_class.remote(self.settings, None if gpus and not self.threads else threads)
+                  for _ in range(count)]
+        ray.get([actor.ready.remote() for actor in actors])
+        self.slots = [_Slot(index, actor) for index, actor in enumerate(actors)]
+        return self.slots
+
+    def actor_pids(self) -> list[int]:
+        """The process id of each actor (as now: an actor restarted by Ray has a new one)."""
+        return [self._ask(slot, "ready") for slot in self.slots]
+
+    def model_loads(self) -> list[dict[str, int]]:
+        """Per actor, how many times it loaded each model since it (last) started."""
+        return [self._ask(slot, "loads") for slot in self.slots]
+
+    @staticmethod
+    def _ask(slot: _Slot, method: str, patience_s: float = 60.0) -> Any:
+        """An actor's answer, waiting while Ray restarts it."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return ray.get(getattr(slot.actor, method).remote())
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(_WAIT_S)
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down when this backend started it."""
+        for slot in self.slots:
+            with contextlib.suppress(Exception):
+                ray.get(slot.actor.shutdown.remote(), timeout=5)
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor)
+        self.slots = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    # -- a sweep -----------------------------------------------------------------------------------------------
+
+    def run(self, template: Path, jobs: Sequence[Job], out: Path, *, on_event: JobEventHandler | None,
+            cancel: CancelToken) -> Iterator[JobRecord]:
+        slots = self.start()
+        routes = {job.index: self._route(template, job) for job in jobs}
+        pending = list(jobs)
+        tries = dict.fromkeys(routes, 0)
+        try:
+            while pending or any(slot.job is not None for slot in slots):
+                cancel.check()
+                for slot in slots:
+                    if slot.idle and pending:
+                        job = self._pick(pending, slot, slots, routes)
+                        if job is not None:
+                            pending.remove(job)
+                            self._hand(slot, job, str(template), routes[job.index])
+                if pending and all(slot.dead for slot in slots):
+                    raise GraphflowError("every Ray actor of the sweep died and Ray could not restart them; "
+                                         "the actors' logs (ray logs) say why")
+                waiting = {slot.stream: slot for slot in slots if slot.job is not None}
+                waiting.update({slot.revive: slot for slot in slots if slot.revive is not None})
+                ready, _ = ray.wait(list(waiting), num_returns=1, timeout=_WAIT_S)
+                for ref in ready:
+                    slot = waiting[ref]
+                    if ref is slot.revive:
+                        self._revived(slot)
+                        continue
+                    job = slot.job
+                    try:
+                        kind, value = ray.get(next(ref))
+                    except (StopIteration, *_LOST):  # (a stream ends only after "done")
+                        kind, value = "lost", None
+                    except RayTaskError as error:
+                        slot.job = slot.stream = None
+                        raise _cause(error) from None
+                    if kind == "event":
+                        if on_event is not None:
+                            on_event(job, value)
+                        continue
+                    slot.job = slot.stream = None
+                    if kind == "done":
+                        yield _record(job, value, out)
+                        continue
+                    self._lost(slot)
+                    tries[job.index] += 1
+                    if tries[job.index] >= MAX_TRIES:
+                        raise GraphflowError(f"job {job.index} ({job.folder}) lost its Ray actor {MAX_TRIES} "
+                                             "times; the actor's log (ray logs) says why")
+                    pending.insert(0, job)
+        finally:
+            self._stop_running(slots)
+
+    def _route(self, template: Path, job: Job) -> tuple[frozenset[str], frozenset[str]]:
+        """The job's model keys (its loaders') and all its node keys, as the driver plans them."""
+        from graphflow.engine import Engine
+        from graphflow.execution import node_traits
+        from graphflow.planning import plan_run
+
+        engine = self.driver_engine if self.driver_engine is not None else Engine(plugins=self.settings.plugins)
+        compiled = engine.compile(template, job.params)
+        options = {"compile": engine.models.compile, **engine.options, **self.options}
+        keyed = plan_run(compiled, list(compiled.nodes), options, engine.paths)
+        models = frozenset(key for node_id, key in keyed.keys.items()
+                           if node_traits(compiled.nodes[node_id].node_type).reads_models)
+        return models, frozenset(keyed.keys.values())
+
+    @staticmethod
+    def _pick(pending: list[Job], slot: _Slot, slots: list[_Slot],
+              routes: Mapping[int, tuple[frozenset[str], frozenset[str]]]) -> Job | None:
+        """The job `slot` should run next, or None to leave the few jobs other actors hold the models of to them
+        (an idle actor takes such a job only while more of them wait than those actors can take at once)."""
+        others = [other for other in slots if other is not slot and not other.dead]
+        held_elsewhere = set().union(*(other.models for other in others))
+
+        def score(job: Job) -> tuple[bool, int, int, int, int]:
+            models, keys = routes[job.index]
+            return (bool(models) and models <= slot.models, len(models & slot.models), len(keys & slot.keys),
+                    len(models - held_elsewhere), -job.index)
+
+        job = max(pending, key=score)
+        models = routes[job.index][0]
+        if not models or models <= slot.models:
+            return job
+        holders = sum(1 for other in others if models <= other.models)
+        waiting = sum(1 for other in pending if routes[other.index][0] == models)
+        return None if holders and waiting <= holders else job
+
+    def _hand(self, slot: _Slot, job: Job, template: str, route: tuple[frozenset[str], frozenset[str]]) -> None:
+        slot.job = job
+        slot.models |= route[0]
+        slot.keys |= route[1]
+        slot.stream = slot.actor.run.options(num_returns="streaming").remote(template, job.params, self.options)
+
+    def _lost(self, slot: _Slot) -> None:
+        """Its actor died while running a job: Ray restarts it, with a new Engine and no models."""
+        self.restarts += 1
+        slot.models.clear()
+        slot.keys.clear()
+        slot.revive = slot.actor.ready.remote()
+
+    @staticmethod
+    def _revived(slot: _Slot) -> None:
+        """The answer to a restarting actor's `ready` call: back (idle), not yet (ask again), or gone for good."""
+        try:
+            ray.get(slot.revive)
+            slot.revive = None
+        except ActorUnavailableError:  # still restarting
+            time.sleep(_WAIT_S)
+            slot.revive = slot.actor.ready.remote()
+        except (ActorDiedError, RayActorError):
+            slot.revive = None
+            slot.dead = True
+
+    def _stop_running(self, slots: list[_Slot]) -> None:
+        """Cancel what still runs (Ctrl-C, a failure elsewhere) and wait a little for it to stop."""
+        running = [slot for slot in slots if slot.job is not None]
+        for slot in running:
+            with contextlib.suppress(Exception):
+                slot.actor.cancel.remote()
+        deadline = time.monotonic() + 10
+        for slot in running:
+            with contextlib.suppress(Exception):  # the job ends cancelled (an error) or its actor is gone
+                while (left := deadline - time.monotonic()) > 0 and ray.wait([slot.stream], timeout=left)[0]:
+                    ray.get(next(slot.stream))
+            slot.job = slot.stream = None
+
+
+def _cause(error: RayTaskError) -> BaseException:
+    """The exception a job raised on its actor, as graphflow raised it there."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, Cancelled):
+        return cause
+    return cause if isinstance(cause, Exception) else error
+
+
+def _record(job: Job, value: Mapping[str, Any], out: Path) -> JobRecord:
+    """Write a finished job's files into its folder (never over a file) and describe it."""
+    folder = out / job.folder
+    written = []
+    for name, data in value["files"]:
+        target = folder / name
+        if not target.resolve().is_relative_to(folder.resolve()):
+            raise GraphflowError(f"an actor returned a file outside the job's folder: {name!r}")
+        if not atomic_write(target, data, exclusive=True):
+            raise FileExistsError(f"{target} already exists")
+        written.append(target.relative_to(out).as_posix())
+    return JobRecord(job, written, list(value["ran"]), list(value["cached"]), float(value["seconds"]))
