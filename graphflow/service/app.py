@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import fields
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -63,7 +63,12 @@ class Service:
         self.templates = TemplateFolder(config.graphs)
         self.checker = Engine(self.registry, input_dirs=list(config.input_roots()), output_dir=config.outputs,
                               cache_bytes=1 << 20)
-        self.pool = WorkerPool(config, self.queue, self.store, self.templates.path, self.registry)
+        if config.backend == "ray":  # the graphflow[ray] extra: only imported when asked for
+            from graphflow.service.ray_workers import RayWorkerPool
+
+            self.pool: Any = RayWorkerPool(config, self.queue, self.store, self.templates.path, self.registry)
+        else:
+            self.pool = WorkerPool(config, self.queue, self.store, self.templates.path, self.registry)
 
     def view(self, job: Job) -> JobView:
         summary = self.store.summary(job.result) if job.result else None

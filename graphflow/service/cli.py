@@ -64,12 +64,18 @@ def add_serve(commands: Any) -> None:
                        help="directory input files may come from, besides DATA/uploads and --graphs (repeatable)")
     serve.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default=None,
                        help="the device of every worker (default: auto)")
-    serve.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
+    serve.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                       help="the models' precision; a job may ask for another (default: auto, fp16 on a GPU)")
     serve.add_argument("--workers", type=cli._positive("workers"), default=None,
                        help="workers on --device, each with its own engine and warm models (default: 1)")
     serve.add_argument("--devices", type=_device_list, default=None, metavar="LIST",
                        help="one worker per listed device, each with its own engine and warm models, e.g. "
                             "cuda:0,cuda:1 (or cpu,cpu for two CPU workers); instead of --workers and --device")
+    serve.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="local: worker threads here (default); ray: the workers are Ray actors, one per GPU of the "
+                            "cluster (--workers N to choose; the graphflow[ray] extra), as `graphflow sweep` uses")
+    serve.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="with --backend ray: a running Ray cluster (default: start one on this machine)")
     serve.add_argument("--requeue", action="store_true",
                        help="at start, put jobs a crash left running back in the queue (default: mark them failed)")
     serve.add_argument("--models-dir", type=cli._input_directory, default=None, metavar="DIR",
@@ -99,13 +105,26 @@ def _serve(args: argparse.Namespace, registry: NodeRegistry) -> int:
     devices = _worker_devices(args)
     if isinstance(devices, str):
         args.serve_parser.error(devices)  # exits with status 2, after the usage line
+    if args.backend == "ray" and args.devices is not None:
+        args.serve_parser.error("--devices names local devices; with --backend ray each actor gets a GPU of the "
+                                "cluster (give --workers N for how many)")
+    if args.address is not None and args.backend != "ray":
+        args.serve_parser.error("--address names a Ray cluster; it goes with --backend ray")
+    if args.backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            print("error: --backend ray needs Ray, from the graphflow[ray] extra: pip install 'graphflow[ray]'",
+                  file=sys.stderr)
+            return 2
     options = {"device": devices[0], "dtype": args.dtype, "max_image_pixels": args.max_image_pixels,
                **cli._compile_options(args), **cli._memory_options(args)}
     config = ServiceConfig(
         data=args.data.resolve(), graphs=args.graphs.resolve(), input_dirs=tuple(d.resolve() for d in args.input_dir),
         workers=len(devices), devices=devices, options=options, cache_bytes=args.memory_cache_mb << 20,
         model_memory_bytes=args.model_memory_mb << 20 if args.model_memory_mb is not None else None,
-        offload=args.offload, plugins=tuple(args.plugin), requeue=args.requeue,
+        offload=args.offload, plugins=tuple(args.plugin), requeue=args.requeue, backend=args.backend,
+        ray_address=args.address, ray_actors=args.workers if args.backend == "ray" else None,
         models_dir=args.models_dir.resolve() if args.models_dir is not None else None,
         **({"upload_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
     try:

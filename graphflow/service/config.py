@@ -35,6 +35,9 @@ class ServiceConfig:
     upload_pixels: int = 8192 * 8192
     body_bytes: int = 4 << 20  # every request but uploads
     models_dir: Path | None = None  # ComfyUI's models folder layout (checkpoints/, controlnet/, ...) for POST /prompt
+    backend: str = "local"  # "ray": the workers are Ray actors (graphflow.service.ray_workers), `workers` of them
+    ray_address: str | None = None  # a running Ray cluster; None: one started on this machine
+    ray_actors: int | None = None  # with backend "ray": how many actors (None: one per GPU, else per CPU)
 
     def worker_devices(self) -> tuple[str, ...]:
         """The device of each worker, in order: `devices`, else `workers` times the options' device."""

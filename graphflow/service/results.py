@@ -56,21 +56,38 @@ class ResultStore:
     def store_run(self, result: Any, output_types: Mapping[str, str]) -> str:
         """Store a RunResult: each IMAGE output as 8-bit PNGs, each PNG file output nodes wrote, and the summary;
         the summary's name."""
+        return self.store_portable(portable_run(result, output_types))
+
+    def store_portable(self, portable: Mapping[str, Any]) -> str:
+        """Store what `portable_run` made of a run (here, or on a Ray actor); the summary's name."""
         outputs: dict[str, Any] = {}
         files: list[str] = []
-        for name, value in result.outputs.items():
-            if output_types.get(name) == IMAGE:
-                images = [self.put(png, "png") for png in image_pngs(value)]
+        for name, output in portable["outputs"].items():
+            if "pngs" in output:
+                images = [self.put(png, "png") for png in output["pngs"]]
                 files.extend(images)
-                outputs[name] = {"type": IMAGE, "files": images}
+                outputs[name] = {"type": output["type"], "files": images}
             else:
-                outputs[name] = {"type": output_types.get(name, "?"), "value": _plain(value)}
-        written = [self.put(Path(path).read_bytes(), "png") for path in result.files if str(path).endswith(".png")]
+                outputs[name] = output
+        written = [self.put(data, "png") for data in portable["written"]]
         files.extend(written)
         summary = {"outputs": outputs, "files": list(dict.fromkeys(files)), "written": written,
-                   "ran": list(result.ran), "cached": list(result.cached), "timings": dict(result.timings),
-                   "seconds": result.seconds}
+                   "ran": list(portable["ran"]), "cached": list(portable["cached"]),
+                   "timings": dict(portable["timings"]), "seconds": portable["seconds"]}
         return self.put(json.dumps(summary, indent=1, sort_keys=True).encode("utf-8"), "json")
+
+
+def portable_run(result: Any, output_types: Mapping[str, str]) -> dict[str, Any]:
+    """A RunResult as plain data and PNG bytes (never tensors): what a Ray actor sends back for the store."""
+    outputs: dict[str, Any] = {}
+    for name, value in result.outputs.items():
+        kind = output_types.get(name, "?")
+        outputs[name] = {"type": IMAGE, "pngs": image_pngs(value)} if kind == IMAGE \
+            else {"type": kind, "value": _plain(value)}
+    return {"outputs": outputs,
+            "written": [Path(path).read_bytes() for path in result.files if str(path).endswith(".png")],
+            "ran": list(result.ran), "cached": list(result.cached), "timings": dict(result.timings),
+            "seconds": result.seconds}
 
 
 def store_by_content(folder: Path, data: bytes, suffix: str) -> str:

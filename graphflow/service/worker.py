@@ -26,7 +26,7 @@ from graphflow.events import (
 )
 from graphflow.service.config import ServiceConfig
 from graphflow.service.queue import CANCELLED, COMPLETED, FAILED, Job, JobQueue
-from graphflow.service.results import ResultStore
+from graphflow.service.results import ResultStore, portable_run
 
 _CANCEL_POLL_S = 0.1  # how often a running job's cancel flag is read from the database
 _IDLE_POLL_S = 0.5  # how often an idle worker looks for work when no submit wakes it
@@ -117,13 +117,14 @@ class Worker:
         watcher.start()
         before = self._loaded()
         try:
-            compiled = self.engine.compile(job_source(job, self.templates), job.params)
+            source = job_source(job, self.templates)
+            compiled = self.engine.compile(source, job.params)
             types = {name: compiled.nodes[link.node].node_type.output_map[link.output].type
                      for name, link in compiled.outputs.items()}
-            result = self.engine.run(compiled, on_event=self._recorder(job.id), cancel=token, options=job.options)
-            summary = self.store.store_run(result, types)
+            portable = self.execute(job, source, compiled, types, token)
+            summary = self.store.store_portable(portable)
             files = (self.store.summary(summary) or {}).get("files", [])
-            self.queue.finish(job.id, COMPLETED, result=summary, data={"files": files, "seconds": result.seconds})
+            self.queue.finish(job.id, COMPLETED, result=summary, data={"files": files, "seconds": portable["seconds"]})
         except Cancelled:
             if self._stopping.is_set() and not self.queue.cancel_requested(job.id):  # the server stops, not the user
                 self.queue.finish(job.id, FAILED, error={"message": "the server was stopped while the job ran; "
@@ -140,6 +141,13 @@ class Worker:
             done.set()
             self._token = None
             self._remember_loads(job, before)
+
+    def execute(self, job: Job, source: Any, compiled: Any, types: dict[str, str],
+                token: CancelToken) -> dict[str, Any]:
+        """Run a compiled job on this worker's Engine; its result as graphflow.service.results.portable_run makes
+        it (a Ray worker runs it on its actor instead: graphflow.service.ray_workers)."""
+        result = self.engine.run(compiled, on_event=self._recorder(job.id), cancel=token, options=job.options)
+        return portable_run(result, types)
 
     def _remember_loads(self, job: Job, before: set[str]) -> None:
         """Note which loaded models a job's sources became (known only when it names one, or nothing was loaded)."""

@@ -51,7 +51,7 @@ class Server:
         self.process: subprocess.Popen[str] | None = None
         self.output = ""
 
-    def start(self) -> Server:
+    def start(self, startup_s: float = 60) -> Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = checkout_env(GRAPHFLOW_TINY_MODELS=str(self.tiny_models), HF_HUB_OFFLINE="1")
@@ -59,7 +59,7 @@ class Server:
             [sys.executable, "-m", "graphflow.cli", "serve", "--port", str(self.port), "--data", str(self.data),
              "--graphs", str(self.graphs), *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=env, cwd=self.root)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"the server exited: {self.process.stdout.read()}")  # type: ignore[union-attr]
@@ -69,7 +69,7 @@ class Server:
             except httpx.TransportError:
                 time.sleep(0.1)
         else:
-            raise AssertionError("the server did not start in 60 s")
+            raise AssertionError(f"the server did not start in {startup_s:.0f} s")
         token_file = self.data / "token"  # none with --no-auth
         self.token = token_file.read_text().strip() if token_file.is_file() else None
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
