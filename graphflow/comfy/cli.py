@@ -1,11 +1,12 @@
 """`graphflow import-comfy`: a ComfyUI workflow (API or UI JSON, or a PNG ComfyUI saved) as a graphflow document.
 
-    graphflow import-comfy FILE -o G.json [--models-dir DIR] [--input-dir DIR] [--name NAME]
+    graphflow import-comfy FILE -o G.json [--models-dir DIR] [--input-dir DIR] [--name NAME] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ def add_import_comfy(commands: Any) -> None:
     command.add_argument("--input-dir", type=Path, default=None, metavar="DIR",
                          help="ComfyUI's input folder, where LoadImage names resolve (default: left relative)")
     command.add_argument("--name", default=None, help="the document's name (default: the file's)")
+    command.add_argument("--json", action="store_true",
+                         help="print the fidelity of each ComfyUI node and the graphflow nodes it became as JSON")
     command.set_defaults(command=run_import_comfy)
 
 
@@ -47,6 +50,10 @@ def run_import_comfy(args: argparse.Namespace, registry: NodeRegistry) -> int:
     if args.name:
         imported.document["name"] = args.name
     atomic_write(args.output, dumps(imported.document).encode("utf-8"))
-    print(imported.summary())
-    print(f"wrote {printable(str(args.output))}")
+    if args.json:
+        print(json.dumps({"written": str(args.output), "fidelity": imported.fidelity_json(),
+                          "outputs": imported.outputs}, indent=2))
+    else:
+        print(imported.summary())
+        print(f"wrote {printable(str(args.output))}")
     return 0

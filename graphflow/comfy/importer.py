@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,10 @@ class Imported:
     fidelity: dict[str, Fidelity]  # by ComfyUI node id
     node_names: dict[str, list[str]]  # ComfyUI node id -> the graphflow nodes it became
     outputs: dict[str, str]  # ComfyUI id of each SaveImage / PreviewImage -> its graphflow node
+
+    def fidelity_json(self) -> dict[str, dict[str, Any]]:
+        """The fidelity records as JSON-ready objects, by ComfyUI node id."""
+        return {comfy_id: asdict(item) for comfy_id, item in self.fidelity.items()}
 
     @property
     def comfy_ids(self) -> dict[str, str]:

@@ -250,10 +250,20 @@ def test_import_comfy_writes_the_document_and_prints_the_fidelity_summary(
     assert "7 ComfyUI nodes: 6 exact, 1 approximate, 0 unsupported" in printed
     assert main(["validate", str(target)]) == 0
     assert json.loads(target.read_text())["nodes"]["ksampler_3"]["type"] == "Sampler"
+    capsys.readouterr()
+    assert main(["import-comfy", str(WORKFLOWS / "txt2img_ui.json"), "-o", str(target), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fidelity"]["3"] == {"level": "approximate", "node_class": "KSampler",
+                                       "graphflow_nodes": ["ksampler_3"], "reason": imported_reason("3")}
+    assert report["outputs"] == {"9": "save_image_9"}
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"1": {"class_type": "Mystery", "inputs": {}}}))
     assert main(["import-comfy", str(broken), "-o", str(tmp_path / "never.json")]) == 1
     assert "Mystery" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
+
+
+def imported_reason(comfy_id: str) -> str:
+    return import_file(WORKFLOWS / "txt2img_api.json").fidelity[comfy_id].reason
 
 
 def test_object_info_lists_every_mapped_class_in_comfyuis_shape(comfy_dirs: tuple[Path, Path]) -> None:
