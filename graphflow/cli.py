@@ -32,6 +32,15 @@ if TYPE_CHECKING:
     from graphflow.engine import RunResult
     from graphflow.events import Event, EventHandler
 
+# exit codes, the same for every command (scripts tell a bad document from a failed run by them)
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = """exit codes:
+  0    done (validate: the document is valid)
+  1    an invalid document or template, or a plugin that cannot be loaded (every problem is listed)
+  2    a usage error: an unknown option or command, a bad option value
+  3    the run failed: a node raised (--debug shows its traceback); finished nodes stay cached
+  130  interrupted (Ctrl-C): files already finished stay, nothing partial remains"""
+
 
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
@@ -49,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         show_traceback(args, error.__cause__)
-        return 1
+        return EXIT_INVALID
     except KeyboardInterrupt:  # before a run started (importing plugins, say): nothing was written
         print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
@@ -97,7 +106,12 @@ def show_traceback(args: argparse.Namespace, error: BaseException | None) -> Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphflow", description="Run image-generation workflows as node graphs.")
+    from graphflow import __version__
+
+    parser = argparse.ArgumentParser(prog="graphflow", description="Run image-generation workflows as node graphs.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"graphflow {__version__}",
+                        help="print graphflow's version and exit")
     _add_global_options(parser)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -119,8 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-image-pixels", type=_positive("pixels"), default=None, metavar="N",
                      help="refuse input images of more than N pixels before decoding them "
                           "(default: 67108864, i.e. 8192 x 8192)")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto")
-    run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto",
+                     help="where models run (default: auto, a GPU when there is one)")
+    run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                     help="the models' precision (default: auto, fp16 on a GPU and fp32 on the CPU)")
     run.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                      help="for small GPUs: 'model' keeps each model on the GPU only while a node uses it, "
                           "'sequential' streams weights layer by layer (slowest, least memory)")
@@ -139,14 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     tiny.set_defaults(command=_make_tiny_models)
 
     validate = commands.add_parser("validate", help="check a document and list every problem")
-    validate.add_argument("graph", type=Path)
+    validate.add_argument("graph", type=Path, help="the graph document or template to check")
     _add_set(validate)
     _add_input_dir(validate)
     validate.add_argument("--json", action="store_true", help="print problems as JSON")
     validate.set_defaults(command=_validate)
 
     nodes = commands.add_parser("nodes", help="list the node types with their inputs and outputs")
-    nodes.add_argument("--json", action="store_true")
+    nodes.add_argument("names", nargs="*", metavar="NAME", help="show only these node types (default: all)")
+    nodes.add_argument("--json", action="store_true", help="print the node types as JSON")
     nodes.set_defaults(command=_nodes)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of graph documents")
@@ -328,7 +345,8 @@ def _run(args: argparse.Namespace, registry: NodeRegistry) -> int:
         display.close()
         print(_stopped(args, error, finished), file=sys.stderr)
         show_traceback(args, error.cause if isinstance(error, NodeExecutionError) else None)
-        return 130 if isinstance(error, KeyboardInterrupt) else 3 if isinstance(error, NodeExecutionError) else 1
+        return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else \
+            EXIT_FAILED if isinstance(error, NodeExecutionError) else EXIT_INVALID
     display.close()
     print(_summary(result))
     return 0
@@ -397,10 +415,20 @@ def _describe(value: Any) -> str:
 
 
 def _nodes(args: argparse.Namespace, registry: NodeRegistry) -> int:
+    from graphflow.errors import did_you_mean
+
+    unknown = [name for name in args.names if name not in registry]
+    if unknown:
+        for name in unknown:
+            print(f"error: no node type named {printable(name)!r}{did_you_mean(name, registry.names())}",
+                  file=sys.stderr)
+        return EXIT_USAGE
+    shown = [node for name in dict.fromkeys(args.names) if (node := registry.get(name)) is not None] \
+        if args.names else list(registry)
     if args.json:
-        print(json.dumps([_node_json(node) for node in registry], indent=2))
+        print(json.dumps([_node_json(node) for node in shown], indent=2))
         return 0
-    for node in registry:
+    for node in shown:
         print(f"{node.type_name} ({node.category}, v{node.version}): {_first_line(node.__doc__)}")
         for spec in node.inputs:
             details = [spec.type + ("[]" if spec.list else "")]

@@ -309,13 +309,21 @@ class _Loop:
             part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         scheduler = self.session.scheduler
         total = len(timesteps)
-        done, parts = part[0] * total, part[1] * total
+        # progress counts the steps that run (after img2img's strength cut them), not denoiser calls: Heun makes
+        # two calls a step, PNDM one more in all; one bar spans every `part` of a seed list
+        steps = self.session.steps_run
+        done, parts, reported = part[0] * steps, part[1] * steps, 0
         for index, timestep in enumerate(timesteps):
             noise = self.predict_noise(latents, timestep, index, total)
             latents = scheduler.step(noise, timestep, latents, **step_arguments, return_dict=False)[0]
             for contributor in self.contributors:
                 latents = contributor.after_step(latents, timesteps, index)
-            ctx.progress(done + index + 1, parts)
+            finished = (index + 1) * steps // total
+            if finished > reported:
+                reported = finished
+                ctx.progress(done + finished, parts)
+            else:
+                ctx.check_cancelled()
         return latents
 
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, index: int, total: int) -> torch.Tensor:

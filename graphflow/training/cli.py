@@ -44,8 +44,10 @@ def add_train_controlnet(commands: Any) -> None:
     for name, kind, help_text in _NUMBERS:
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
                            help=f"{help_text} (default: {getattr(defaults, name)})")
-    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
-    train.add_argument("--device", choices=DEVICES, default="auto")
+    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
+                       help="train in this half precision with accelerate's mixed precision (default: no, fp32)")
+    train.add_argument("--device", choices=DEVICES, default="auto",
+                       help="where to train (default: auto, a GPU when there is one)")
     train.add_argument("--conditioning-channels", type=_channels, default=None, metavar="C1,C2,...",
                        help="channels of the ControlNet's control-image encoder (default: diffusers' 16,32,96,256)")
     train.add_argument("--control-template", type=Path, default=None,
