@@ -345,7 +345,8 @@ class RayBackend:
             self._stop_running(slots)
 
     def _route(self, template: Path, job: Job) -> tuple[frozenset[str], frozenset[str]]:
-        """The job's model keys (its loaders') and all its node keys, as the driver plans them."""
+        """The job's model keys (its loaders') and all its node keys, as the driver plans them (a model the driver
+        does not have, on the cluster's machines only, is keyed by its source as written)."""
         from graphflow.engine import Engine
         from graphflow.execution import node_traits
         from graphflow.planning import plan_run

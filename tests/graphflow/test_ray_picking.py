@@ -3,12 +3,16 @@ then models no other actor holds, then order; the last jobs of models another ac
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("ray", reason="the Ray backend needs the graphflow[ray] extra")
 
-from graphflow.ray_backend import RayBackend, _Slot  # noqa: E402
-from graphflow.sweep_runner import Job  # noqa: E402
+from graphflow import Engine
+from graphflow.ray_backend import RayBackend, _Slot
+from graphflow.sweep_runner import Job
 
 A, B, CN = "checkpoint-a", "checkpoint-b", "controlnet"
 
@@ -57,3 +61,18 @@ def test_an_idle_actor_leaves_the_last_job_of_anothers_models_but_takes_a_backlo
     assert RayBackend._pick(jobs[1:], idle, [busy, idle], routes) == jobs[1]  # two waiting: worth loading A too
     busy.dead = True
     assert RayBackend._pick(jobs[2:], idle, [busy, idle], routes) == jobs[2]  # a dead holder holds nothing
+
+
+
+def test_jobs_are_routed_by_model_keys_even_for_models_the_driver_does_not_have(tmp_path: Path) -> None:
+    """A cluster's models may live on its machines only: the driver keys them by their sources as written."""
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps({"graphflow": 1, "params": {"checkpoint": {"type": "STRING", "default": "x"}},
+                                    "nodes": {"sd": {"type": "CheckpointLoader",
+                                                     "inputs": {"model": {"param": "checkpoint"}}}},
+                                    "outputs": {"model": "sd.model"}}))
+    backend = RayBackend(engine=Engine(input_dirs=[tmp_path]))
+    routes = [backend._route(template, Job(index, {"checkpoint": source}, f"{index:04d}"))
+              for index, source in enumerate([str(tmp_path / "on-the-cluster"), "org/on-the-hub", "org/on-the-hub"])]
+    assert all(len(models) == 1 for models, _ in routes)
+    assert routes[0][0] != routes[1][0] and routes[1] == routes[2]
