@@ -191,20 +191,19 @@ COMFY_CLASSES: dict[str, ComfyClass] = {spec.name: spec for spec in _CLASSES}
 PRIMITIVES = frozenset(name for name in COMFY_CLASSES if name.startswith("Primitive"))
 
 
-def model_files(models_dir: Path | None, folder: str) -> list[str]:
-    """The names ComfyUI would list for `folder` of `models_dir`: model files and diffusers folders, sorted,
-    relative to the folder with '/' between parts."""
-    if models_dir is None:
+def folder_files(root: Path | None, folder: str) -> list[str]:
+    """What ComfyUI would list for one of its folders, `root` (a models folder such as checkpoints/ when `folder`
+    names one, its input folder for "input"): model files and whole diffusers folders, or images; sorted,
+    relative to `root` with '/' between parts."""
+    if root is None or not root.is_dir():
         return []
-    root = models_dir / folder
     suffixes = IMAGE_SUFFIXES if folder == "input" else MODEL_SUFFIXES
-    if not root.is_dir():
-        return []
     names: list[str] = []
     for directory, folders, files in os.walk(root):
         here = Path(directory)
         for name in sorted(folders):
-            if (here / name / "model_index.json").is_file() or (here / name / "config.json").is_file():
+            if folder != "input" and ((here / name / "model_index.json").is_file()
+                                      or (here / name / "config.json").is_file()):
                 names.append((here / name).relative_to(root).as_posix())  # a diffusers folder: listed whole
         folders[:] = sorted(name for name in folders if (here / name).relative_to(root).as_posix() not in names)
         names.extend((here / name).relative_to(root).as_posix() for name in sorted(files)
@@ -233,8 +232,8 @@ def _class_info(spec: ComfyClass, models_dir: Path | None, input_dir: Path | Non
 
 def _input_info(item: ComfyInput, models_dir: Path | None, input_dir: Path | None) -> list[Any]:
     if item.files is not None:
-        names = model_files(input_dir.parent if input_dir is not None else None, input_dir.name) \
-            if item.files == "input" and input_dir is not None else model_files(models_dir, item.files)
+        root = input_dir if item.files == "input" else models_dir / item.files if models_dir is not None else None
+        names = folder_files(root, item.files)
         return [names, dict(item.options)] if item.options else [names]
     if item.type == "COMBO":
         return [list(item.choices)]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphflow.comfy.checks import checked_order, node_ids, primitive_value, shown
-from graphflow.comfy.classes import COMFY_CLASSES, ComfyClass, model_files
+from graphflow.comfy.classes import COMFY_CLASSES, ComfyClass, folder_files
 from graphflow.errors import Code, GraphError, ValidationError, did_you_mean
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class _Importer:
         if not path.exists() and folder != "input" and (root / relative.with_suffix("")).is_dir():
             path = root / relative.with_suffix("")
         if not path.exists():
-            known = model_files(root.parent, root.name)
+            known = folder_files(root, folder)
             node.error(Code.FILE_NOT_FOUND, f"names a file that is not in {root}{did_you_mean(name, known)}", input,
                        f"one of {', '.join(known[:8]) or 'the files there (none found)'}", repr(name))
         return str(path.absolute())
