@@ -431,11 +431,12 @@ def _cause(error: RayTaskError) -> BaseException:
 def _record(job: Job, value: Mapping[str, Any], out: Path) -> JobRecord:
     """Write a finished job's files into its folder (never over a file) and describe it."""
     folder = out / job.folder
+    outside = [name for name, _ in value["files"] if not (folder / name).resolve().is_relative_to(folder.resolve())]
+    if outside:  # all names checked before any file is written: a refused job leaves nothing behind
+        raise GraphflowError(f"an actor returned a file outside the job's folder: {outside[0]!r}")
     written = []
     for name, data in value["files"]:
         target = folder / name
-        if not target.resolve().is_relative_to(folder.resolve()):
-            raise GraphflowError(f"an actor returned a file outside the job's folder: {name!r}")
         if not atomic_write(target, data, exclusive=True):
             raise FileExistsError(f"{target} already exists")
         written.append(target.relative_to(out).as_posix())

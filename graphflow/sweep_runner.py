@@ -169,7 +169,9 @@ def plan_sweep(template: str | Path, batch: Batch, out: str | Path, engine: Engi
     jobs = [Job(index, params, job_folder(index, {name: params[name] for name in varied}, width))
             for index, params in enumerate(values)]
     if jobs:
-        (engine if engine is not None else Engine()).compile(template, jobs[0].params)
+        compiled = (engine if engine is not None else Engine()).compile(template, jobs[0].params)
+        if not compiled.output_nodes():
+            _check_file_names(list(compiled.outputs))
     taken = [name for name in (SUMMARY, *(job.folder for job in jobs)) if (Path(out) / name).exists()]
     if taken:
         raise ValidationError([GraphError(
@@ -177,6 +179,17 @@ def plan_sweep(template: str | Path, batch: Batch, out: str | Path, engine: Engi
             "them", input="out", expected="an output folder without them",
             found=", ".join(taken[:3]) + (", ..." if len(taken) > 3 else ""))])
     return jobs
+
+
+def _check_file_names(outputs: list[str]) -> None:
+    """A graph without output nodes has its IMAGE outputs written as NAME_00000.png into each job's folder: an
+    output name holding a path separator ("../../x", which documents allow) would write outside it."""
+    bad = [name for name in outputs if any(part in name for part in ("/", "\\", "\0"))]
+    if bad:
+        raise ValidationError([GraphError(
+            Code.INVALID_VALUE, "a graph without output nodes has its outputs written as NAME_00000.png in each "
+            "job's folder; this output's name would write outside it", input="outputs",
+            expected="an output name without / or \\", found=name) for name in bad])
 
 
 def run_sweep(template: str | Path, batch: Batch, out: str | Path, *, engine: Engine | None = None,
