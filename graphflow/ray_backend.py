@@ -46,6 +46,7 @@ MAX_TRIES = 3  # a job whose actor dies this many times fails the sweep (a job t
 # small and picklable: the driver's progress bar, the service's event log
 _FORWARDED = (RunStarted, NodeStarted, NodeCached, NodeProgress, NodeFinished, FileWritten)
 _WAIT_S = 0.2  # how long the driver waits for actors before looking at its cancel token again
+_STOP_S = 10.0  # how long a stopped sweep waits for its cancelled jobs to end before restarting their actors
 _LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
@@ -84,7 +85,7 @@ class EngineActor:
         from graphflow.engine import Engine
         from graphflow.models import ModelManager
 
-        self.scratch = Path(tempfile.mkdtemp(prefix="graphflow-ray-"))
+        self.scratch = _scratch_folder()
         self.engine = Engine(plugins=settings.plugins, input_dirs=list(settings.input_dirs or []) or None,
                              output_dir=settings.output_dir or self.scratch, disk_cache=settings.disk_cache,
                              cache_bytes=settings.cache_bytes, options=settings.options,
@@ -123,8 +124,7 @@ class EngineActor:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def run(self, template: str, params: dict[str, Any], options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        """Run one sweep job: yields ("event", Event) while it runs, then ("done", summary) with its files as
-        bytes."""
+        """Run one sweep job: its events while it runs, then its summary with its files as bytes (see _stream)."""
         try:
             yield from self._stream(lambda send, token: self._run(template, params, options, token, send))
         except BaseException:
@@ -132,9 +132,10 @@ class EngineActor:
             raise
 
     def _stream(self, work: Any) -> Iterator[tuple[str, Any]]:
-        """Call `work(send, token)` on a thread of this actor; yield ("event", e) for each event it sends, then
-        ("done", what it returned), or raise what it raised. The engine calls back on its own thread: a queue
-        turns the callbacks into this stream."""
+        """Call `work(send, token)` on a thread of this actor; yield ("events", [the events it sent since the last
+        item]) while it runs, then ("done", (the last events, what it returned)), or raise what it raised. The
+        engine calls back on its own thread: a queue turns the callbacks into this stream, a batch per item (each
+        item costs a round trip; a quick job is one item)."""
         import queue
         import threading
 
@@ -152,16 +153,30 @@ class EngineActor:
 
         thread = threading.Thread(target=call, name="graphflow-ray-job", daemon=True)
         thread.start()
+        batch: list[Event] = []
         try:
             while (event := inbox.get()) is not None:
-                yield ("event", event)
+                batch.append(event)
+                ended = False
+                while not ended:
+                    try:
+                        more = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    ended = more is None
+                    if not ended:
+                        batch.append(more)
+                if ended:
+                    break
+                yield ("events", batch)
+                batch = []
         finally:
             if thread.is_alive():  # the driver stopped listening (the stream was dropped): stop the job too
                 token.cancel()
             thread.join()
         if "error" in outcome:
             raise outcome["error"]
-        yield ("done", outcome["result"])
+        yield ("done", (batch, outcome["result"]))
 
     def _run(self, template: str, params: dict[str, Any], options: dict[str, Any], token: CancelToken,
              send: Any) -> dict[str, Any]:
@@ -179,6 +194,17 @@ class EngineActor:
         else:
             files = image_files(result, params)
         return {"files": files, "ran": result.ran, "cached": result.cached, "seconds": result.seconds}
+
+
+def _scratch_folder() -> Path:
+    """This actor's scratch folder, named by its Ray actor id, which a restart keeps: the restarted actor empties
+    what its killed predecessor left there (a job's partial files) instead of leaving a new folder per restart."""
+    with contextlib.suppress(Exception):
+        folder = Path(tempfile.gettempdir()) / f"graphflow-ray-{ray.get_runtime_context().get_actor_id()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o700)  # not there any more: ours alone
+        return folder
+    return Path(tempfile.mkdtemp(prefix="graphflow-ray-"))  # outside an actor, or the folder could not be made
 
 
 def _forward(event: Event, send: Any) -> None:
@@ -327,13 +353,14 @@ class RayBackend:
                     except RayTaskError as error:
                         slot.job = slot.stream = None
                         raise _cause(error) from None
-                    if kind == "event":
-                        if on_event is not None:
-                            on_event(job, value)
+                    if kind in ("events", "done") and on_event is not None:
+                        for event in value if kind == "events" else value[0]:
+                            on_event(job, event)
+                    if kind == "events":
                         continue
                     slot.job = slot.stream = None
                     if kind == "done":
-                        yield _record(job, value, out)
+                        yield _record(job, value[1], out)
                         continue
                     self._lost(slot)
                     tries[job.index] += 1
@@ -407,17 +434,34 @@ class RayBackend:
             slot.dead = True
 
     def _stop_running(self, slots: list[_Slot]) -> None:
-        """Cancel what still runs (Ctrl-C, a failure elsewhere) and wait a little for it to stop."""
+        """Cancel what still runs (Ctrl-C, a failure elsewhere) and wait a little for it to stop. An actor whose
+        job still runs then (a node that never looks at its cancel token) is restarted: left running, its job would
+        share the Engine and scratch folder with the next sweep's, and hold the thread a cancel call needs."""
         running = [slot for slot in slots if slot.job is not None]
         for slot in running:
             with contextlib.suppress(Exception):
                 slot.actor.cancel.remote()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + _STOP_S
         for slot in running:
-            with contextlib.suppress(Exception):  # the job ends cancelled (an error) or its actor is gone
-                while (left := deadline - time.monotonic()) > 0 and ray.wait([slot.stream], timeout=left)[0]:
-                    ray.get(next(slot.stream))
+            if not _drained(slot.stream, deadline):
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.actor, no_restart=False)
+                slot.models.clear()
+                slot.keys.clear()
+                slot.revive = slot.actor.ready.remote()
             slot.job = slot.stream = None
+
+
+def _drained(stream: Any, deadline: float) -> bool:
+    """Read a cancelled job's stream to its end; False when it has not ended by `deadline`."""
+    while (left := deadline - time.monotonic()) > 0:
+        if not ray.wait([stream], timeout=left)[0]:
+            return False
+        try:
+            ray.get(next(stream))
+        except Exception:  # StopIteration (its end), the job's error (cancelled) or its actor gone
+            return True
+    return False
 
 
 def _cause(error: RayTaskError) -> BaseException:

@@ -54,9 +54,10 @@ class RayWorker(Worker):
                 if not ray.wait([stream], timeout=_WAIT_S)[0]:
                     continue
                 kind, value = ray.get(next(stream))
+                for event in value if kind == "events" else value[0]:
+                    record(event)
                 if kind == "done":
-                    return value  # type: ignore[no-any-return]
-                record(value)
+                    return value[1]  # type: ignore[no-any-return]
         except _LOST as error:
             raise GraphflowError(f"the Ray actor running the job died ({type(error).__name__}); Ray restarts it "
                                  "for the next job: submit this one again") from None
