@@ -107,8 +107,9 @@ def _ray_parts(args: argparse.Namespace, work: Path) -> None:
     for actors in (1, 2):
         backend = RayBackend(actors=actors, threads=1, engine=Engine(input_dirs=[ROOT]),
                              options={"device": args.device, "dtype": args.dtype})
-        run_sweep(CANNY, Batch(groups=({"seed": list(range(100, 100 + actors))},), fixed=fixed),
+        run_sweep(CANNY, Batch(groups=({"seed": list(range(100, 100 + 2 * actors))},), fixed=fixed),
                   work / f"warm-{actors}", backend=backend)  # every actor loads its models and caches shared nodes
+        assert all(backend.model_loads()), "an actor got no warm-up job"
         timings[actors], result = _timed(run_sweep, CANNY, Batch(groups=({"seed": list(range(8))},), fixed=fixed),
                                          work / f"ray-{actors}", backend=backend)
         ran = sorted({node for record in result.jobs for node in record.ran})

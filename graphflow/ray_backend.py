@@ -4,11 +4,11 @@ One actor per GPU of the cluster (`num_gpus=1`; on a CPU-only cluster one per `t
 that many threads), each holding an Engine and a ModelManager that stay warm across jobs and sweeps. The driver
 hands each idle actor the pending job it is best placed for: one whose models it already holds (then the most of
 them), then the one sharing most node keys with what it ran (cached prompt encodings, edge maps), then the one
-with most models no other actor holds, then the lowest index (and it leaves the last few jobs of models another
-actor holds to that actor). An actor streams its job's events (the driver's progress bar) and then the job's files
-as bytes — PNGs, never tensors through the object store — which the driver writes into the job's folder, once.
-An actor that dies is restarted by Ray, and its unfinished job is handed out again: results are content-addressed,
-so a retried job writes exactly what the first try would have, and nothing twice.
+with most models no other actor holds, then the lowest index; an actor warm with other models leaves the last
+few jobs of models another actor holds to that actor. An actor streams its job's events (the driver's progress
+bar) and then the job's files as bytes — PNGs, never tensors through the object store — which the driver writes
+into the job's folder, once. An actor that dies is restarted by Ray, and its unfinished job is handed out again:
+results are content-addressed, so a retried job writes exactly what the first try would have, and nothing twice.
 
 Nothing in graphflow imports this module except `graphflow.sweep_runner.make_backend`; it imports Ray.
 """
@@ -389,8 +389,9 @@ class RayBackend:
     @staticmethod
     def _pick(pending: list[Job], slot: _Slot, slots: list[_Slot],
               routes: Mapping[int, tuple[frozenset[str], frozenset[str]]]) -> Job | None:
-        """The job `slot` should run next, or None to leave the few jobs other actors hold the models of to them
-        (an idle actor takes such a job only while more of them wait than those actors can take at once)."""
+        """The job `slot` should run next, or None to leave the few jobs other actors hold the models of to them:
+        an actor holding other models takes such a job only while more of them wait than those actors can take at
+        once. (A cold actor takes any: loading in parallel with the holder costs no wall time.)"""
         others = [other for other in slots if other is not slot and not other.dead]
         held_elsewhere = set().union(*(other.models for other in others))
 
@@ -401,7 +402,7 @@ class RayBackend:
 
         job = max(pending, key=score)
         models = routes[job.index][0]
-        if not models or models <= slot.models:
+        if not models or not slot.models or models <= slot.models:
             return job
         holders = sum(1 for other in others if models <= other.models)
         waiting = sum(1 for other in pending if routes[other.index][0] == models)

@@ -53,12 +53,14 @@ def test_an_actor_holding_the_models_is_preferred_then_shared_keys() -> None:
     assert RayBackend._pick(jobs, other, [holder, other], routes) == jobs[1]  # the checkpoint nobody holds
 
 
-def test_an_idle_actor_leaves_the_last_job_of_anothers_models_but_takes_a_backlog() -> None:
+def test_an_actor_warm_with_other_models_leaves_the_last_job_of_anothers_but_takes_a_backlog() -> None:
     jobs, routes = _jobs(A, A, A)
     busy = _Slot(0, None, models={A, CN}, job=jobs[0])
-    idle = _Slot(1, None)
+    idle = _Slot(1, None, models={B, CN})
     assert RayBackend._pick(jobs[2:], idle, [busy, idle], routes) is None  # one left: the holder takes it next
     assert RayBackend._pick(jobs[1:], idle, [busy, idle], routes) == jobs[1]  # two waiting: worth loading A too
+    cold = _Slot(2, None)
+    assert RayBackend._pick(jobs[2:], cold, [busy, cold], routes) == jobs[2]  # loading beside the holder: no loss
     busy.dead = True
     assert RayBackend._pick(jobs[2:], idle, [busy, idle], routes) == jobs[2]  # a dead holder holds nothing
 
