@@ -35,6 +35,7 @@ from graphflow.events import (
     Event,
     FileWritten,
     NodeCached,
+    NodeFailed,
     NodeFinished,
     NodeProgress,
     NodeStarted,
@@ -43,7 +44,7 @@ from graphflow.events import (
 from graphflow.sweep_runner import Job, JobEventHandler, JobRecord
 
 MAX_TRIES = 3  # a job whose actor dies this many times fails the sweep (a job that kills every actor it touches)
-# small and picklable: the driver's progress bar, the service's event log
+# small and picklable: the driver's progress bar, the service's event log (NodeFailed too, its error made portable)
 _FORWARDED = (RunStarted, NodeStarted, NodeCached, NodeProgress, NodeFinished, FileWritten)
 _WAIT_S = 0.2  # how long the driver waits for actors before looking at its cancel token again
 _STOP_S = 10.0  # how long a stopped sweep waits for its cancelled jobs to end before restarting their actors
@@ -175,6 +176,8 @@ class EngineActor:
                 token.cancel()
             thread.join()
         if "error" in outcome:
+            if batch:  # what ran up to the failure (and NodeFailed), as a local run reports it before raising
+                yield ("events", batch)
             raise outcome["error"]
         yield ("done", (batch, outcome["result"]))
 
@@ -210,6 +213,19 @@ def _scratch_folder() -> Path:
 def _forward(event: Event, send: Any) -> None:
     if isinstance(event, _FORWARDED):
         send(event)
+    elif isinstance(event, NodeFailed):  # the service's log and ComfyUI's execution_error name the failed node
+        send(NodeFailed(event.node, event.type, _portable(event.error)))
+
+
+def _portable(error: BaseException) -> BaseException:
+    """An error as it can cross to the driver: itself when it pickles, else a GraphflowError with its text."""
+    import pickle
+
+    try:
+        pickle.dumps(error)
+    except Exception:
+        return GraphflowError(f"{type(error).__name__}: {error}")
+    return error
 
 
 def _empty(root: Path) -> None:

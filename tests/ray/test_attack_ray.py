@@ -97,6 +97,14 @@ def test_serve_on_ray_an_actor_killed_mid_job_fails_that_job_clearly_and_the_nex
         job = finished(after)
         assert job.status == COMPLETED, job.error
         assert pool.backend.actor_pids()[0] != pid  # on the restarted actor
+        [failing] = queue.submit([NewJob(document, {"seed": 3, "fail": 3}, {})])
+        pool.notify()
+        job = finished(failing)
+        assert job.status == FAILED and "seed 3 is the failing one" in job.error["message"], job.error
+        events = [(event.kind, event.data.get("node")) for event in queue.events(job_id=failing)]
+        # as a local worker records them: what ran up to the failure, and which node failed (ComfyUI's
+        # execution_error and the web page name it)
+        assert ("node_started", "paint") in events and ("node_failed", "paint") in events, events
     finally:
         pool.stop()
         queue.close()
@@ -263,9 +271,12 @@ def test_a_failing_job_cancels_the_one_running_on_the_other_actor_and_nothing_is
     document["params"]["seconds"]["default"] = 0.0
     template.write_text(json.dumps(document))
     started = time.monotonic()
+    seen: list[tuple[int, str]] = []
     with pytest.raises(NodeExecutionError, match="seed 1 is the failing one"):
-        _sweep(template, Batch(groups=({"seed": [0, 1], "seconds": [3.0, 0.0]},), fixed={"fail": 1}), out, backend)
+        _sweep(template, Batch(groups=({"seed": [0, 1], "seconds": [3.0, 0.0]},), fixed={"fail": 1}), out, backend,
+               on_event=lambda job, event: seen.append((job.index, type(event).__name__)))
     assert time.monotonic() - started < 2.5
+    assert (1, "NodeStarted") in seen and (1, "NodeFailed") in seen  # as a local sweep's on_event sees them
     time.sleep(0.5)  # whatever would still arrive
     summary = _check_summary(out)
     assert summary["jobs"] == [] and not list(out.glob("*/"))
