@@ -41,7 +41,7 @@ from graphflow.events import (
     NodeStarted,
     RunStarted,
 )
-from graphflow.sweep_runner import Job, JobEventHandler, JobRecord
+from graphflow.sweep_runner import Job, JobEventHandler, JobFailed, JobRecord
 
 MAX_TRIES = 3  # a job whose actor dies this many times fails the sweep (a job that kills every actor it touches)
 # small and picklable: the driver's progress bar, the service's event log (NodeFailed too, its error made portable)
@@ -351,7 +351,7 @@ class RayBackend:
                             pending.remove(job)
                             self._hand(slot, job, str(template), routes[job.index])
                 if pending and all(slot.dead for slot in slots):
-                    raise GraphflowError("every Ray actor of the sweep died and Ray could not restart them; "
+                    raise JobFailed("every Ray actor of the sweep died and Ray could not restart them; "
                                          "the actors' logs (ray logs) say why")
                 waiting = {slot.stream: slot for slot in slots if slot.job is not None}
                 waiting.update({slot.revive: slot for slot in slots if slot.revive is not None})
@@ -381,7 +381,7 @@ class RayBackend:
                     self._lost(slot)
                     tries[job.index] += 1
                     if tries[job.index] >= MAX_TRIES:
-                        raise GraphflowError(f"job {job.index} ({job.folder}) lost its Ray actor {MAX_TRIES} "
+                        raise JobFailed(f"job {job.index} ({job.folder}) lost its Ray actor {MAX_TRIES} "
                                              "times; the actor's log (ray logs) says why")
                     pending.insert(0, job)
         finally:

@@ -105,7 +105,7 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
     from graphflow.engine import Engine
     from graphflow.errors import GraphflowError, NodeExecutionError, ValidationError, printable
     from graphflow.paths import command_line_roots
-    from graphflow.sweep_runner import SUMMARY, BackendUnavailable, make_backend, run_sweep, summary_table
+    from graphflow.sweep_runner import SUMMARY, BackendUnavailable, JobFailed, make_backend, run_sweep, summary_table
     from graphflow.sweeps import sweep_batch
 
     progress: SweepProgress | None = None
@@ -141,7 +141,7 @@ def run_sweep_command(args: argparse.Namespace, registry: NodeRegistry) -> int:
         print(f"{what}; {listed}", file=sys.stderr)
         show_traceback(args, error.cause if isinstance(error, NodeExecutionError) else None)
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else \
-            EXIT_FAILED if isinstance(error, NodeExecutionError) else EXIT_INVALID
+            EXIT_FAILED if isinstance(error, (NodeExecutionError, JobFailed)) else EXIT_INVALID
     _close(progress, backend)
     print(summary_table(result))
     print(f"wrote {args.out / SUMMARY}" + (f" and {result.contact_sheet}" if result.contact_sheet else ""))

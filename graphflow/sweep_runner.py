@@ -263,6 +263,11 @@ class BackendUnavailable(GraphflowError):
     """The backend a sweep asked for cannot run here (its optional extra is not installed)."""
 
 
+class JobFailed(GraphflowError):
+    """A job could not finish for another reason than a node's error (on Ray: it kept killing its actor); the
+    command line exits with the code of a failed run, not an invalid document's."""
+
+
 BACKENDS = ("local", "ray")
 
 
