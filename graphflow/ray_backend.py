@@ -292,12 +292,22 @@ class RayBackend:
         gpus = int(resources.get("GPU", 0))
         threads = self.threads or 1
         count = self.actors_wanted or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // threads))
+        _check_room(count, gpus, threads, resources)
         actor_class = ray.remote(EngineActor).options(
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads, max_concurrency=2, max_restarts=-1,
             max_task_retries=0)
         actors = [actor_class.remote(self.settings, None if gpus and not self.threads else threads)
                   for _ in range(count)]
-        ray.get([actor.ready.remote() for actor in actors])
+        try:
+            ray.get([actor.ready.remote() for actor in actors])
+        except RayActorError as error:  # an actor's __init__ raised (a --plugin the cluster cannot import, say)
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            if not getattr(error, "actor_init_failed", False):
+                raise
+            raise GraphflowError(f"the Ray actors could not start: {_last_line(str(error))} (graphflow and every "
+                                 "--plugin must be importable on each machine of the cluster)") from None
         self.slots = [_Slot(index, actor) for index, actor in enumerate(actors)]
         return self.slots
 
@@ -479,6 +489,24 @@ def _drained(stream: Any, deadline: float) -> bool:
         except Exception:  # StopIteration (its end), the job's error (cancelled) or its actor gone
             return True
     return False
+
+
+def _check_room(count: int, gpus: int, threads: int, resources: Mapping[str, float]) -> None:
+    """Refuse actors the cluster can never hold all at once: Ray would wait for them forever, the sweep silent."""
+    cpus = int(resources.get("CPU", 0))
+    if gpus and count > gpus:
+        raise GraphflowError(f"{count} Ray actors need a GPU each, and the cluster has {gpus}; ask for --actors "
+                             f"{gpus} or fewer")
+    if not gpus and count * threads > cpus:
+        raise GraphflowError(f"{count} Ray actor{'s' if count != 1 else ''} of {threads} thread"
+                             f"{'s' if threads != 1 else ''} need {count * threads} CPUs, and the cluster has "
+                             f"{cpus}; ask for fewer --actors or --threads-per-actor")
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a Ray error's text: the exception raised on the actor, as Python printed it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
 
 
 def _cause(error: RayTaskError) -> BaseException:

@@ -110,6 +110,23 @@ def test_serve_on_ray_an_actor_killed_mid_job_fails_that_job_clearly_and_the_nex
         queue.close()
 
 
+def test_actors_the_cluster_cannot_hold_or_start_are_refused_with_the_reason(cluster: Any) -> None:
+    """More actors (or threads) than the cluster's CPUs would wait forever; an actor whose Engine cannot import a
+    plugin dies in its creation: both fail at once, saying why (before the module's backend holds the CPUs)."""
+    from graphflow.ray_backend import RayBackend
+
+    for actors, threads in ((3, 1), (None, 4)):
+        started = time.monotonic()
+        with pytest.raises(GraphflowError, match=r"need (3|4) CPUs, and the cluster has 2"):
+            RayBackend(plugins=[PLUGIN], actors=actors, threads=threads).start()
+        assert time.monotonic() - started < 5
+    broken = RayBackend(plugins=["tests.ray.no_such_plugin"], actors=1)
+    with pytest.raises(GraphflowError, match=r"actors could not start: .*cannot import plugin module "
+                                             r"'tests\.ray\.no_such_plugin'.* importable on each machine"):
+        broken.start()
+    assert broken.slots == []
+
+
 def _sweep(template: Path, batch: Batch, out: Path, backend: Any, **kwargs: Any) -> Any:
     return run_sweep(template, batch, out, engine=_engine(), backend=backend, **kwargs)
 
