@@ -41,7 +41,7 @@ from graphflow.events import (
     NodeStarted,
     RunStarted,
 )
-from graphflow.sweep_runner import Job, JobEventHandler, JobFailed, JobRecord
+from graphflow.sweep_runner import BackendUnavailable, Job, JobEventHandler, JobFailed, JobRecord
 
 MAX_TRIES = 3  # a job whose actor dies this many times fails the sweep (a job that kills every actor it touches)
 # small and picklable: the driver's progress bar, the service's event log (NodeFailed too, its error made portable)
@@ -282,11 +282,15 @@ class RayBackend:
             return self.slots
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            if self.address is None:  # a cluster of this machine alone: nothing listens beyond it
-                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                         log_to_driver=False, **self.init_options)
-            else:
-                ray.init(address=self.address, log_to_driver=False, **self.init_options)
+            try:
+                if self.address is None:  # a cluster of this machine alone: nothing listens beyond it
+                    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                             log_to_driver=False, **self.init_options)
+                else:
+                    ray.init(address=self.address, log_to_driver=False, **self.init_options)
+            except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError ... for these
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
+                raise BackendUnavailable(f"cannot start or reach {where}: {error}") from error
             self._started_ray = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
