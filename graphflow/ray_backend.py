@@ -87,10 +87,14 @@ class EngineActor:
         from graphflow.models import ModelManager
 
         self.scratch = _scratch_folder()
-        self.engine = Engine(plugins=settings.plugins, input_dirs=list(settings.input_dirs or []) or None,
-                             output_dir=settings.output_dir or self.scratch, disk_cache=settings.disk_cache,
-                             cache_bytes=settings.cache_bytes, options=settings.options,
-                             models=ModelManager(settings.model_memory_bytes, offload=settings.offload))
+        try:
+            self.engine = Engine(plugins=settings.plugins, input_dirs=list(settings.input_dirs or []) or None,
+                                 output_dir=settings.output_dir or self.scratch, disk_cache=settings.disk_cache,
+                                 cache_bytes=settings.cache_bytes, options=settings.options,
+                                 models=ModelManager(settings.model_memory_bytes, offload=settings.offload))
+        except BaseException:  # (a plugin it cannot import): the actor dies for good, nothing removes it later
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
         self.token = CancelToken()
 
     def ready(self) -> int:
