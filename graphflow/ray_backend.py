@@ -207,7 +207,11 @@ def _scratch_folder() -> Path:
     """This actor's scratch folder, named by its Ray actor id, which a restart keeps: the restarted actor empties
     what its killed predecessor left there (a job's partial files) instead of leaving a new folder per restart."""
     with contextlib.suppress(Exception):
-        folder = Path(tempfile.gettempdir()) / f"graphflow-ray-{ray.get_runtime_context().get_actor_id()}"
+        # (outside an actor: no id; and get_runtime_context() would start a Ray instance where none runs)
+        actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        if not actor_id:
+            raise LookupError("not in a Ray actor")
+        folder = Path(tempfile.gettempdir()) / f"graphflow-ray-{actor_id}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(mode=0o700)  # not there any more: ours alone
         return folder

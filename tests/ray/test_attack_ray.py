@@ -362,3 +362,18 @@ def test_a_job_deaf_to_cancel_gets_its_actor_restarted_so_nothing_of_the_stopped
     assert _check_summary(tmp_path / "out")["jobs"] == []
     again = _sweep(template, _batch(range(4)), tmp_path / "again", backend)
     assert again.complete and sorted(Path(name).name for r in again.jobs for name in r.files) == ["pic_00000.png"] * 4
+
+
+def test_outside_an_actor_each_scratch_folder_is_its_own(cluster: Any) -> None:
+    """The driver has no actor id: its scratch folders are fresh ones, never a shared graphflow-ray-None."""
+    import shutil
+
+    from graphflow.ray_backend import _scratch_folder
+
+    folders = [_scratch_folder(), _scratch_folder()]
+    try:
+        assert folders[0] != folders[1] and all(folder.is_dir() for folder in folders)
+        assert not any(folder.name.endswith("None") for folder in folders)
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
