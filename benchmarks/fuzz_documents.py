@@ -288,13 +288,13 @@ def _written(path: Path, data: bytes) -> Path:
 
 def check_cli(path: Path, registry: NodeRegistry) -> None:
     """`graphflow validate` exits 0 or 1 and prints one line per problem, or JSON, on an ASCII-only stdout."""
-    parser = _parser()
+    parser = command_parser()
     for extra in ([], ["--json"]):
         written = io.BytesIO()
         stdout = io.TextIOWrapper(written, encoding="ascii", newline="\n")
         # the command as it runs, but with the registry and argument parser made once rather than per call
         with contextlib.redirect_stdout(stdout), mock.patch.multiple(cli, default_registry=lambda plugins: registry,
-                                                                     _parser=lambda: parser):
+                                                                     command_parser=lambda: parser):
             status = cli.main(["validate", str(path), *extra])
         stdout.flush()
         text = written.getvalue().decode("ascii")
@@ -308,8 +308,8 @@ def check_cli(path: Path, registry: NodeRegistry) -> None:
 
 
 @cache
-def _parser() -> Any:
-    return cli._parser()
+def command_parser() -> Any:
+    return cli.command_parser()
 
 
 def check_cheap(document: dict[str, Any], engine: Engine) -> None:

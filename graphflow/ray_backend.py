@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,13 +96,16 @@ class EngineActor:
         except BaseException:  # (a plugin it cannot import): the actor dies for good, nothing removes it later
             shutil.rmtree(self.scratch, ignore_errors=True)
             raise
-        self.token = CancelToken()
+        self.tokens: dict[str, CancelToken] = {}  # the running job's, by the ticket the driver gave it
 
     def ready(self) -> int:
         return os.getpid()
 
-    def cancel(self) -> None:
-        self.token.cancel()
+    def cancel(self, ticket: str) -> None:
+        """Cancel the job handed out with `ticket`, if it still runs here (a late call never stops the next job)."""
+        token = self.tokens.get(ticket)
+        if token is not None:
+            token.cancel()
 
     def loads(self) -> dict[str, int]:
         """How many times each model was loaded by this actor (since it last started)."""
@@ -111,8 +115,8 @@ class EngineActor:
         """The models this actor holds now."""
         return [str(key) for key in self.engine.models.loaded()]
 
-    def serve(self, source: Any, params: dict[str, Any], options: dict[str, Any],
-              types: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    def serve(self, source: Any, params: dict[str, Any], options: dict[str, Any], types: dict[str, str],
+              ticket: str) -> Iterator[tuple[str, Any]]:
         """Run one `graphflow serve` job (a template's path or a document): its events, then ("done", what
         graphflow.service.results.portable_run makes of the result)."""
         from graphflow.service.results import portable_run
@@ -122,21 +126,22 @@ class EngineActor:
                                      options=options)
             return portable_run(result, types)
 
-        yield from self._stream(run)
+        yield from self._stream(run, ticket)
 
     def shutdown(self) -> None:
         """Remove the scratch folder (before the driver kills this actor)."""
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def run(self, template: str, params: dict[str, Any], options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    def run(self, template: str, params: dict[str, Any], options: dict[str, Any],
+            ticket: str) -> Iterator[tuple[str, Any]]:
         """Run one sweep job: its events while it runs, then its summary with its files as bytes (see _stream)."""
         try:
-            yield from self._stream(lambda send, token: self._run(template, params, options, token, send))
+            yield from self._stream(lambda send, token: self._run(template, params, options, token, send), ticket)
         except BaseException:
             _empty(self.scratch)  # a failed job's partial output is not the next job's
             raise
 
-    def _stream(self, work: Any) -> Iterator[tuple[str, Any]]:
+    def _stream(self, work: Any, ticket: str) -> Iterator[tuple[str, Any]]:
         """Call `work(send, token)` on a thread of this actor; yield ("events", [the events it sent since the last
         item]) while it runs, then ("done", (the last events, what it returned)), or raise what it raised. The
         engine calls back on its own thread: a queue turns the callbacks into this stream, a batch per item (each
@@ -144,7 +149,7 @@ class EngineActor:
         import queue
         import threading
 
-        token = self.token = CancelToken()
+        token = self.tokens[ticket] = CancelToken()
         inbox: queue.Queue[Event | None] = queue.Queue()
         outcome: dict[str, Any] = {}
 
@@ -179,6 +184,7 @@ class EngineActor:
             if thread.is_alive():  # the driver stopped listening (the stream was dropped): stop the job too
                 token.cancel()
             thread.join()
+            self.tokens.pop(ticket, None)
         if "error" in outcome:
             if batch:  # what ran up to the failure (and NodeFailed), as a local run reports it before raising
                 yield ("events", batch)
@@ -253,6 +259,7 @@ class _Slot:
     keys: set[str] = field(default_factory=set)
     job: Any = None
     stream: Any = None
+    ticket: str = ""  # names the running job to the actor's `cancel`
     revive: Any = None  # after its actor died: the call that answers once Ray has restarted it
     dead: bool = False  # Ray gave up restarting it
 
@@ -450,7 +457,9 @@ class RayBackend:
         slot.job = job
         slot.models |= route[0]
         slot.keys |= route[1]
-        slot.stream = slot.actor.run.options(num_returns="streaming").remote(template, job.params, self.options)
+        slot.ticket = uuid.uuid4().hex
+        slot.stream = slot.actor.run.options(num_returns="streaming").remote(template, job.params, self.options,
+                                                                             slot.ticket)
 
     def _lost(self, slot: _Slot) -> None:
         """Its actor died while running a job: Ray restarts it, with a new Engine and no models."""
@@ -479,7 +488,7 @@ class RayBackend:
         running = [slot for slot in slots if slot.job is not None]
         for slot in running:
             with contextlib.suppress(Exception):
-                slot.actor.cancel.remote()
+                slot.actor.cancel.remote(slot.ticket)
         deadline = time.monotonic() + _STOP_S
         for slot in running:
             if not _drained(slot.stream, deadline):

@@ -44,12 +44,12 @@ class RayWorker(Worker):
                 token: CancelToken) -> dict[str, Any]:
         record = self._recorder(job.id)
         stream = self.slot.actor.serve.options(num_returns="streaming").remote(
-            str(source) if isinstance(source, Path) else source, job.params, job.options, types)
+            str(source) if isinstance(source, Path) else source, job.params, job.options, types, job.id)
         cancelled = False
         try:
             while True:
                 if token.cancelled and not cancelled:
-                    self.slot.actor.cancel.remote()
+                    self.slot.actor.cancel.remote(job.id)
                     cancelled = True
                 if not ray.wait([stream], timeout=_WAIT_S)[0]:
                     continue

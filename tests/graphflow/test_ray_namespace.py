@@ -31,7 +31,8 @@ def test_the_ray_tests_pass_inside_a_loopback_only_namespace() -> None:
         pytest.skip("needs `unshare -n` (root, or user namespaces) and iproute2's `ip`")
     env = {**os.environ, "GRAPHFLOW_RAY_NAMESPACE": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    script = f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider tests/ray"
+    # -o addopts= drops the project's -q, so the summary line ("N passed") is printed
+    script = f"ip link set lo up && exec {sys.executable} -m pytest -q -o addopts= -p no:cacheprovider tests/ray"
     done = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]

@@ -179,17 +179,31 @@ def _key(models: ModelManager) -> Any:
 
 @pytest.mark.parametrize("scheduler", ["heun", "pndm", "default"])
 def test_schedulers_with_other_call_counts_keep_the_pixels_and_place_each_controlnet_once(
-        tiny_models: Path, tmp_path: Path, scheduler: str) -> None:
+        tiny_models: Path, tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
     graph = sampling_graph(tiny_models, controls=CANNY_FIRST, steps=4, scheduler=scheduler)
     expected = pixels(fresh(tiny_models, tmp_path / "all"), graph)
     engine = fresh(tiny_models, tmp_path / "swap")
     steps: list[tuple[int, dict[str, str]]] = []
+    # the placements after each denoiser call: the loop ends each call with ctx.progress when a step finished
+    # (progress counts steps, not calls: Heun makes two a step, PNDM one more) or else with ctx.check_cancelled
+    from graphflow.context import RunContext
 
-    def watch(event: object) -> None:
-        if isinstance(event, NodeProgress) and event.node == "sampler":
-            steps.append((event.step, controlnets(engine.models)))
+    progress, check = RunContext.progress, RunContext.check_cancelled
 
-    assert torch.equal(engine.run(graph, options=SWAP, on_event=watch).outputs["image"], expected)
+    def after_progress(ctx: RunContext, step: int, total: int) -> None:
+        if ctx.node == "sampler":
+            steps.append((step, controlnets(engine.models)))
+        progress(ctx, step, total)
+
+    def after_check(ctx: RunContext) -> None:
+        if ctx.node == "sampler":
+            steps.append((-1, controlnets(engine.models)))
+        check(ctx)
+
+    monkeypatch.setattr(RunContext, "progress", after_progress)
+    monkeypatch.setattr(RunContext, "check_cancelled", after_check)
+    assert torch.equal(engine.run(graph, options=SWAP).outputs["image"], expected)
+    monkeypatch.undo()
     calls = len(steps)
     canny = [state.get("controlnet-canny") for _, state in steps]
     depth = [state.get("controlnet-depth") for _, state in steps]
