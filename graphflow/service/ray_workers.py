@@ -4,16 +4,19 @@ Each worker is a thread here that claims jobs from the queue as a local worker d
 its actor holds) and runs each on its actor: the actor compiles and runs the job with its own Engine and warm
 models, streams the job's events back (written to the queue as a local worker writes them), and returns the
 results as PNG bytes and plain values, which the worker stores. Cancelling a job cancels it on the actor. An
-actor that dies fails its running job with a message saying so; Ray restarts the actor for the next one.
+actor that dies fails its running job with a message saying so; the worker claims the next job once Ray has
+restarted the actor, and retires if Ray gives up on it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError
 
 from graphflow.errors import GraphflowError
 from graphflow.events import CancelToken
@@ -21,9 +24,10 @@ from graphflow.ray_backend import _LOST, EngineSettings, RayBackend, _cause, _Sl
 from graphflow.service.config import ServiceConfig
 from graphflow.service.queue import Job, JobQueue
 from graphflow.service.results import ResultStore
-from graphflow.service.worker import Worker
+from graphflow.service.worker import _IDLE_POLL_S, Worker
 
 _WAIT_S = 0.1
+_RESTART_PATIENCE_S = 2.0  # how long one look waits for Ray to restart the actor (then stopping is checked)
 
 
 class RayWorker(Worker):
@@ -39,6 +43,25 @@ class RayWorker(Worker):
             return set(RayBackend._ask(self.slot, "loaded", patience_s=10))
         except _LOST:
             return set()
+
+    def _loop(self) -> None:
+        """As a local worker's, but claiming only while the actor is up: a job waits in the queue while Ray
+        restarts the actor (instead of failing on it), and a worker whose actor Ray gave up on retires."""
+        while not self._stopping.is_set():
+            try:
+                RayBackend._ask(self.slot, "ready", patience_s=_RESTART_PATIENCE_S)
+            except ActorDiedError:
+                print(f"graphflow serve: {self.name}'s Ray actor died and Ray will not restart it; this worker "
+                      "stops (the others go on)", file=sys.stderr, flush=True)
+                return
+            except _LOST:  # still restarting: look again (unless the server stops)
+                continue
+            job = self.queue.claim(self.name, self.held_models(), device=self.device)
+            if job is None:
+                self.wake.wait(_IDLE_POLL_S)
+                self.wake.clear()
+                continue
+            self.run_job(job)
 
     def execute(self, job: Job, source: Any, compiled: Any, types: dict[str, str],
                 token: CancelToken) -> dict[str, Any]:
