@@ -381,7 +381,7 @@ class RayBackend:
                             self._hand(slot, job, str(template), routes[job.index])
                 if pending and all(slot.dead for slot in slots):
                     raise JobFailed("every Ray actor of the sweep died and Ray could not restart them; "
-                                         "the actors' logs (ray logs) say why")
+                                    "the actors' logs (ray logs) say why")
                 waiting = {slot.stream: slot for slot in slots if slot.job is not None}
                 waiting.update({slot.revive: slot for slot in slots if slot.revive is not None})
                 ready, _ = ray.wait(list(waiting), num_returns=1, timeout=_WAIT_S)
@@ -411,7 +411,7 @@ class RayBackend:
                     tries[job.index] += 1
                     if tries[job.index] >= MAX_TRIES:
                         raise JobFailed(f"job {job.index} ({job.folder}) lost its Ray actor {MAX_TRIES} "
-                                             "times; the actor's log (ray logs) says why")
+                                        "times; the actor's log (ray logs) says why")
                     pending.insert(0, job)
         finally:
             self._stop_running(slots)
