@@ -60,7 +60,7 @@ def main() -> None:
         engine = Engine(input_dirs=[ROOT, *([lora.parent] if lora else [])], output_dir=out,
                         options={"device": device, "dtype": dtype})
         base = {"checkpoint": args.checkpoint, "controlnet": args.controlnet, "width": args.size,
-                "height": args.size, "steps": args.steps, "photo": str(ROOT / _default("photo"))}
+                "height": args.size, "steps": args.steps, "photo": str(GRAPH.parent / _default("photo"))}
         first = engine.run(graph if lora is None else GRAPH, {**base, "prompt": "warm-up", "seed": 1000},
                            outputs=["image", "edges"])
         edges = first.outputs["edges"]
