@@ -20,11 +20,12 @@ from ray.exceptions import ActorDiedError
 
 from graphflow.errors import GraphflowError
 from graphflow.events import CancelToken
-from graphflow.ray_backend import _LOST, EngineSettings, RayBackend, _cause, _Slot
+from graphflow.ray_actor import EngineSettings
+from graphflow.ray_backend import _LOST, RayBackend, _cause, _Slot
 from graphflow.service.config import ServiceConfig
 from graphflow.service.queue import Job, JobQueue
 from graphflow.service.results import ResultStore
-from graphflow.service.worker import _IDLE_POLL_S, Worker
+from graphflow.service.worker import Worker, WorkerPool
 
 _WAIT_S = 0.1
 _RESTART_PATIENCE_S = 2.0  # how long one look waits for Ray to restart the actor (then stopping is checked)
@@ -44,24 +45,19 @@ class RayWorker(Worker):
         except _LOST:
             return set()
 
-    def _loop(self) -> None:
-        """As a local worker's, but claiming only while the actor is up: a job waits in the queue while Ray
-        restarts the actor (instead of failing on it), and a worker whose actor Ray gave up on retires."""
-        while not self._stopping.is_set():
-            try:
-                RayBackend._ask(self.slot, "ready", patience_s=_RESTART_PATIENCE_S)
-            except ActorDiedError:
-                print(f"graphflow serve: {self.name}'s Ray actor died and Ray will not restart it; this worker "
-                      "stops (the others go on)", file=sys.stderr, flush=True)
-                return
-            except _LOST:  # still restarting: look again (unless the server stops)
-                continue
-            job = self.queue.claim(self.name, self.held_models(), device=self.device)
-            if job is None:
-                self.wake.wait(_IDLE_POLL_S)
-                self.wake.clear()
-                continue
-            self.run_job(job)
+    def ready(self) -> bool:
+        """Claim only while the actor is up: a job waits in the queue while Ray restarts the actor (instead of
+        failing on it), and a worker whose actor Ray gave up on retires."""
+        try:
+            RayBackend._ask(self.slot, "ready", patience_s=_RESTART_PATIENCE_S)
+        except ActorDiedError:
+            print(f"graphflow serve: {self.name}'s Ray actor died and Ray will not restart it; this worker "
+                  "stops (the others go on)", file=sys.stderr, flush=True)
+            self._stopping.set()
+            return False
+        except _LOST:  # still restarting: look again (unless the server stops)
+            return False
+        return True
 
     def execute(self, job: Job, source: Any, compiled: Any, types: dict[str, str],
                 token: CancelToken) -> dict[str, Any]:
@@ -90,7 +86,7 @@ class RayWorker(Worker):
             raise _cause(error) from None
 
 
-class RayWorkerPool:
+class RayWorkerPool(WorkerPool):
     """`config.ray_actors` Ray actors (default: one per GPU of the cluster) and a queue worker for each."""
 
     def __init__(self, config: ServiceConfig, queue: JobQueue, store: ResultStore,
@@ -104,21 +100,15 @@ class RayWorkerPool:
                                   config.model_memory_bytes, config.offload)
         self.backend = RayBackend(config.ray_address, actors=config.ray_actors,
                                   settings=settings)
-        self.config, self.queue, self.store, self.templates = config, queue, store, templates
+        self.queue, self.store, self.templates = queue, store, templates
         self.workers: list[RayWorker] = []
 
     def start(self) -> None:
-        slots = self.backend.start()
+        """Start (or reach) the cluster and its actors, then a worker for each."""
         self.workers = [RayWorker(f"ray-{slot.index}", self.queue, self.store, self.engine, self.templates, slot)
-                        for slot in slots]
-        for worker in self.workers:
-            worker.start()
-
-    def notify(self) -> None:
-        for worker in self.workers:
-            worker.wake.set()
+                        for slot in self.backend.start()]
+        super().start()
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
+        super().stop()
         self.backend.close()

@@ -92,6 +92,10 @@ class Worker:
             self._token.cancel()
         self._thread.join(timeout)
 
+    def ready(self) -> bool:
+        """Whether to claim a job now (a Ray worker waits while its actor restarts): a local worker always is."""
+        return True
+
     def held_models(self) -> set[str]:
         """The model sources, as jobs write them ("tiny:sd15", a hub id), whose models this worker still holds."""
         loaded = self._loaded()
@@ -102,6 +106,8 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
+            if not self.ready():
+                continue
             job = self.queue.claim(self.name, self.held_models(), device=self.device)
             if job is None:
                 self.wake.wait(_IDLE_POLL_S)

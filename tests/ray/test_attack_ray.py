@@ -368,7 +368,7 @@ def test_outside_an_actor_each_scratch_folder_is_its_own(cluster: Any) -> None:
     """The driver has no actor id: its scratch folders are fresh ones, never a shared graphflow-ray-None."""
     import shutil
 
-    from graphflow.ray_backend import _scratch_folder
+    from graphflow.ray_actor import _scratch_folder
 
     folders = [_scratch_folder(), _scratch_folder()]
     try:
