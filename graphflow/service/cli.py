@@ -50,7 +50,7 @@ def _worker_devices(args: argparse.Namespace) -> tuple[str, ...] | str:
 
 def add_serve(commands: Any) -> None:
     """Add the `serve` subcommand to the `graphflow` command's subparsers."""
-    from graphflow import cli
+    from graphflow import cli_options as cli
 
     serve = commands.add_parser("serve", help="run jobs from an HTTP API: a durable queue, live progress, results")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
@@ -98,7 +98,7 @@ def add_serve(commands: Any) -> None:
 
 
 def _serve(args: argparse.Namespace, registry: NodeRegistry) -> int:
-    from graphflow import cli
+    from graphflow import cli_options as cli
     from graphflow.service.config import ServiceConfig
     from graphflow.service.server import ServeError, serve
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from graphflow import Engine
-from graphflow.cli import _compile_options, _parser
+from graphflow.cli import _parser
+from graphflow.cli_options import _compile_options
 from graphflow.errors import NodeExecutionError
 from graphflow.models import ModelManager
 from graphflow.models.compilation import Compilation

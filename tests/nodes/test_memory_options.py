@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from graphflow import Engine, Graph
-from graphflow.cli import _memory_options, _parser
+from graphflow.cli import _parser
+from graphflow.cli_options import _memory_options
 from graphflow.errors import NodeExecutionError
 from graphflow.models.memory import MemoryOptions
 from nodes import CheckpointLoader, EmptyLatent
