@@ -47,7 +47,7 @@ ALLOWED = {
     ("nodes/annotators.py", "os.environ.update"),
     # the Ray backend: torch's threads in an actor (a process of its own, one Engine); Ray's usage statistics off
     # (unless the user set them) just before this process starts or joins a Ray cluster
-    ("graphflow/ray_backend.py", "torch.set_num_threads"), ("graphflow/ray_backend.py", "os.environ.setdefault"),
+    ("graphflow/ray_actor.py", "torch.set_num_threads"), ("graphflow/ray_backend.py", "os.environ.setdefault"),
     # `graphflow run image.png` on the command line: inside warnings.catch_warnings, RerunWarnings shown each time
     ("graphflow/rerun.py", "warnings.simplefilter"),
 }
